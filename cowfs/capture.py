@@ -1,0 +1,205 @@
+"""Capture: record the pre-image of a thing before its first change in a turn.
+
+Owns the open turn and the rules of brief section 2.4 (cheapest first):
+entries and attributes are recorded as catalogue rows; content is cloned
+(FICLONE) or copied into the store before an in-place change; an object that
+leaves the tree is moved into the store instead of being deleted. Every
+`before_*` method must run, and finish, before the change it guards reaches
+the backing filesystem (record before mutate). Knows nothing about FUSE.
+
+Objects born in the open turn need no pre-image (they did not exist at its
+start), and neither do entries of directories born in it: `npm install`
+into a new directory records one entry, not thousands.
+"""
+
+import errno
+import logging
+import os
+import stat
+
+import trio
+
+from . import libc
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+# Content captures above this size run in a worker thread so that one huge
+# copy does not stall every other request of the mount.
+THREADED_CAPTURE_BYTES = 4 << 20
+
+
+def read_xattrs(path: bytes) -> dict[bytes, bytes]:
+    try:
+        names = os.listxattr(path)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return {}
+        raise
+    return {os.fsencode(n): os.getxattr(path, n) for n in names}
+
+
+class Capture:
+    def __init__(self, store: Store):
+        self.store = store
+        self.catalogue = store.catalogue
+        self.mode = store.probe_clone()
+        self.turn = self.catalogue.open_turn()
+        self._reset_turn_state()
+
+    def _reset_turn_state(self) -> None:
+        self.born: set[int] = set()            # objects created in the open turn
+        self.entries_done: set[tuple[int, bytes]] = set()
+        self.attrs_done: set[int] = set()
+        self.content_done: set[int] = set()
+        self.changes = 0
+        self.bytes = 0
+        self._in_flight: dict[int, trio.Event] = {}
+
+    # -- turns -----------------------------------------------------------------
+    def seal(self, message: str, kind: str = "turn", target: int | None = None) -> int:
+        """Close the open turn (O(1): nothing is scanned) and open the next. Returns the sealed number."""
+        sealed = self.turn
+        self.catalogue.seal(sealed, message, self.changes, self.bytes, kind, target)
+        self.turn = self.catalogue.open_turn()
+        self._reset_turn_state()
+        return sealed
+
+    def has_changes(self) -> bool:
+        return self.changes > 0
+
+    def captures_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def flush_counts(self) -> None:
+        """Persist the open turn's counters (for `cowfs log` of an unsealed turn after a crash)."""
+        self.catalogue.add_counts(self.turn, self.changes, self.bytes)
+        self.changes = self.bytes = 0
+
+    # -- entries -----------------------------------------------------------------
+    def before_entry_change(self, parent: int, parent_fd: int, name: bytes) -> None:
+        """Record what (parent, name) holds now, before it is created, removed or replaced."""
+        if parent in self.born or (parent, name) in self.entries_done:
+            return
+        try:
+            ino = os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_ino
+            self.catalogue.record_object(ino, libc.handle_at(parent_fd, name))
+        except FileNotFoundError:
+            ino = None
+        self.catalogue.record_object(parent, libc.handle_of(parent_fd))
+        self.catalogue.record_entry(self.turn, parent, name, ino)
+        self.entries_done.add((parent, name))
+        self.changes += 1
+
+    def note_born(self, ino: int) -> None:
+        self.born.add(ino)
+
+    def is_born(self, ino: int) -> bool:
+        return ino in self.born
+
+    # -- attributes ----------------------------------------------------------------
+    def before_attr_change(self, ino: int, fd: int) -> None:
+        """Record mode, owner, size, mtime and xattrs of the object open as *fd* (O_PATH)."""
+        if ino in self.born or ino in self.attrs_done:
+            return
+        st = os.stat(fd)
+        xattrs = {} if stat.S_ISLNK(st.st_mode) else read_xattrs(libc.proc_path(fd))
+        self.catalogue.record_object(ino, libc.handle_of(fd))
+        self.catalogue.record_attrs(ino, self.turn, st, xattrs)
+        self.attrs_done.add(ino)
+        self.changes += 1
+
+    # -- content ----------------------------------------------------------------------
+    def content_captured(self, ino: int) -> bool:
+        """True when an in-place change to *ino* needs no capture in the open turn (hot path)."""
+        return ino in self.content_done or ino in self.born
+
+    async def before_content_change(self, ino: int, fd: int) -> None:
+        """Keep *ino*'s current content in the store before it is changed in place.
+
+        Loops because a capture may await a worker thread, and the turn may be
+        sealed meanwhile: the change must find a capture of the turn it lands in.
+        """
+        while not self.content_captured(ino):
+            event = self._in_flight.get(ino)
+            if event is not None:
+                await event.wait()
+                continue
+            event = self._in_flight[ino] = trio.Event()
+            try:
+                await self._capture_content(ino, fd)
+            finally:
+                del self._in_flight[ino]
+                event.set()
+
+    async def _capture_content(self, ino: int, fd: int) -> None:
+        turn = self.turn
+        self.before_attr_change(ino, fd)
+        src = os.open(libc.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
+        dst, name = self.store.new_content(turn, ino)
+        try:
+            size = os.fstat(src).st_size
+            if size > THREADED_CAPTURE_BYTES:
+                await trio.to_thread.run_sync(self.duplicate, src, dst)
+            else:
+                self.duplicate(src, dst)
+        except BaseException:
+            self.store.drop_content(name)
+            raise
+        finally:
+            os.close(src)
+            os.close(dst)
+        if turn != self.turn:
+            # Sealed while we copied: the content did not change in that turn, so
+            # this copy is nobody's pre-image. The caller retries for the new turn.
+            self.store.drop_content(name)
+            return
+        self._recorded_content(ino, name, size)
+
+    def capture_content_now(self, ino: int, fd: int) -> None:
+        """before_content_change without yielding to other requests (rollback holds the mount)."""
+        if self.content_captured(ino):
+            return
+        self.before_attr_change(ino, fd)
+        src = os.open(libc.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
+        dst, name = self.store.new_content(self.turn, ino)
+        try:
+            self.duplicate(src, dst)
+            size = os.fstat(src).st_size
+        except BaseException:
+            self.store.drop_content(name)
+            raise
+        finally:
+            os.close(src)
+            os.close(dst)
+        self._recorded_content(ino, name, size)
+
+    def _recorded_content(self, ino: int, name: str, size: int) -> None:
+        self.catalogue.record_content(ino, self.turn, name)
+        self.content_done.add(ino)
+        self.bytes += size
+
+    def duplicate(self, src: int, dst: int) -> None:
+        """Make *dst* hold *src*'s content: a clone where the filesystem can, else a copy."""
+        if self.mode == "reflink":
+            try:
+                libc.clone(src, dst)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EXDEV, errno.ENOTTY):
+                    raise
+        libc.copy(src, dst)
+
+    # -- objects leaving the tree ----------------------------------------------------
+    async def before_last_unlink(self, ino: int, fd: int, writers: int) -> bool:
+        """Prepare object *ino* to lose its last name. True if it must be kept in the store.
+
+        Moving the inode itself into the store is the whole capture when nothing
+        can write it any more; a process still writing it would scribble on the
+        pre-image, so its content is copied first.
+        """
+        if ino in self.born:
+            return False
+        if writers:
+            await self.before_content_change(ino, fd)
+        return True

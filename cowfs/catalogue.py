@@ -1,0 +1,228 @@
+"""The catalogue: an SQLite database (WAL) of turns and the pre-images their layers hold.
+
+Owns the schema and every query. It knows nothing about FUSE or the files
+themselves: objects are backing inode numbers, entries are (directory inode,
+name) pairs, pre-image content is the name of a file in the store.
+
+A layer is the set of rows with one turn number. A row of turn t holds the
+state of a thing at the *start* of turn t; the snapshot of turn k resolves
+each thing with the earliest row whose turn is greater than k, or, if there
+is none, with the live object.
+"""
+
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+FORMAT_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE turns (
+    turn INTEGER PRIMARY KEY,
+    started REAL NOT NULL,
+    sealed REAL,                 -- NULL while the turn is open
+    message TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT 'turn',   -- 'initial', 'turn', 'rollback'
+    target INTEGER,              -- for a rollback: the turn it went back to
+    changes INTEGER NOT NULL DEFAULT 0,  -- things first changed in this turn
+    bytes INTEGER NOT NULL DEFAULT 0     -- bytes of content captured
+);
+-- How to reach an object that a layer refers to, wherever it lives now.
+CREATE TABLE objects (ino INTEGER PRIMARY KEY, handle BLOB NOT NULL);
+-- Entry pre-images: at the start of `turn`, (parent, name) held `ino` (NULL: nothing).
+CREATE TABLE entries (
+    parent INTEGER NOT NULL, name BLOB NOT NULL, turn INTEGER NOT NULL, ino INTEGER,
+    PRIMARY KEY (parent, name, turn)) WITHOUT ROWID;
+CREATE INDEX entries_by_turn ON entries (turn);
+-- Object pre-images: attributes at the start of `turn`; `content` names the
+-- store file holding the content then, NULL if the content did not change yet.
+CREATE TABLE attrs (
+    ino INTEGER NOT NULL, turn INTEGER NOT NULL,
+    mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, content TEXT,
+    PRIMARY KEY (ino, turn)) WITHOUT ROWID;
+CREATE INDEX attrs_by_turn ON attrs (turn);
+CREATE TABLE xattrs (
+    ino INTEGER NOT NULL, turn INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY (ino, turn, name)) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class Turn:
+    number: int
+    started: float
+    sealed: float | None
+    message: str
+    kind: str
+    target: int | None
+    changes: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class AttrRecord:
+    """An object's attributes (and maybe content) at the start of a turn."""
+    turn: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    content: str | None
+
+
+class Catalogue:
+    def __init__(self, path: str):
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a commit reaches the WAL (and so survives a daemon crash)
+        # before the change it describes reaches the backing filesystem.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
+            self._create()
+        version = self.get_meta("format")
+        if version != FORMAT_VERSION:
+            raise RuntimeError(f"store format {version!r} is not supported (expected {FORMAT_VERSION})")
+
+    def _create(self) -> None:
+        now = time.time()
+        self.db.executescript(
+            "BEGIN;" + _SCHEMA +
+            f"INSERT INTO meta VALUES ('format', '{FORMAT_VERSION}');"
+            f"INSERT INTO turns (turn, started, sealed, message, kind) "
+            f"VALUES (0, {now}, {now}, 'initial tree', 'initial');"
+            "COMMIT;")
+
+    @contextmanager
+    def transaction(self):
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- meta ---------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # -- turns --------------------------------------------------------------
+    def open_turn(self) -> int:
+        """The number of the open turn, opening a new one after the last sealed turn if needed."""
+        last, sealed = self.db.execute(
+            "SELECT turn, sealed FROM turns ORDER BY turn DESC LIMIT 1").fetchone()
+        if sealed is None:
+            return last
+        self.db.execute("INSERT INTO turns (turn, started) VALUES (?, ?)", (last + 1, time.time()))
+        return last + 1
+
+    def seal(self, turn: int, message: str, changes: int, nbytes: int,
+             kind: str = "turn", target: int | None = None) -> None:
+        self.db.execute(
+            "UPDATE turns SET sealed=?, message=?, changes=changes+?, bytes=bytes+?, kind=?, target=? "
+            "WHERE turn=?", (time.time(), message, changes, nbytes, kind, target, turn))
+
+    def add_counts(self, turn: int, changes: int, nbytes: int) -> None:
+        self.db.execute("UPDATE turns SET changes=changes+?, bytes=bytes+? WHERE turn=?",
+                        (changes, nbytes, turn))
+
+    def turns(self) -> list[Turn]:
+        rows = self.db.execute("SELECT turn, started, sealed, message, kind, target, changes, bytes "
+                               "FROM turns ORDER BY turn").fetchall()
+        return [Turn(*row) for row in rows]
+
+    def sealed_turns(self) -> list[int]:
+        return [r[0] for r in self.db.execute(
+            "SELECT turn FROM turns WHERE sealed IS NOT NULL ORDER BY turn")]
+
+    def is_sealed(self, turn: int) -> bool:
+        row = self.db.execute("SELECT sealed FROM turns WHERE turn=?", (turn,)).fetchone()
+        return row is not None and row[0] is not None
+
+    # -- recording (the capture path) ----------------------------------------
+    def record_object(self, ino: int, handle: bytes) -> None:
+        self.db.execute("INSERT OR IGNORE INTO objects (ino, handle) VALUES (?, ?)", (ino, handle))
+
+    def record_entry(self, turn: int, parent: int, name: bytes, ino: int | None) -> None:
+        self.db.execute("INSERT OR IGNORE INTO entries (parent, name, turn, ino) VALUES (?, ?, ?, ?)",
+                        (parent, name, turn, ino))
+
+    def record_attrs(self, ino: int, turn: int, st, xattrs: dict[bytes, bytes]) -> None:
+        with self.transaction():
+            self.db.execute(
+                "INSERT OR IGNORE INTO attrs (ino, turn, mode, uid, gid, size, mtime_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (ino, turn, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns))
+            self.db.executemany("INSERT OR IGNORE INTO xattrs (ino, turn, name, value) VALUES (?, ?, ?, ?)",
+                                [(ino, turn, k, v) for k, v in xattrs.items()])
+
+    def record_content(self, ino: int, turn: int, content: str) -> None:
+        self.db.execute("UPDATE attrs SET content=? WHERE ino=? AND turn=?", (content, ino, turn))
+
+    # -- resolution (the snapshot path) --------------------------------------
+    def handle(self, ino: int) -> bytes | None:
+        row = self.db.execute("SELECT handle FROM objects WHERE ino=?", (ino,)).fetchone()
+        return row[0] if row else None
+
+    def entry_after(self, parent: int, name: bytes, turn: int) -> tuple[bool, int | None]:
+        """(found, ino) of the earliest entry pre-image of (parent, name) recorded after *turn*."""
+        row = self.db.execute(
+            "SELECT ino FROM entries WHERE parent=? AND name=? AND turn>? ORDER BY turn LIMIT 1",
+            (parent, name, turn)).fetchone()
+        return (False, None) if row is None else (True, row[0])
+
+    def entries_after(self, parent: int, turn: int) -> dict[bytes, int | None]:
+        """Every name of *parent* with a pre-image after *turn*, resolved to its earliest one."""
+        result: dict[bytes, int | None] = {}
+        for name, ino in self.db.execute(
+                "SELECT name, ino FROM entries WHERE parent=? AND turn>? ORDER BY turn DESC",
+                (parent, turn)):
+            result[name] = ino
+        return result
+
+    def attrs_after(self, ino: int, turn: int) -> AttrRecord | None:
+        row = self.db.execute(
+            "SELECT turn, mode, uid, gid, size, mtime_ns FROM attrs WHERE ino=? AND turn>? "
+            "ORDER BY turn LIMIT 1", (ino, turn)).fetchone()
+        if row is None:
+            return None
+        content = self.content_after(ino, turn)
+        return AttrRecord(*row, content=content)
+
+    def content_after(self, ino: int, turn: int) -> str | None:
+        """The store file holding *ino*'s content at the end of *turn*, if it changed since."""
+        row = self.db.execute(
+            "SELECT content FROM attrs WHERE ino=? AND turn>? AND content IS NOT NULL "
+            "ORDER BY turn LIMIT 1", (ino, turn)).fetchone()
+        return row[0] if row else None
+
+    def xattrs_at(self, ino: int, turn: int) -> dict[bytes, bytes]:
+        return dict(self.db.execute("SELECT name, value FROM xattrs WHERE ino=? AND turn=?", (ino, turn)))
+
+    # -- whole-layer queries (rollback, export) -------------------------------
+    def changed_entries_after(self, turn: int) -> dict[tuple[int, bytes], int | None]:
+        """Every entry changed after *turn*, with its state at the end of *turn*."""
+        result: dict[tuple[int, bytes], int | None] = {}
+        for parent, name, ino in self.db.execute(
+                "SELECT parent, name, ino FROM entries WHERE turn>? ORDER BY turn DESC", (turn,)):
+            result[(parent, name)] = ino
+        return result
+
+    def changed_objects_after(self, turn: int) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT ino FROM attrs WHERE turn>?", (turn,))]
+
+    def layer_size(self, turn: int) -> tuple[int, int]:
+        entries = self.db.execute("SELECT count(*) FROM entries WHERE turn=?", (turn,)).fetchone()[0]
+        attrs = self.db.execute("SELECT count(*) FROM attrs WHERE turn=?", (turn,)).fetchone()[0]
+        return entries, attrs

@@ -1,0 +1,268 @@
+"""The `cowfs` command line.
+
+Owns argument parsing, the one-line errors and exit codes (2: bad input,
+1: the operation failed), and the human-readable output. Everything but
+`mount` talks to the daemon through control.py; `mount` starts the daemon
+and returns once the mount is live.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from . import __version__, control, libc
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+READY_TIMEOUT = 120.0
+EXIT_TIMEOUT = 60.0
+
+
+class UsageError(Exception):
+    """Bad input: exit 2."""
+
+
+class Failed(Exception):
+    """The operation failed: exit 1."""
+
+
+def parse_turn(text: str) -> int:
+    value = text.removeprefix("turn-")
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"not a turn: {text!r} (expected N or turn-N)")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cowfs",
+        description="Copy-on-write checkpoints of a workspace: mount cowfs over it, end each turn "
+                    "with `cowfs checkpoint`, browse .snapshots/turn-N, `cowfs rollback N`.")
+    parser.add_argument("--version", action="version", version=f"cowfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("mount", help="mount cowfs over a workspace (returns once mounted)",
+                       description="Mount cowfs over WORKSPACE (or at --at) and start recording turns. "
+                                   "The first mount of a workspace makes its current tree turn 0.")
+    p.add_argument("workspace", metavar="WORKSPACE")
+    p.add_argument("--at", metavar="MOUNTPOINT", help="mount here instead of over WORKSPACE itself")
+    p.add_argument("--foreground", action="store_true", help="run the daemon in this process")
+    p.add_argument("--snapdir", choices=("hidden", "visible"), default="hidden",
+                   help="list .snapshots in the root directory (default: hidden, reachable by name)")
+    p.add_argument("--force", action="store_true",
+                   help="mount even if files changed while cowfs was not mounted")
+    p.add_argument("--debug", action="store_true", help="log every request to the daemon log")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("umount", help="seal pending changes as a turn and unmount",
+                       description="Seal pending changes as a turn, unmount, and stop the daemon.")
+    p.add_argument("path", nargs="?", metavar="PATH", help="the mount (default: -C or .)")
+    _add_c(p)
+
+    p = sub.add_parser("checkpoint", help="end the current turn; prints the sealed turn",
+                       description="Flush pending writes and seal the open turn. Prints turn-N.")
+    _add_c(p)
+    p.add_argument("-m", "--message", default="", help="what happened in this turn")
+
+    p = sub.add_parser("rollback", help="make the live tree exactly turn N",
+                       description="Seal pending changes, make the live tree exactly TURN, and "
+                                   "record that as a new turn (so it can be rolled back too).")
+    _add_c(p)
+    p.add_argument("turn", type=parse_turn, metavar="TURN", help="N or turn-N")
+
+    p = sub.add_parser("log", help="list the turns", description="One line a turn.")
+    _add_c(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("status", help="show the mount, current turn, capture mode and store size")
+    _add_c(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _add_c(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-C", dest="cwd", metavar="PATH", default=".",
+                   help="any path inside the mount (default: the current directory)")
+
+
+# -- mount / umount ------------------------------------------------------------------------
+def cmd_mount(args) -> int:
+    from .daemon import MountOptions, run
+    workspace = os.path.realpath(args.workspace)
+    if not os.path.isdir(workspace):
+        raise UsageError(f"{args.workspace} is not a directory")
+    mountpoint = os.path.realpath(args.at) if args.at else workspace
+    if args.at and not os.path.isdir(mountpoint):
+        raise UsageError(f"{args.at} is not a directory")
+    for path in {workspace, mountpoint}:
+        _refuse_mounted(path)
+    opts = MountOptions(workspace, mountpoint, args.snapdir == "visible", args.force, args.debug)
+    if args.foreground:
+        return run(opts, args.ready_fd)
+    return _spawn_daemon(args, workspace, mountpoint)
+
+
+def _refuse_mounted(path: str) -> None:
+    for m in control.cowfs_mounts():
+        if m.mountpoint == path:
+            raise UsageError(f"{path} is already mounted")
+        if path.startswith(m.mountpoint.rstrip("/") + "/"):
+            raise UsageError(f"{path} is inside the cowfs mount {m.mountpoint}")
+
+
+def _spawn_daemon(args, workspace: str, mountpoint: str) -> int:
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "cowfs", "mount", workspace, "--at", mountpoint, "--foreground",
+            "--snapdir", args.snapdir, "--ready-fd", str(write_end)]
+    argv += ["--force"] if args.force else []
+    argv += ["--debug"] if args.debug else []
+    proc = subprocess.Popen(argv, pass_fds=(write_end,), start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    message = _read_ready(read_end, proc)
+    if message == "ok":
+        print(f"mounted {mountpoint}" + (f" (workspace {workspace})" if mountpoint != workspace else ""))
+        return 0
+    if message.startswith("error: "):
+        raise UsageError(message.removeprefix("error: "))
+    raise Failed(f"the daemon failed to start ({message or 'no message'}); "
+                 f"see {workspace}/.cowfs/daemon.log")
+
+
+def _read_ready(fd: int, proc: subprocess.Popen) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        while b"\n" not in data and time.monotonic() < deadline:
+            chunk = f.read(4096)
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        code = proc.poll()
+        return f"exit code {code}" if code is not None else "timed out"
+    return data.decode(errors="replace").strip()
+
+
+def cmd_umount(args) -> int:
+    mount = control.find_mount(args.path or args.cwd)
+    _syncfs(mount)
+    reply = control.request(mount, "umount")
+    result = subprocess.run(["fusermount3", "-u", mount.mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown"
+        raise Failed(f"cannot unmount {mount.mountpoint}: {reason}")
+    _wait_exit(reply["pid"])
+    if reply.get("sealed") is not None:
+        print(f"sealed turn-{reply['sealed']}")
+    print(f"unmounted {mount.mountpoint}")
+    return 0
+
+
+def _wait_exit(pid: int) -> None:
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[-1].startswith("Z"):
+                    return
+        except OSError:
+            return
+        time.sleep(0.02)
+
+
+# -- commands that talk to the daemon ---------------------------------------------------------
+def _syncfs(mount: control.Mount) -> None:
+    """Make the kernel hand every dirty page of the mount to the daemon before it seals."""
+    fd = os.open(mount.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc.syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+def cmd_checkpoint(args) -> int:
+    mount = control.find_mount(args.cwd)
+    _syncfs(mount)
+    print(f"turn-{control.request(mount, 'checkpoint', message=args.message)['turn']}")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    mount = control.find_mount(args.cwd)
+    _syncfs(mount)
+    reply = control.request(mount, "rollback", turn=args.turn)
+    if reply.get("sealed_pending") is not None:
+        print(f"sealed pending changes as turn-{reply['sealed_pending']}")
+    print(f"rolled back to turn-{reply['target']} (recorded as turn-{reply['turn']})")
+    return 0
+
+
+def cmd_log(args) -> int:
+    turns = control.request(control.find_mount(args.cwd), "log")["turns"]
+    if args.json:
+        print(json.dumps(turns, indent=2))
+        return 0
+    for t in turns:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["sealed"] or t["started"]))
+        state = "" if t["sealed"] else " (open)"
+        message = t["message"]
+        if t["kind"] == "rollback":
+            message = message or f"rollback to turn-{t['target']}"
+        print(f"turn-{t['number']:<5} {when}  {t['changes']:>6} changed  {_size(t['bytes']):>9} captured"
+              f"  {message}{state}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    mount = control.find_mount(args.cwd)
+    s = control.request(mount, "status")
+    s.pop("ok", None)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"mount:        {s['mountpoint']}")
+    print(f"backing dir:  {s['backing']}")
+    print(f"current turn: turn-{s['open_turn']} (open, {s['pending_changes']} changes); "
+          f"last sealed turn-{s['last_turn']}")
+    print(f"capture mode: {s['capture_mode']}" +
+          ("" if s["capture_mode"] == "reflink" else " (this filesystem cannot clone: pre-images are copies)"))
+    print(f"store size:   {_size(s['store_bytes'])}")
+    print(f"snapshots:    .snapshots ({s['snapdir']})")
+    print(f"daemon pid:   {s['daemon_pid']}")
+    if s.get("drift"):
+        print(f"warning:      {s['drift']}")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "checkpoint": cmd_checkpoint,
+            "rollback": cmd_rollback, "log": cmd_log, "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"cowfs: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except control.ControlError as e:
+        print(f"cowfs: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if "not inside a cowfs mount" in str(e) else EXIT_FAILED
+    except (Failed, OSError) as e:
+        print(f"cowfs: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

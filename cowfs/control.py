@@ -1,0 +1,108 @@
+"""The control channel between the CLI and a mounted daemon.
+
+Owns the wire format (one JSON object per line, one request and one reply
+per connection) and how the CLI finds the daemon of a path: the innermost
+cowfs mount containing it (from /proc/self/mountinfo), whose root answers
+the extended attribute `user.cowfs.control` with the socket's path. The
+socket itself lives in the store, mode 0600.
+"""
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+
+FSTYPE = "fuse.cowfs"
+CONTROL_XATTR = "user.cowfs.control"
+MAX_MESSAGE = 1 << 20
+
+
+class ControlError(Exception):
+    """A request failed; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    mountpoint: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) + 1 and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def cowfs_mounts() -> list[Mount]:
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if rfields and rfields[0] == FSTYPE:
+                mounts.append(Mount(_unescape(fields[4]), _unescape(rfields[1])))
+    return mounts
+
+
+def any_mount_at(path: str) -> bool:
+    """True if anything at all is mounted at *path*."""
+    with open("/proc/self/mountinfo") as f:
+        return any(_unescape(line.split()[4]) == path for line in f)
+
+
+def find_mount(path: str) -> Mount:
+    """The innermost cowfs mount that contains *path*."""
+    real = os.path.realpath(path)
+    best = None
+    for m in cowfs_mounts():
+        if real == m.mountpoint or real.startswith(m.mountpoint.rstrip("/") + "/"):
+            if best is None or len(m.mountpoint) > len(best.mountpoint):
+                best = m
+    if best is None:
+        raise ControlError(f"{path} is not inside a cowfs mount")
+    return best
+
+
+def socket_path(mount: Mount) -> bytes:
+    try:
+        return os.getxattr(mount.mountpoint, CONTROL_XATTR)
+    except OSError as e:
+        raise ControlError(f"cannot reach the cowfs daemon of {mount.mountpoint}: {e.strerror}") from None
+
+
+def request(mount: Mount, op: str, timeout: float | None = None, **args) -> dict:
+    """Send one request to the daemon of *mount*; return its reply or raise ControlError."""
+    path = socket_path(mount)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as e:
+            raise ControlError(f"cannot connect to the cowfs daemon of {mount.mountpoint}: "
+                               f"{e.strerror}") from None
+        sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        reply = read_message(sock)
+    if reply is None:
+        raise ControlError("the cowfs daemon closed the connection without answering")
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error", "unknown error"))
+    return reply
+
+
+def read_message(sock: socket.socket) -> dict | None:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_MESSAGE:
+            raise ControlError("control message too large")
+    return json.loads(data) if data.strip() else None

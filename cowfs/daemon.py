@@ -1,0 +1,352 @@
+"""The daemon: one mount's life, from opening the workspace to the last seal.
+
+Owns the order of start-up (open the workspace by descriptor *before*
+mounting over it, lock the store, check for changes made while unmounted,
+mount, serve) and shut-down (seal pending changes, record a clean unmount),
+and the control-channel requests, which it turns into calls on Capture and
+Rollback. pyfuse3 runs every request on this one trio thread.
+"""
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from . import libc
+from .capture import Capture
+from .control import MAX_MESSAGE
+from .fs import SNAPDIR, CowFS
+from .rollback import Rollback
+from .store import STORE_NAME, Store, StoreBusy
+
+log = logging.getLogger("cowfs")
+
+ALIVE_INTERVAL = 10.0
+
+
+class MountError(Exception):
+    """Mounting cannot go ahead; the message is meant for the user."""
+
+
+@dataclass
+class MountOptions:
+    workspace: str
+    mountpoint: str
+    snapdir_visible: bool = False
+    force: bool = False
+    debug: bool = False
+
+
+def find_drift(root_fd: int, since_ns: int, limit: int = 5) -> tuple[int, list[str]]:
+    """Paths under the backing root changed (ctime) after *since_ns*: (count, first few)."""
+    count, examples = 0, []
+    stack = [(os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd), "")]
+    if os.stat(root_fd).st_ctime_ns > since_ns:
+        count, examples = 1, ["."]
+    while stack:
+        dir_fd, prefix = stack.pop()
+        try:
+            with os.scandir(dir_fd) as it:
+                for entry in it:
+                    if not prefix and entry.name == STORE_NAME.decode():
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_ctime_ns > since_ns:
+                        count += 1
+                        if len(examples) < limit:
+                            examples.append(prefix + entry.name)
+                    if stat.S_ISDIR(st.st_mode):
+                        sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                      dir_fd=dir_fd)
+                        stack.append((sub, prefix + entry.name + "/"))
+        finally:
+            os.close(dir_fd)
+    return count, examples
+
+
+class Daemon:
+    def __init__(self, opts: MountOptions):
+        self.opts = opts
+        self.root_fd = -1
+        self.store: Store | None = None
+        self.drift_note = ""
+
+    # -- start-up ------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Everything that can fail before the mount exists. Raises MountError."""
+        opts = self.opts
+        try:
+            self.root_fd = os.open(opts.workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise MountError(f"cannot open {opts.workspace}: {e.strerror}") from None
+        try:
+            os.stat(SNAPDIR, dir_fd=self.root_fd, follow_symlinks=False)
+            raise MountError(f"{opts.workspace} already has an entry named {SNAPDIR.decode()}; "
+                             "cowfs needs that name for snapshots")
+        except FileNotFoundError:
+            pass
+        try:
+            self.store = Store(self.root_fd)
+        except StoreBusy:
+            raise MountError(f"{opts.workspace} is already mounted by another cowfs daemon") from None
+        self._check_drift()
+        self._setup_logging()
+        self.capture = Capture(self.store)
+
+    def _check_drift(self) -> None:
+        catalogue = self.store.catalogue
+        since = catalogue.get_meta("unmounted_at") or catalogue.get_meta("alive_at")
+        if since is None:
+            return
+        count, examples = find_drift(self.root_fd, int(since))
+        if not count:
+            return
+        shown = ", ".join(repr(p) for p in examples)
+        if not self.opts.force:
+            raise MountError(
+                f"{count} path(s) changed while cowfs was not mounted (e.g. {shown}); "
+                "snapshots of earlier turns would show them wrongly. "
+                "Mount with --force to accept the tree as it is now")
+        self.drift_note = f"accepted {count} path(s) changed while unmounted (e.g. {shown})"
+        catalogue.set_meta("drift", f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {self.drift_note}")
+
+    def _setup_logging(self) -> None:
+        handler = logging.FileHandler(os.fsdecode(self.store.path + b"/daemon.log"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if self.opts.debug else logging.INFO)
+
+    def mount(self) -> None:
+        self.control_socket_path = self.store.path + b"/control.sock"
+        try:
+            os.unlink(self.control_socket_path)
+        except FileNotFoundError:
+            pass
+        reachable = b"/proc/%d/fd/%d/control.sock" % (os.getpid(), self.store.fd)
+        self.fs = CowFS(self.root_fd, self.store, self.capture, reachable, self.opts.snapdir_visible)
+        options = set(pyfuse3.default_options)
+        options |= {"fsname=cowfs", "subtype=cowfs"}
+        if os.geteuid() == 0:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(self.fs, self.opts.mountpoint, options)
+        except RuntimeError as e:
+            raise MountError(f"cannot mount on {self.opts.mountpoint}: {e}") from None
+        self.store.catalogue.set_meta("alive_at", str(time.time_ns()))
+        log.info("mounted %s on %s (turn %d, capture mode %s)", self.opts.workspace,
+                 self.opts.mountpoint, self.capture.turn, self.capture.mode)
+
+    # -- serving -------------------------------------------------------------------
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            await listener.bind(self.control_socket_path)
+        finally:
+            os.umask(old_umask)
+        listener.listen(16)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._accept_loop, listener, nursery)
+            nursery.start_soon(self._heartbeat)
+            task_status.started()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+        listener.close()
+
+    async def _heartbeat(self) -> None:
+        # After a crash, drift is looked for since the last heartbeat.
+        while True:
+            await trio.sleep(ALIVE_INTERVAL)
+            self.capture.flush_counts()
+            self.store.catalogue.set_meta("alive_at", str(time.time_ns()))
+
+    async def _accept_loop(self, listener, nursery) -> None:
+        while True:
+            conn, _ = await listener.accept()
+            nursery.start_soon(self._handle_connection, conn)
+
+    async def _handle_connection(self, conn) -> None:
+        # One bad client must never take the mount down with it.
+        try:
+            async with trio.SocketStream(conn) as stream:
+                data = b""
+                while not data.endswith(b"\n") and len(data) < MAX_MESSAGE:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                reply = await self._reply(data)
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            log.warning("control connection failed: %s", e)
+
+    async def _reply(self, data: bytes) -> dict:
+        try:
+            return await self.handle_request(json.loads(data))
+        except RequestError as e:
+            return {"ok": False, "error": str(e)}
+        except Exception as e:
+            log.exception("control request failed")
+            return {"ok": False, "error": f"internal error: {e}"}
+
+    async def handle_request(self, req: dict) -> dict:
+        op = req.get("op")
+        handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            raise RequestError(f"unknown request {op!r}")
+        return {"ok": True, **await handler(req)}
+
+    # -- control requests ------------------------------------------------------------
+    async def _op_status(self, req: dict) -> dict:
+        turns = self.store.catalogue.sealed_turns()
+        return {
+            "workspace": self.opts.workspace,
+            "mountpoint": self.opts.mountpoint,
+            "backing": self.opts.workspace,
+            "open_turn": self.capture.turn,
+            "last_turn": turns[-1],
+            "turns": len(turns),
+            "pending_changes": self.capture.changes + self._persisted_changes(),
+            "capture_mode": self.capture.mode,
+            "store_bytes": self.store.allocated_bytes(),
+            "daemon_pid": os.getpid(),
+            "snapdir": "visible" if self.opts.snapdir_visible else "hidden",
+            "drift": self.store.catalogue.get_meta("drift"),
+        }
+
+    def _persisted_changes(self) -> int:
+        row = self.store.catalogue.db.execute("SELECT changes FROM turns WHERE turn=?",
+                                              (self.capture.turn,)).fetchone()
+        return row[0] if row else 0
+
+    async def _op_checkpoint(self, req: dict) -> dict:
+        message = str(req.get("message") or "")
+        return {"turn": self.capture.seal(message)}
+
+    async def _op_log(self, req: dict) -> dict:
+        return {"turns": [t.__dict__ for t in self.store.catalogue.turns()]}
+
+    async def _op_rollback(self, req: dict) -> dict:
+        target = req.get("turn")
+        if not isinstance(target, int) or not self.store.catalogue.is_sealed(target):
+            raise RequestError(f"turn {target} does not exist (see `cowfs log`)")
+        while self.capture.captures_in_flight():
+            await trio.sleep(0.005)
+        pending = None
+        if self.capture.has_changes() or self._persisted_changes():
+            pending = self.capture.seal("changes before rollback")
+        # No await from here to the seal: every other request waits.
+        result = Rollback(self.store, self.capture, self._writers).run(target)
+        turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
+        await self._invalidate(result)
+        return {"turn": turn, "target": target, "sealed_pending": pending,
+                "entries": len(result.entries), "objects": len(result.objects)}
+
+    async def _op_umount(self, req: dict) -> dict:
+        return {"sealed": self._seal_pending("unmount"), "pid": os.getpid()}
+
+    def _seal_pending(self, message: str) -> int | None:
+        if self.capture.has_changes() or self._persisted_changes():
+            return self.capture.seal(message)
+        return None
+
+    def _writers(self, ino: int) -> int:
+        node = self.fs.inodes.get(self.fs.inodes.nodeid(ino))
+        return node.writers if node is not None else 0
+
+    async def _invalidate(self, result) -> None:
+        inodes = self.fs.inodes
+        for parent, name in result.entries:
+            nodeid = inodes.nodeid(parent)
+            if inodes.get(nodeid) is not None:
+                pyfuse3.invalidate_entry_async(nodeid, name, ignore_enoent=True)
+        known = [inodes.nodeid(i) for i in result.objects if inodes.get(inodes.nodeid(i)) is not None]
+        await trio.to_thread.run_sync(_invalidate_inodes, known)
+
+    # -- shut-down ---------------------------------------------------------------------
+    def finish(self, unmount: bool) -> int | None:
+        """Seal what is pending, record a clean unmount, release everything."""
+        sealed = None
+        try:
+            pyfuse3.close(unmount=unmount)
+        except Exception:
+            log.exception("closing the FUSE session failed")
+        if self.store is not None and hasattr(self, "capture"):
+            sealed = self._seal_pending("unmount")
+            self.fs.inodes.close_all()
+            self.fs.view.close()
+            self.store.catalogue.set_meta("unmounted_at", str(time.time_ns()))
+            self.store.catalogue.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                os.unlink(self.control_socket_path)
+            except OSError:
+                pass
+            log.info("unmounted %s; sealed %s", self.opts.mountpoint, sealed)
+        if self.store is not None:
+            self.store.close()
+        return sealed
+
+
+class RequestError(Exception):
+    pass
+
+
+def _invalidate_inodes(nodeids: list[int]) -> None:
+    for nodeid in nodeids:
+        try:
+            pyfuse3.invalidate_inode(nodeid, attr_only=False)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOSYS):
+                log.warning("invalidate_inode(%d): %s", nodeid, e)
+
+
+def run(opts: MountOptions, ready_fd: int | None) -> int:
+    """Mount and serve until unmounted. Reports start-up success or failure on *ready_fd*."""
+    os.umask(0)
+    daemon = Daemon(opts)
+    try:
+        daemon.prepare()
+        daemon.mount()
+    except MountError as e:
+        _report(ready_fd, f"error: {e}")
+        _close_quietly(daemon)
+        return 2
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.serve)
+            _report(ready_fd, "ok")
+    try:
+        trio.run(main)
+    except BaseException:
+        log.exception("daemon failed")
+        raise
+    finally:
+        daemon.finish(unmount=True)
+    return 0
+
+
+def _close_quietly(daemon: Daemon) -> None:
+    if daemon.store is not None:
+        daemon.store.close()
+    if daemon.root_fd >= 0:
+        os.close(daemon.root_fd)
+
+
+def _report(fd: int | None, message: str) -> None:
+    if fd is None:
+        if message != "ok":
+            print(f"cowfs: {message.removeprefix('error: ')}", flush=True)
+        return
+    try:
+        os.write(fd, message.encode() + b"\n")
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,644 @@
+"""The FUSE operations: thin handlers over the live tree, capture and snapshots.
+
+Live requests pass through to the backing directory by descriptor (brief
+2.1); each mutating handler first awaits any content capture it needs, then,
+with no await in between, records entry/attribute pre-images and performs
+the change, so a checkpoint can never fall between the record and the
+mutation. Requests under `.snapshots` are answered from snapshot.py and
+refused with EROFS when they would write.
+"""
+
+import errno
+import functools
+import logging
+import os
+import stat
+
+import pyfuse3
+import trio
+
+from . import libc
+from .capture import Capture
+from .inodes import VIRTUAL_BASE, InodeTable, Node
+from .snapshot import SnapObject, SnapshotNodes, SnapshotView
+from .store import STORE_NAME, Store
+
+log = logging.getLogger(__name__)
+
+SNAPDIR = b".snapshots"
+LATEST = b"latest"
+SNAPDIR_ID = VIRTUAL_BASE
+LATEST_ID = VIRTUAL_BASE + 1
+CONTROL_XATTR = b"user.cowfs.control"
+
+# cowfs is the only writer of the backing directory (brief 2.9), so the kernel
+# may keep what it learnt for long; rollback invalidates what it changes.
+LIVE_TIMEOUT = 3600.0
+SNAPSHOT_TIMEOUT = 365 * 86400.0
+
+# File handles of `.snapshots` files live above every possible descriptor number.
+SNAP_FH_BASE = 1 << 40
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+
+
+def fuse_op(method):
+    """Turn every failure of a handler into an errno: anything else would end pyfuse3.main()."""
+    @functools.wraps(method)
+    async def handler(self, *args):
+        try:
+            return await method(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s%r", method.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return handler
+
+
+def _erofs():
+    return pyfuse3.FUSEError(errno.EROFS)
+
+
+def _entry(st, nodeid: int, timeout: float) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = nodeid
+    e.generation = 0
+    e.entry_timeout = e.attr_timeout = timeout
+    e.st_mode = st.st_mode
+    e.st_nlink = st.st_nlink
+    e.st_uid = st.st_uid
+    e.st_gid = st.st_gid
+    e.st_rdev = st.st_rdev
+    e.st_size = st.st_size
+    e.st_blksize = st.st_blksize
+    e.st_blocks = st.st_blocks
+    e.st_atime_ns = st.st_atime_ns
+    e.st_mtime_ns = st.st_mtime_ns
+    e.st_ctime_ns = st.st_ctime_ns
+    return e
+
+
+class _Listing:
+    """An open directory: its names, read once so offsets stay valid while it changes."""
+    __slots__ = ("nodeid", "names")
+
+    def __init__(self, nodeid: int):
+        self.nodeid = nodeid
+        self.names: list[bytes] | None = None
+
+
+class _SnapFile:
+    __slots__ = ("obj", "fd", "is_copy")
+
+    def __init__(self, obj: SnapObject, fd: int, is_copy: bool):
+        self.obj, self.fd, self.is_copy = obj, fd, is_copy
+
+
+class CowFS(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, root_fd: int, store: Store, capture: Capture, control_path: bytes,
+                 snapdir_visible: bool = False):
+        super().__init__()
+        self.store = store
+        self.capture = capture
+        self.inodes = InodeTable(root_fd)
+        self.root_fd = root_fd
+        self.view = SnapshotView(store, self.inodes.root_ino, libc.handle_of(root_fd))
+        self.snap_nodes = SnapshotNodes(VIRTUAL_BASE + 16)
+        self.control_path = control_path
+        self.snapdir_visible = snapdir_visible
+        self.as_root = os.geteuid() == 0
+        self.open_files: dict[int, Node] = {}        # live fh (= descriptor) -> node
+        self.writer_fhs: set[int] = set()
+        self.snap_files: dict[int, _SnapFile] = {}
+        self.listings: dict[int, _Listing] = {}
+        self._next_fh = SNAP_FH_BASE
+
+    # -- helpers --------------------------------------------------------------------
+    def _node(self, nodeid: int) -> Node:
+        node = self.inodes.get(nodeid)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def _live_parent(self, nodeid: int, name: bytes) -> Node:
+        """The live directory a mutation of entry *name* happens in, refusing the reserved names."""
+        if nodeid >= VIRTUAL_BASE:
+            raise _erofs()
+        if nodeid == pyfuse3.ROOT_INODE and name in (SNAPDIR, STORE_NAME):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._node(nodeid)
+
+    def _new_fh(self) -> int:
+        self._next_fh += 1
+        return self._next_fh
+
+    def _set_owner(self, parent: Node, name: bytes, ctx) -> None:
+        """Objects created through the mount belong to the caller, as on the backing filesystem."""
+        if not self.as_root:
+            return
+        gid = ctx.gid
+        pst = os.stat(parent.fd)
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+        os.chown(name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+
+    def _created(self, parent: Node, name: bytes, ctx) -> pyfuse3.EntryAttributes:
+        self._set_owner(parent, name, ctx)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        self.capture.note_born(st.st_ino)
+        return _entry(st, self.inodes.remember(parent.fd, name, st), LIVE_TIMEOUT)
+
+    def _before_entry_change(self, parent_id: int, parent: Node, name: bytes) -> None:
+        self.capture.before_entry_change(parent.ino, parent.fd, name)
+        self.capture.before_attr_change(parent.ino, parent.fd)
+
+    # -- lookups and attributes ------------------------------------------------------
+    @fuse_op
+    async def lookup(self, parent_id, name, ctx=None):
+        if parent_id >= VIRTUAL_BASE:
+            return self._snap_lookup(parent_id, name)
+        if parent_id == pyfuse3.ROOT_INODE:
+            if name == SNAPDIR:
+                return self._snapdir_entry()
+            if name == STORE_NAME:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+        parent = self._node(parent_id)
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0
+            negative.entry_timeout = LIVE_TIMEOUT
+            return negative
+        return _entry(st, self.inodes.remember(parent.fd, name, st), LIVE_TIMEOUT)
+
+    @fuse_op
+    async def getattr(self, nodeid, ctx=None):
+        if nodeid >= VIRTUAL_BASE:
+            return self._snap_getattr(nodeid)
+        return _entry(os.stat(self._node(nodeid).fd), nodeid, LIVE_TIMEOUT)
+
+    @fuse_op
+    async def setattr(self, nodeid, attr, fields, fh, ctx):
+        if nodeid >= VIRTUAL_BASE:
+            raise _erofs()
+        node = self._node(nodeid)
+        if fields.update_size:
+            await self.capture.before_content_change(node.ino, node.fd)
+        self.capture.before_attr_change(node.ino, node.fd)
+        path = libc.proc_path(node.fd)
+        if fields.update_size:
+            if fh is not None and fh in self.open_files:
+                os.ftruncate(fh, attr.st_size)
+            else:
+                os.truncate(path, attr.st_size)
+        if fields.update_mode:
+            os.chmod(path, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            libc.chown_fd(node.fd, attr.st_uid if fields.update_uid else -1,
+                          attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            st = os.stat(node.fd)
+            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            os.utime(path, ns=(atime, mtime))
+        return _entry(os.stat(node.fd), nodeid, LIVE_TIMEOUT)
+
+    @fuse_op
+    async def readlink(self, nodeid, ctx):
+        if nodeid == LATEST_ID:
+            return self._latest_target()
+        if nodeid >= VIRTUAL_BASE:
+            return self.view.readlink(self._snap_obj(nodeid))
+        return libc.readlink_fd(self._node(nodeid).fd)
+
+    def forget(self, inode_list):
+        for nodeid, count in inode_list:
+            try:
+                if nodeid >= VIRTUAL_BASE:
+                    self.snap_nodes.forget(nodeid, count)
+                else:
+                    self.inodes.forget(nodeid, count)
+            except Exception:
+                log.exception("forget(%d) failed", nodeid)
+
+    @fuse_op
+    async def statfs(self, ctx):
+        sv = os.statvfs(libc.proc_path(self.root_fd))
+        out = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                      "f_files", "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, field, getattr(sv, field))
+        return out
+
+    # -- creating and removing entries --------------------------------------------------
+    @fuse_op
+    async def mkdir(self, parent_id, name, mode, ctx):
+        parent = self._live_parent(parent_id, name)
+        self._before_entry_change(parent_id, parent, name)
+        os.mkdir(name, mode, dir_fd=parent.fd)
+        return self._created(parent, name, ctx)
+
+    @fuse_op
+    async def mknod(self, parent_id, name, mode, rdev, ctx):
+        parent = self._live_parent(parent_id, name)
+        self._before_entry_change(parent_id, parent, name)
+        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        return self._created(parent, name, ctx)
+
+    @fuse_op
+    async def symlink(self, parent_id, name, target, ctx):
+        parent = self._live_parent(parent_id, name)
+        self._before_entry_change(parent_id, parent, name)
+        os.symlink(target, name, dir_fd=parent.fd)
+        return self._created(parent, name, ctx)
+
+    @fuse_op
+    async def create(self, parent_id, name, mode, flags, ctx):
+        parent = self._live_parent(parent_id, name)
+        self._before_entry_change(parent_id, parent, name)
+        fd = os.open(name, (flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC) & ~os.O_NOCTTY, mode,
+                     dir_fd=parent.fd)
+        try:
+            entry = self._created(parent, name, ctx)
+        except BaseException:
+            os.close(fd)
+            raise
+        node = self.inodes[entry.st_ino]
+        self._opened(fd, node, flags)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True), entry
+
+    @fuse_op
+    async def link(self, nodeid, new_parent_id, new_name, ctx):
+        if nodeid >= VIRTUAL_BASE:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        node = self._node(nodeid)
+        parent = self._live_parent(new_parent_id, new_name)
+        self._before_entry_change(new_parent_id, parent, new_name)
+        os.link(libc.proc_path(node.fd), new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        st = os.stat(new_name, dir_fd=parent.fd, follow_symlinks=False)
+        return _entry(st, self.inodes.remember(parent.fd, new_name, st), LIVE_TIMEOUT)
+
+    async def _prepare_removal(self, st) -> bool:
+        """Await what removing the last name of *st*'s object needs. True: keep it in the store."""
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink > 1:
+            return not stat.S_ISDIR(st.st_mode) or not self.capture.is_born(st.st_ino)
+        node = self.inodes.get(self.inodes.nodeid(st.st_ino))
+        writers = node.writers if node is not None else 0
+        fd = node.fd if node is not None else None
+        if writers and fd is not None:
+            return await self.capture.before_last_unlink(st.st_ino, fd, writers)
+        return not self.capture.is_born(st.st_ino)
+
+    @fuse_op
+    async def unlink(self, parent_id, name, ctx):
+        parent = self._live_parent(parent_id, name)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        keep = await self._prepare_removal(st)
+        self._before_entry_change(parent_id, parent, name)
+        if keep and st.st_nlink == 1:
+            self.store.keep_by_rename(parent.fd, name, st.st_ino)
+        else:
+            os.unlink(name, dir_fd=parent.fd)
+
+    @fuse_op
+    async def rmdir(self, parent_id, name, ctx):
+        parent = self._live_parent(parent_id, name)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        self._check_empty(parent.fd, name)
+        self._before_entry_change(parent_id, parent, name)
+        if self.capture.is_born(st.st_ino):
+            os.rmdir(name, dir_fd=parent.fd)
+        else:
+            self.store.keep_by_rename(parent.fd, name, st.st_ino)
+
+    @staticmethod
+    def _check_empty(dir_fd: int, name: bytes) -> None:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            with os.scandir(fd) as it:
+                if next(it, None) is not None:
+                    raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        finally:
+            os.close(fd)
+
+    @fuse_op
+    async def rename(self, old_parent_id, old_name, new_parent_id, new_name, flags, ctx):
+        old_parent = self._live_parent(old_parent_id, old_name)
+        new_parent = self._live_parent(new_parent_id, new_name)
+        src = os.stat(old_name, dir_fd=old_parent.fd, follow_symlinks=False)
+        try:
+            victim = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            victim = None
+        replaces = (victim is not None and not flags & (pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE)
+                    and victim.st_ino != src.st_ino)
+        keep = False
+        if replaces:
+            self._check_rename_over(src, victim, new_parent.fd, new_name)
+            keep = await self._prepare_removal(victim)
+        self._before_entry_change(old_parent_id, old_parent, old_name)
+        self._before_entry_change(new_parent_id, new_parent, new_name)
+        if not (keep and (stat.S_ISDIR(victim.st_mode) or victim.st_nlink == 1)):
+            libc.renameat2(old_parent.fd, old_name, new_parent.fd, new_name, flags)
+            return
+        self._rename_keeping_victim(old_parent.fd, old_name, new_parent.fd, new_name, victim)
+
+    def _check_rename_over(self, src, victim, dir_fd: int, name: bytes) -> None:
+        """The errors rename(2) would give, checked before the victim is moved away."""
+        if stat.S_ISDIR(victim.st_mode):
+            if not stat.S_ISDIR(src.st_mode):
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            self._check_empty(dir_fd, name)
+        elif stat.S_ISDIR(src.st_mode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _rename_keeping_victim(self, old_dir: int, old_name: bytes, new_dir: int, new_name: bytes,
+                               victim) -> None:
+        if stat.S_ISDIR(victim.st_mode):
+            self.store.keep_by_rename(new_dir, new_name, victim.st_ino)
+            try:
+                libc.renameat2(old_dir, old_name, new_dir, new_name, libc.RENAME_NOREPLACE)
+            except OSError:
+                libc.renameat2(self.store.objects_fd, self.store.object_name(victim.st_ino),
+                               new_dir, new_name, libc.RENAME_NOREPLACE)
+                raise
+            return
+        # A second name in the store keeps the victim alive; the rename itself stays atomic.
+        os.link(new_name, self.store.object_name(victim.st_ino), src_dir_fd=new_dir,
+                dst_dir_fd=self.store.objects_fd, follow_symlinks=False)
+        try:
+            libc.renameat2(old_dir, old_name, new_dir, new_name)
+        except OSError:
+            self.store.unkeep(victim.st_ino)
+            raise
+
+    # -- open files -----------------------------------------------------------------------
+    def _opened(self, fd: int, node: Node, flags: int) -> None:
+        self.open_files[fd] = node
+        if flags & _WRITE_FLAGS:
+            self.writer_fhs.add(fd)
+            node.writers += 1
+
+    @fuse_op
+    async def open(self, nodeid, flags, ctx):
+        if nodeid >= VIRTUAL_BASE:
+            return self._snap_open(nodeid, flags)
+        node = self._node(nodeid)
+        if flags & os.O_TRUNC:
+            await self.capture.before_content_change(node.ino, node.fd)
+        fd = os.open(libc.proc_path(node.fd), (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
+                     | os.O_CLOEXEC)
+        self._opened(fd, node, flags)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    @fuse_op
+    async def read(self, fh, off, size):
+        if fh >= SNAP_FH_BASE:
+            return self._snap_read(fh, off, size)
+        return os.pread(fh, size, off)
+
+    @fuse_op
+    async def write(self, fh, off, buf):
+        node = self.open_files[fh]
+        if not self.capture.content_captured(node.ino):
+            await self.capture.before_content_change(node.ino, node.fd)
+        return os.pwrite(fh, buf, off)
+
+    @fuse_op
+    async def flush(self, fh):
+        # Writes go straight to the backing file: nothing is buffered here.
+        return None
+
+    @fuse_op
+    async def fsync(self, fh, datasync):
+        if fh >= SNAP_FH_BASE:
+            return
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fh)
+
+    @fuse_op
+    async def release(self, fh):
+        if fh >= SNAP_FH_BASE:
+            snap = self.snap_files.pop(fh)
+            os.close(snap.fd)
+            return
+        node = self.open_files.pop(fh)
+        os.close(fh)
+        if fh in self.writer_fhs:
+            self.writer_fhs.discard(fh)
+            node.writers -= 1
+
+    # -- directories ----------------------------------------------------------------------
+    @fuse_op
+    async def opendir(self, nodeid, ctx):
+        fh = self._new_fh()
+        self.listings[fh] = _Listing(nodeid)
+        return fh
+
+    @fuse_op
+    async def readdir(self, fh, start_id, token):
+        listing = self.listings[fh]
+        if listing.names is None or start_id == 0:
+            listing.names = self._list(listing.nodeid)
+        names = listing.names
+        if listing.nodeid >= VIRTUAL_BASE:
+            return self._snap_readdir(listing, start_id, token)
+        parent = self._node(listing.nodeid)
+        for i in range(start_id, len(names)):
+            name = names[i]
+            if name == SNAPDIR:
+                entry = self._snapdir_entry()
+                if not pyfuse3.readdir_reply(token, name, entry, i + 1):
+                    return
+                continue
+            try:
+                st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            entry = _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
+            if not pyfuse3.readdir_reply(token, name, entry, i + 1):
+                return
+            self.inodes.remember(parent.fd, name, st)
+
+    def _list(self, nodeid: int) -> list[bytes]:
+        if nodeid == SNAPDIR_ID:
+            return [b"turn-%d" % t for t in self.capture.catalogue.sealed_turns()] + [LATEST]
+        if nodeid >= VIRTUAL_BASE:
+            return self.view.names(self._snap_obj(nodeid))
+        names = os.listdir(libc.proc_path(self._node(nodeid).fd))
+        if nodeid == pyfuse3.ROOT_INODE:
+            names = [n for n in names if n != STORE_NAME and n != SNAPDIR]
+            if self.snapdir_visible:
+                names.append(SNAPDIR)
+        return names
+
+    @fuse_op
+    async def releasedir(self, fh):
+        del self.listings[fh]
+
+    @fuse_op
+    async def fsyncdir(self, fh, datasync):
+        listing = self.listings.get(fh)
+        if listing is None or listing.nodeid >= VIRTUAL_BASE:
+            return
+        fd = os.open(libc.proc_path(self._node(listing.nodeid).fd), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await trio.to_thread.run_sync(os.fsync, fd)
+        finally:
+            os.close(fd)
+
+    # -- extended attributes ----------------------------------------------------------------
+    @fuse_op
+    async def getxattr(self, nodeid, name, ctx):
+        if nodeid == pyfuse3.ROOT_INODE and name == CONTROL_XATTR:
+            return self.control_path
+        if nodeid >= VIRTUAL_BASE:
+            value = self._snap_xattrs(nodeid).get(name)
+            if value is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return value
+        return os.getxattr(libc.proc_path(self._node(nodeid).fd), name)
+
+    @fuse_op
+    async def listxattr(self, nodeid, ctx):
+        if nodeid >= VIRTUAL_BASE:
+            return list(self._snap_xattrs(nodeid))
+        return [os.fsencode(n) for n in os.listxattr(libc.proc_path(self._node(nodeid).fd))]
+
+    @fuse_op
+    async def setxattr(self, nodeid, name, value, ctx):
+        if nodeid >= VIRTUAL_BASE:
+            raise _erofs()
+        node = self._node(nodeid)
+        self.capture.before_attr_change(node.ino, node.fd)
+        os.setxattr(libc.proc_path(node.fd), name, value)
+
+    @fuse_op
+    async def removexattr(self, nodeid, name, ctx):
+        if nodeid >= VIRTUAL_BASE:
+            raise _erofs()
+        node = self._node(nodeid)
+        self.capture.before_attr_change(node.ino, node.fd)
+        os.removexattr(libc.proc_path(node.fd), name)
+
+    # -- the `.snapshots` tree ---------------------------------------------------------------
+    def _snap_obj(self, nodeid: int) -> SnapObject:
+        obj = self.snap_nodes.nodes.get(nodeid)
+        if obj is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return obj
+
+    def _latest_target(self) -> bytes:
+        sealed = self.capture.catalogue.sealed_turns()
+        return b"turn-%d" % sealed[-1]
+
+    def _snapdir_entry(self) -> pyfuse3.EntryAttributes:
+        root = os.stat(self.root_fd)
+        e = _entry(root, SNAPDIR_ID, 0.0)
+        e.st_mode = stat.S_IFDIR | 0o555
+        e.st_nlink = 2
+        e.st_size = 0
+        e.st_blocks = 0
+        return e
+
+    def _latest_entry(self) -> pyfuse3.EntryAttributes:
+        e = self._snapdir_entry()
+        e.st_ino = LATEST_ID
+        e.st_mode = stat.S_IFLNK | 0o777
+        e.st_nlink = 1
+        e.st_size = len(self._latest_target())
+        return e
+
+    def _snap_entry(self, nodeid: int, attrs) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = nodeid
+        e.generation = 0
+        e.entry_timeout = e.attr_timeout = SNAPSHOT_TIMEOUT
+        e.st_mode = attrs.mode
+        e.st_nlink = 1
+        e.st_uid = attrs.uid
+        e.st_gid = attrs.gid
+        e.st_rdev = attrs.rdev
+        e.st_size = attrs.size
+        e.st_blksize = 4096
+        e.st_blocks = attrs.blocks
+        e.st_atime_ns = e.st_mtime_ns = attrs.mtime_ns
+        e.st_ctime_ns = attrs.mtime_ns
+        return e
+
+    def _turn_root(self, name: bytes) -> int | None:
+        if not name.startswith(b"turn-") or not name[5:].isdigit():
+            return None
+        turn = int(name[5:])
+        return turn if self.capture.catalogue.is_sealed(turn) else None
+
+    def _snap_lookup(self, parent_id: int, name: bytes, count: bool = True) -> pyfuse3.EntryAttributes:
+        """Entry *name* of a `.snapshots` directory; *count*: the kernel's lookup count grows."""
+        if parent_id == SNAPDIR_ID:
+            if name == LATEST:
+                return self._latest_entry()
+            turn = self._turn_root(name)
+            if turn is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            parent_turn, ino, handle = turn, self.inodes.root_ino, self.view.root_handle
+            st = os.stat(self.root_fd)
+        else:
+            parent = self._snap_obj(parent_id)
+            parent_turn = parent.turn
+            ino, handle, st = self.view.child(parent_turn, parent, name)
+        nodeid = self.snap_nodes.ensure(parent_turn, ino, handle)
+        if count:
+            self.snap_nodes.nodes[nodeid].lookups += 1
+        return self._snap_entry(nodeid, self.view.attrs(parent_turn, ino, st))
+
+    def _snap_getattr(self, nodeid: int) -> pyfuse3.EntryAttributes:
+        if nodeid == SNAPDIR_ID:
+            return self._snapdir_entry()
+        if nodeid == LATEST_ID:
+            return self._latest_entry()
+        return self._snap_entry(nodeid, self.view.stat_of(self._snap_obj(nodeid)))
+
+    def _snap_readdir(self, listing: _Listing, start_id: int, token) -> None:
+        names = listing.names
+        for i in range(start_id, len(names)):
+            try:
+                entry = self._snap_lookup(listing.nodeid, names[i], count=False)
+            except FileNotFoundError:
+                continue
+            if not pyfuse3.readdir_reply(token, names[i], entry, i + 1):
+                return
+            obj = self.snap_nodes.nodes.get(entry.st_ino)
+            if obj is not None:
+                obj.lookups += 1
+
+    def _snap_open(self, nodeid: int, flags: int) -> pyfuse3.FileInfo:
+        if flags & (_WRITE_FLAGS | os.O_TRUNC):
+            raise _erofs()
+        obj = self._snap_obj(nodeid)
+        fd, is_copy = self.view.content_source(obj)
+        fh = self._new_fh()
+        self.snap_files[fh] = _SnapFile(obj, fd, is_copy)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _snap_read(self, fh: int, off: int, size: int) -> bytes:
+        snap = self.snap_files[fh]
+        if not snap.is_copy and self.view.preimage_name(snap.obj) is not None:
+            # The live object was changed in place since open: its pre-image is in the store now.
+            os.close(snap.fd)
+            snap.fd, snap.is_copy = self.view.content_source(snap.obj)
+        return os.pread(snap.fd, size, off)
+
+    def _snap_xattrs(self, nodeid: int) -> dict[bytes, bytes]:
+        if nodeid in (SNAPDIR_ID, LATEST_ID):
+            return {}
+        return self.view.xattrs(self._snap_obj(nodeid))

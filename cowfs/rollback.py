@@ -1,0 +1,177 @@
+"""Rollback: make the live tree exactly a sealed turn's snapshot.
+
+Owns the algorithm. Everything that changed after turn N is named by the
+layers N+1, N+2, ...: for each changed entry and object, the earliest
+pre-image after N is its state in turn N. Rollback applies those states to
+the live tree through the ordinary capture path, so the rollback turn's own
+layer holds the state before the rollback, and a rollback can itself be
+rolled back. Cost: O(things changed since N), never O(tree).
+
+Order matters: first every entry that must lose its current object is
+detached (the object moves into the store, whole directories included),
+then every entry that must get an object is attached (from the store, or
+by a new hard link), then contents and attributes are restored, directory
+mtimes last of all.
+"""
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import libc
+from .capture import Capture, read_xattrs
+from .catalogue import AttrRecord
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RollbackResult:
+    entries: set[tuple[int, bytes]] = field(default_factory=set)   # (parent ino, name) changed
+    objects: set[int] = field(default_factory=set)                 # inos whose content/attrs changed
+
+
+class Rollback:
+    def __init__(self, store: Store, capture: Capture, writers: Callable[[int], int]):
+        self.store = store
+        self.capture = capture
+        self.catalogue = store.catalogue
+        self.writers = writers      # ino -> open handles that can write it
+        self._fds: dict[int, int] = {}
+        self.result = RollbackResult()
+
+    def run(self, target: int) -> RollbackResult:
+        entries = self.catalogue.changed_entries_after(target)
+        objects = self.catalogue.changed_objects_after(target)
+        try:
+            for (parent, name), ino in entries.items():
+                self._detach(parent, name, ino)
+            attached: set[int] = set()
+            for (parent, name), ino in entries.items():
+                if ino is not None and self._attach(parent, name, ino):
+                    attached.add(ino)
+            for ino in attached:
+                if not stat.S_ISDIR(os.stat(self._fd(ino)).st_mode):
+                    self.store.unkeep(ino)
+            by_kind = sorted(objects, key=lambda i: self._is_dir(i))   # directories last
+            for ino in by_kind:
+                self._restore(ino, self.catalogue.attrs_after(ino, target))
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+        return self.result
+
+    # -- reaching objects ---------------------------------------------------------------
+    def _fd(self, ino: int) -> int:
+        fd = self._fds.get(ino)
+        if fd is None:
+            handle = self.catalogue.handle(ino)
+            if handle is None:
+                raise OSError(errno.EIO, f"no handle recorded for object {ino}")
+            fd = self._fds[ino] = self.store.open_object(handle)
+        return fd
+
+    def _is_dir(self, ino: int) -> bool:
+        try:
+            return stat.S_ISDIR(os.stat(self._fd(ino)).st_mode)
+        except OSError:
+            return False
+
+    def _current(self, dir_fd: int, name: bytes) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def _before_entry_change(self, parent: int, dir_fd: int, name: bytes) -> None:
+        self.capture.before_entry_change(parent, dir_fd, name)
+        self.capture.before_attr_change(parent, dir_fd)
+        self.result.entries.add((parent, name))
+        self.result.objects.add(parent)
+
+    # -- the three phases ----------------------------------------------------------------
+    def _detach(self, parent: int, name: bytes, target: int | None) -> None:
+        dir_fd = self._fd(parent)
+        live = self._current(dir_fd, name)
+        if live is None or live.st_ino == target:
+            return
+        if live.st_ino not in self._fds:
+            self._fds[live.st_ino] = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        if not stat.S_ISDIR(live.st_mode) and live.st_nlink == 1 and self.writers(live.st_ino):
+            self.capture.capture_content_now(live.st_ino, self._fd(live.st_ino))
+        self._before_entry_change(parent, dir_fd, name)
+        self.result.objects.add(live.st_ino)
+        if stat.S_ISDIR(live.st_mode) or live.st_nlink == 1:
+            self.store.keep_by_rename(dir_fd, name, live.st_ino)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+
+    def _attach(self, parent: int, name: bytes, ino: int) -> bool:
+        dir_fd = self._fd(parent)
+        live = self._current(dir_fd, name)
+        if live is not None and live.st_ino == ino:
+            return False
+        obj_fd = self._fd(ino)
+        self._before_entry_change(parent, dir_fd, name)
+        self.result.objects.add(ino)
+        if stat.S_ISDIR(os.stat(obj_fd).st_mode):
+            # A directory has one name: after the detach phase it is in the store.
+            libc.renameat2(self.store.objects_fd, self.store.object_name(ino), dir_fd, name,
+                           libc.RENAME_NOREPLACE)
+        else:
+            os.link(libc.proc_path(obj_fd), name, dst_dir_fd=dir_fd, follow_symlinks=True)
+        return True
+
+    def _restore(self, ino: int, record: AttrRecord | None) -> None:
+        if record is None:
+            return
+        try:
+            fd = self._fd(ino)
+            st = os.stat(fd)
+        except OSError:
+            return
+        if self._only_in_store(ino, st):
+            return      # not in the tree of the target turn: its state does not matter
+        self.result.objects.add(ino)
+        path = libc.proc_path(fd)
+        if record.content is not None and stat.S_ISREG(st.st_mode):
+            self.capture.capture_content_now(ino, fd)
+            self._restore_content(path, record.content)
+        else:
+            self.capture.before_attr_change(ino, fd)
+        is_link = stat.S_ISLNK(st.st_mode)
+        if (st.st_uid, st.st_gid) != (record.uid, record.gid):
+            libc.chown_fd(fd, record.uid, record.gid)
+        if not is_link:
+            if stat.S_IMODE(st.st_mode) != stat.S_IMODE(record.mode):
+                os.chmod(path, stat.S_IMODE(record.mode))
+            self._restore_xattrs(ino, path, record.turn)
+            os.utime(path, ns=(os.stat(fd).st_atime_ns, record.mtime_ns))
+
+    def _only_in_store(self, ino: int, st: os.stat_result) -> bool:
+        if not self.store.kept(ino):
+            return False
+        return stat.S_ISDIR(st.st_mode) or st.st_nlink == 1
+
+    def _restore_content(self, path: bytes, content: str) -> None:
+        src = self.store.open_content(content)
+        dst = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(dst, 0)
+            self.capture.duplicate(src, dst)
+        finally:
+            os.close(src)
+            os.close(dst)
+
+    def _restore_xattrs(self, ino: int, path: bytes, turn: int) -> None:
+        wanted = self.catalogue.xattrs_at(ino, turn)
+        current = read_xattrs(path)
+        for name in current.keys() - wanted.keys():
+            os.removexattr(path, name)
+        for name, value in wanted.items():
+            if current.get(name) != value:
+                os.setxattr(path, name, value)

@@ -1,0 +1,177 @@
+"""Snapshots: the read-only tree of any sealed turn, resolved from the layers.
+
+Owns how `.snapshots/turn-K/...` is computed: the entry (D, name) of turn K
+is the earliest entry pre-image recorded after K, or else D's live entry;
+an object's attributes and content are the earliest attribute / content
+pre-image recorded after K, or else the live object's. Objects are reached
+through their file handles wherever they live now (tree or store), so
+directory renames never need a path rewrite. Knows nothing about FUSE
+replies: it returns plain values that fs.py turns into them.
+"""
+
+import errno
+import os
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from . import libc
+from .capture import read_xattrs
+from .store import STORE_NAME, Store
+
+
+@dataclass
+class SnapAttrs:
+    """What a snapshot shows of an object."""
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    rdev: int
+    blocks: int
+
+
+@dataclass
+class SnapObject:
+    """One object of one turn's snapshot, as the kernel knows it."""
+    turn: int
+    ino: int
+    handle: bytes
+    lookups: int = 0
+
+
+def _not_found() -> OSError:
+    return OSError(errno.ENOENT, "no such entry in this snapshot")
+
+
+class SnapshotView:
+    FD_CACHE = 256
+
+    def __init__(self, store: Store, root_ino: int, root_handle: bytes):
+        self.store = store
+        self.catalogue = store.catalogue
+        self.root_ino = root_ino
+        self.root_handle = root_handle
+        self._fds: OrderedDict[int, int] = OrderedDict()   # ino -> O_PATH fd, LRU
+
+    # -- reaching objects -----------------------------------------------------
+    def object_fd(self, ino: int, handle: bytes) -> int:
+        """An O_PATH descriptor of object *ino*, cached (callers must not close it)."""
+        fd = self._fds.get(ino)
+        if fd is not None:
+            self._fds.move_to_end(ino)
+            return fd
+        fd = self.store.open_object(handle)
+        self._fds[ino] = fd
+        if len(self._fds) > self.FD_CACHE:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    # -- resolution ---------------------------------------------------------------
+    def child(self, turn: int, parent: SnapObject, name: bytes) -> tuple[int, bytes, os.stat_result]:
+        """(ino, handle, current stat) of entry *name* of *parent* in *turn*'s snapshot."""
+        if parent.ino == self.root_ino and name == STORE_NAME:
+            raise _not_found()
+        found, ino = self.catalogue.entry_after(parent.ino, name, turn)
+        if found:
+            if ino is None:
+                raise _not_found()
+            handle = self.catalogue.handle(ino)
+            if handle is None:
+                raise OSError(errno.EIO, f"no handle recorded for object {ino}")
+            return ino, handle, os.stat(self.object_fd(ino, handle))
+        dir_fd = self.object_fd(parent.ino, parent.handle)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return st.st_ino, libc.handle_at(dir_fd, name), st
+
+    def names(self, obj: SnapObject) -> list[bytes]:
+        """The sorted names of directory *obj* in its turn's snapshot."""
+        path = libc.proc_path(self.object_fd(obj.ino, obj.handle))
+        live = set(os.listdir(path))
+        for name, ino in self.catalogue.entries_after(obj.ino, obj.turn).items():
+            if ino is None:
+                live.discard(name)
+            else:
+                live.add(name)
+        if obj.ino == self.root_ino:
+            live.discard(STORE_NAME)
+        return sorted(live)
+
+    def attrs(self, turn: int, ino: int, st: os.stat_result) -> SnapAttrs:
+        record = self.catalogue.attrs_after(ino, turn)
+        if record is None:
+            return SnapAttrs(ino, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                             st.st_rdev, st.st_blocks)
+        return SnapAttrs(ino, record.mode, record.uid, record.gid, record.size, record.mtime_ns,
+                         st.st_rdev, (record.size + 511) // 512)
+
+    def stat_of(self, obj: SnapObject) -> SnapAttrs:
+        return self.attrs(obj.turn, obj.ino, os.stat(self.object_fd(obj.ino, obj.handle)))
+
+    def readlink(self, obj: SnapObject) -> bytes:
+        # A symlink's target never changes in place: the live object has it.
+        return libc.readlink_fd(self.object_fd(obj.ino, obj.handle))
+
+    def xattrs(self, obj: SnapObject) -> dict[bytes, bytes]:
+        record = self.catalogue.attrs_after(obj.ino, obj.turn)
+        if record is not None:
+            return self.catalogue.xattrs_at(obj.ino, record.turn)
+        fd = self.object_fd(obj.ino, obj.handle)
+        if stat.S_ISLNK(os.stat(fd).st_mode):
+            return {}
+        return read_xattrs(libc.proc_path(fd))
+
+    # -- content ---------------------------------------------------------------------
+    def content_source(self, obj: SnapObject) -> tuple[int, bool]:
+        """A descriptor to read *obj*'s content in its turn from: (fd, is_preimage_copy).
+
+        A live source is only right until the object's first in-place change,
+        which records a copy: readers call again on every read.
+        """
+        name = self.catalogue.content_after(obj.ino, obj.turn)
+        if name is not None:
+            return self.store.open_content(name), True
+        fd = self.object_fd(obj.ino, obj.handle)
+        return os.open(libc.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC), False
+
+    def preimage_name(self, obj: SnapObject) -> str | None:
+        return self.catalogue.content_after(obj.ino, obj.turn)
+
+
+class SnapshotNodes:
+    """The kernel's view of the `.snapshots` tree: virtual inode numbers and lookup counts."""
+
+    def __init__(self, first_id: int):
+        self._ids: dict[tuple[int, int], int] = {}
+        self.nodes: dict[int, SnapObject] = {}
+        self._next = first_id
+
+    def ensure(self, turn: int, ino: int, handle: bytes) -> int:
+        """The inode number of *ino* in *turn*'s snapshot, without counting a lookup."""
+        nodeid = self._ids.get((turn, ino))
+        if nodeid is None:
+            nodeid = self._ids[(turn, ino)] = self._next
+            self._next += 1
+            self.nodes[nodeid] = SnapObject(turn, ino, handle)
+        return nodeid
+
+    def remember(self, turn: int, ino: int, handle: bytes) -> int:
+        nodeid = self.ensure(turn, ino, handle)
+        self.nodes[nodeid].lookups += 1
+        return nodeid
+
+    def forget(self, nodeid: int, count: int) -> None:
+        obj = self.nodes.get(nodeid)
+        if obj is None:
+            return
+        obj.lookups -= count
+        if obj.lookups <= 0:
+            del self.nodes[nodeid]
+            del self._ids[(obj.turn, obj.ino)]

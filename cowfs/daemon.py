@@ -139,6 +139,7 @@ class Daemon:
             pyfuse3.init(self.fs, self.opts.mountpoint, options)
         except RuntimeError as e:
             raise MountError(f"cannot mount on {self.opts.mountpoint}: {e}") from None
+        libc.hide_mount_from_self(self.opts.mountpoint)
         self.store.catalogue.set_meta("alive_at", str(time.time_ns()))
         log.info("mounted %s on %s (turn %d, capture mode %s)", self.opts.workspace,
                  self.opts.mountpoint, self.capture.turn, self.capture.mode)

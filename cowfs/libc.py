@@ -124,3 +124,24 @@ def readlink_fd(fd: int) -> bytes:
     buf = ctypes.create_string_buffer(4096)
     n = _check(_libc.readlinkat(fd, b"", buf, len(buf)), "readlinkat")
     return buf.raw[:n]
+
+
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def hide_mount_from_self(mountpoint: str) -> None:
+    """Move this process into a private copy of its mount namespace without *mountpoint*.
+
+    Other processes keep seeing the mount; this one sees the directory
+    underneath again, so nothing it opens by path (SQLite re-opens its
+    directory and journal files by name) can re-enter its own mount and
+    deadlock. Must be called while the process has a single thread.
+    """
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount(MS_PRIVATE)")
+    _check(_libc.umount2(os.fsencode(mountpoint), MNT_DETACH), "umount2")

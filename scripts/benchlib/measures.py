@@ -49,6 +49,7 @@ class Config:
     sizes: list          # A tree sizes
     reps: int            # A, B, E repetitions
     c_reps: int
+    c_stdlib_tests: bool  # the stdlib's own test package in C's tarball
     b_bytes: int
     c_repo_files: int
     d_files: int
@@ -61,13 +62,16 @@ class Config:
 
     @classmethod
     def preset(cls, quick):
+        """The full run of issue 3, or the --quick one (1,000-file trees,
+        100 MiB file, stdlib without its test package, fewer repetitions)."""
         if quick:
-            return cls(quick=True, sizes=[1_000], reps=3, c_reps=1, b_bytes=100 * MiB,
-                       c_repo_files=1_000, d_files=1_000, d_turns=20,
+            return cls(quick=True, sizes=[1_000], reps=3, c_reps=1, c_stdlib_tests=False,
+                       b_bytes=100 * MiB, c_repo_files=1_000, d_files=1_000, d_turns=20,
                        e_files=1_000, e_changes=100, x_files=1_000, x_turns=10, image_gib=8)
         return cls(quick=False, sizes=[1_000, 20_000, 100_000], reps=5, c_reps=3,
-                   b_bytes=1 << 30, c_repo_files=20_000, d_files=100_000, d_turns=1_000,
-                   e_files=20_000, e_changes=1_000, x_files=20_000, x_turns=100, image_gib=64)
+                   c_stdlib_tests=True, b_bytes=1 << 30, c_repo_files=20_000,
+                   d_files=100_000, d_turns=1_000, e_files=20_000, e_changes=1_000,
+                   x_files=20_000, x_turns=100, image_gib=64)
 
 
 class Context:
@@ -87,7 +91,8 @@ class Context:
 
     def stdlib_tarball(self):
         if self._tarball is None:
-            self._tarball = stdlib_tarball(self.workdir / "stdlib.tar")
+            self._tarball = stdlib_tarball(self.workdir / "stdlib.tar",
+                                           with_tests=self.cfg.c_stdlib_tests)
             log(f"stdlib tarball: {self._tarball[1]:,} files")
         return self._tarball
 

@@ -51,22 +51,23 @@ def machine_info(workdir):
 
 
 def cells(row, width=None):
-    def cut(text):
-        if width and len(text) > width:
+    """The table cells of a row; ``width`` cuts error texts (full in the details)."""
+    def value(v):
+        text = fmt_value(v)
+        if width and v.error and len(text) > width:
             return text[:width - 1] + "…"
         return text
 
     several = len(row.baselines) > 1
-    baselines = "; ".join(fmt_value(b) if b.label == "native" else f"{b.label} {fmt_value(b)}"
+    baselines = "; ".join(value(b) if b.label == "native" else f"{b.label} {value(b)}"
                           for b in row.baselines) or "—"
     ratios = "; ".join((f"{b.label}: " if several else "") + fmt_ratio(row.ratio(b))
                        for b in row.baselines if row.ratio(b) is not None) or "—"
-    return [row.title, cut(fmt_value(row.cowfs)), cut(baselines), cut(ratios), row.target,
-            row.verdict]
+    return [row.title, value(row.cowfs), baselines, ratios, row.target, row.verdict]
 
 
 def text_table(rows):
-    table = [HEADER] + [cells(r, width=48) for r in rows]
+    table = [HEADER] + [cells(r, width=40) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
     out = []
     for n, line in enumerate(table):
@@ -219,7 +220,7 @@ def write_docs(docs_dir, meta, rows, config):
         "",
         markdown_table(rows),
         "",
-        f"![benchmark plot](benchmarks.png)" if not no_plot else f"(No plot: {no_plot}.)",
+        "![benchmark plot](benchmarks.png)" if not no_plot else f"(No plot: {no_plot}.)",
         "",
         "## What is measured",
         "",

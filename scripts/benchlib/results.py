@@ -103,7 +103,7 @@ def geomean(values):
 
 def fmt_number(x):
     if x is None:
-        return "-"
+        return "—"
     if abs(x) >= 100:
         return f"{x:,.0f}"
     if abs(x) >= 10:
@@ -115,7 +115,7 @@ def fmt_value(variant):
     if variant.error:
         return variant.error
     if not variant.samples:
-        return "-"
+        return "—"
     unit = variant.unit
     return f"{fmt_number(variant.median)}{unit}" if unit == "×" else f"{fmt_number(variant.median)} {unit}"
 
@@ -123,7 +123,7 @@ def fmt_value(variant):
 def fmt_ratio(ratio):
     """0.04 -> '25× faster', 1.8 -> '1.80× slower'."""
     if ratio is None:
-        return "-"
+        return "—"
     if ratio < 1:
         return f"{fmt_number(1 / ratio)}× faster"
     return f"{fmt_number(ratio)}× slower"

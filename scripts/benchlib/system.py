@@ -81,13 +81,17 @@ def warn(msg):
 
 
 def first_line(text):
-    """First non-empty line of a command's stderr, for error rows."""
+    """The line of a command's stderr that goes into an error row: the first
+    non-empty one, except after a Python traceback or an argparse usage block,
+    where the last line is the one that says what went wrong."""
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
-    for line in (text or "").splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if lines[0].startswith(("Traceback (most recent call last)", "usage:")):
+        return lines[-1]
+    return lines[0]
 
 
 class CommandFailed(Exception):
@@ -221,6 +225,60 @@ def force_unmount(path):
     return True
 
 
+def close_own_fds_beneath(root):
+    """Close this process's descriptors on files below ``root``.  A signal that
+    lands between os.open() and its try/finally leaks one, and a leaked
+    descriptor would keep the filesystem busy at umount time."""
+    prefix = os.path.abspath(root).rstrip("/") + "/"
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith(prefix):
+            warn(f"closing leaked descriptor {name} on {target}")
+            with contextlib.suppress(OSError):
+                os.close(int(name))
+
+
+def processes_using(root):
+    """Pids (other than ours) with a cwd, root or open file at or below ``root``."""
+    prefix = os.path.abspath(root).rstrip("/") + "/"
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        links = [f"/proc/{entry}/cwd", f"/proc/{entry}/root"]
+        with contextlib.suppress(OSError):
+            links += [f"/proc/{entry}/fd/{fd}" for fd in os.listdir(f"/proc/{entry}/fd")]
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target == prefix[:-1] or target.startswith(prefix):
+                pids.append(int(entry))
+                break
+    return pids
+
+
+def stop_processes_using(root):
+    """Only this run knows its scratch filesystem, so whatever still uses it
+    was started by this run: a cowfs daemon whose mount was interrupted, a
+    command orphaned by a signal.  Stop those, by pid, so umount succeeds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = processes_using(root)
+        if not pids:
+            return
+        warn(f"sending {sig.name} to {', '.join(map(str, pids))} (still using {root})")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+            time.sleep(0.05)
+
+
 def unmount_beneath(root):
     """Unmount everything mounted strictly below ``root``, deepest first
     (catches any cowfs mount that escaped its own context manager)."""
@@ -256,6 +314,9 @@ def xfs_image(workdir, size_gib):
             yield mnt
         finally:
             with shielded():
+                close_own_fds_beneath(mnt)
+                unmount_beneath(mnt)        # cowfs mounts: their daemons exit
+                stop_processes_using(mnt)   # stragglers of an interrupted step
                 unmount_beneath(mnt)
                 force_unmount(mnt)
     finally:

@@ -174,12 +174,15 @@ def reflink_copy(src, dst):
 # the standard library tarball and big files
 
 
-def stdlib_tarball(dest):
+def stdlib_tarball(dest, with_tests=True):
     """Tar the running interpreter's standard library (no site-packages, no
-    __pycache__).  Returns (path, number of regular files)."""
+    __pycache__; without the top-level ``test`` package if not ``with_tests``).
+    Returns (path, number of regular files)."""
     stdlib = sysconfig.get_paths()["stdlib"]
-    run(["tar", "-C", stdlib, "--exclude=./site-packages", "--exclude=__pycache__",
-         "-cf", dest, "."])
+    excludes = ["--exclude=./site-packages", "--exclude=__pycache__"]
+    if not with_tests:
+        excludes.append("--exclude=./test")
+    run(["tar", "-C", stdlib, *excludes, "-cf", dest, "."])
     listing = run(["tar", "-tvf", dest]).stdout.decode(errors="replace")
     nfiles = sum(1 for line in listing.splitlines() if line.startswith("-"))
     return Path(dest), nfiles

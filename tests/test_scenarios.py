@@ -1,0 +1,495 @@
+"""The hard cases of brief section 3, one scenario each, through a real mount."""
+
+import errno
+import os
+import stat
+import subprocess
+import threading
+import time
+
+import pytest
+
+from treeview import tree
+
+
+def sh(cwd, script: str) -> None:
+    subprocess.run(["sh", "-c", script], cwd=cwd, check=True)
+
+
+def checkpoint(ws, message="") -> int:
+    out = ws.cli("checkpoint", "-m", message).stdout.strip()
+    assert out.startswith("turn-"), out
+    return int(out.removeprefix("turn-"))
+
+
+def rollback(ws, turn) -> None:
+    ws.cli("rollback", str(turn))
+
+
+def snap(ws, turn) -> dict:
+    return tree(ws.snapshots / f"turn-{turn}")
+
+
+def read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write(path, data: bytes, mode="wb") -> None:
+    with open(path, mode) as f:
+        f.write(data)
+
+
+@pytest.fixture
+def mounted(workspace):
+    """A workspace with a small tree, mounted; turn 0 is that tree."""
+    p = workspace.path
+    (p / "src").mkdir()
+    write(p / "src" / "app.py", b"print('v0')\n")
+    write(p / "src" / "util.py", b"def f(): pass\n")
+    write(p / "README", b"readme v0\n")
+    workspace.mount()
+    return workspace
+
+
+def test_turn_zero_and_checkpoint_round_trip(mounted):
+    ws, p = mounted, mounted.path
+    before = tree(p)
+    write(p / "src" / "app.py", b"print('v1')\n")
+    write(p / "new.txt", b"new\n")
+    assert checkpoint(ws, "one") == 1
+    assert snap(ws, 0) == before
+    assert snap(ws, 1) == tree(p)
+    assert sorted(os.listdir(ws.snapshots)) == ["latest", "turn-0", "turn-1"]
+    assert os.readlink(ws.snapshots / "latest") == "turn-1"
+
+
+def test_directory_renamed_after_children_edited_and_edited_again(mounted):
+    ws, p = mounted, mounted.path
+    t0 = tree(p)
+    write(p / "src" / "app.py", b"print('edited before rename')\n")
+    os.rename(p / "src", p / "lib")
+    write(p / "lib" / "app.py", b"print('edited after rename')\n")
+    write(p / "lib" / "util.py", b"# appended\n", "ab")
+    t1 = tree(p)
+    checkpoint(ws)
+    assert snap(ws, 0) == t0
+    assert snap(ws, 1) == t1
+    os.rename(p / "lib", p / "src2")
+    write(p / "src2" / "app.py", b"turn 2\n")
+    checkpoint(ws)
+    assert snap(ws, 1) == t1
+    rollback(ws, 0)
+    assert tree(p) == t0
+
+
+def test_file_renamed_over_another(mounted):
+    ws, p = mounted, mounted.path
+    t0 = tree(p)
+    os.rename(p / "src" / "util.py", p / "src" / "app.py")
+    checkpoint(ws)
+    assert snap(ws, 0) == t0
+    assert read(p / "src" / "app.py") == b"def f(): pass\n"
+    rollback(ws, 0)
+    assert tree(p) == t0
+
+
+def test_editor_style_save_via_temp_and_rename(mounted):
+    ws, p = mounted, mounted.path
+    t0 = tree(p)
+    write(p / "src" / ".app.py.swp", b"print('saved')\n")
+    os.rename(p / "src" / ".app.py.swp", p / "src" / "app.py")
+    checkpoint(ws)
+    assert snap(ws, 0) == t0
+    assert read(ws.snapshots / "turn-1" / "src" / "app.py") == b"print('saved')\n"
+
+
+def test_hardlinks_edited_through_one_name_stay_linked(mounted):
+    ws, p = mounted, mounted.path
+    os.link(p / "README", p / "README.link")
+    t1 = tree(p)
+    checkpoint(ws)
+    write(p / "README.link", b"changed through link\n", "r+b")
+    assert read(p / "README") == b"changed through link\n"
+    checkpoint(ws)
+    assert snap(ws, 1) == t1
+    assert os.stat(p / "README").st_ino == os.stat(p / "README.link").st_ino
+    rollback(ws, 1)
+    assert tree(p) == t1
+    assert os.stat(p / "README").st_ino == os.stat(p / "README.link").st_ino
+    assert os.stat(p / "README").st_nlink == 2
+
+
+def test_symlinks_dangling_and_retargeted(mounted):
+    ws, p = mounted, mounted.path
+    os.symlink("src/app.py", p / "link")
+    os.symlink("does/not/exist", p / "dangling")
+    os.symlink("src", p / "dirlink")
+    t1 = tree(p)
+    checkpoint(ws)
+    os.unlink(p / "link")
+    os.symlink("README", p / "link")
+    write(p / "src" / "app.py", b"target changed\n")
+    os.unlink(p / "dangling")
+    checkpoint(ws)
+    assert snap(ws, 1) == t1
+    assert os.readlink(ws.snapshots / "turn-1" / "dangling") == "does/not/exist"
+    assert read(ws.snapshots / "turn-1" / "link") == b"print('v0')\n"
+    rollback(ws, 1)
+    assert tree(p) == t1
+
+
+def test_rm_rf_of_a_large_tree(mounted):
+    ws, p = mounted, mounted.path
+    for d in range(20):
+        (p / "big" / f"d{d}").mkdir(parents=True)
+        for f in range(50):
+            write(p / "big" / f"d{d}" / f"f{f}", b"%d/%d\n" % (d, f))
+    t1 = tree(p)
+    checkpoint(ws)
+    sh(p, "rm -rf big")
+    assert not (p / "big").exists()
+    checkpoint(ws)
+    assert snap(ws, 1) == t1
+    rollback(ws, 1)
+    assert tree(p) == t1
+
+
+def test_file_replaced_by_directory_and_back(mounted):
+    ws, p = mounted, mounted.path
+    t0 = tree(p)
+    os.unlink(p / "README")
+    (p / "README").mkdir()
+    write(p / "README" / "inside", b"inside\n")
+    t1 = tree(p)
+    checkpoint(ws)
+    sh(p, "rm -rf README && echo back > README")
+    t2 = tree(p)
+    checkpoint(ws)
+    assert snap(ws, 0) == t0 and snap(ws, 1) == t1 and snap(ws, 2) == t2
+    rollback(ws, 1)
+    assert tree(p) == t1
+    rollback(ws, 0)
+    assert tree(p) == t0
+
+
+def test_empty_directories(mounted):
+    ws, p = mounted, mounted.path
+    (p / "empty").mkdir()
+    (p / "a" / "b" / "c").mkdir(parents=True)
+    t1 = tree(p)
+    checkpoint(ws)
+    os.rmdir(p / "empty")
+    os.rmdir(p / "a" / "b" / "c")
+    checkpoint(ws)
+    assert snap(ws, 1) == t1
+    rollback(ws, 1)
+    assert tree(p) == t1
+
+
+def test_file_open_for_writing_across_a_checkpoint(mounted):
+    ws, p = mounted, mounted.path
+    fd = os.open(p / "log.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"turn one\n")
+        checkpoint(ws)
+        os.write(fd, b"turn two\n")
+        checkpoint(ws)
+        os.write(fd, b"turn three\n")
+    finally:
+        os.close(fd)
+    assert read(ws.snapshots / "turn-1" / "log.txt") == b"turn one\n"
+    assert read(ws.snapshots / "turn-2" / "log.txt") == b"turn one\nturn two\n"
+    assert read(p / "log.txt") == b"turn one\nturn two\nturn three\n"
+
+
+def test_append_only_log(mounted):
+    ws, p = mounted, mounted.path
+    expected = b""
+    for turn in range(1, 6):
+        line = b"entry %d\n" % turn
+        write(p / "app.log", line, "ab")
+        expected += line
+        assert checkpoint(ws) == turn
+    for turn in range(1, 6):
+        assert read(ws.snapshots / f"turn-{turn}" / "app.log") == b"".join(
+            b"entry %d\n" % t for t in range(1, turn + 1))
+
+
+def test_sparse_file_edits(mounted):
+    ws, p = mounted, mounted.path
+    with open(p / "sparse", "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(32 << 20)
+        f.write(b"middle")
+    checkpoint(ws)
+    with open(p / "sparse", "r+b") as f:
+        f.seek(32 << 20)
+        f.write(b"MIDDLE")
+        f.seek(100 << 20)
+        f.write(b"end")
+    checkpoint(ws)
+    with open(ws.snapshots / "turn-1" / "sparse", "rb") as f:
+        assert os.fstat(f.fileno()).st_size == 64 << 20
+        f.seek(32 << 20)
+        assert f.read(6) == b"middle"
+    assert os.stat(p / "sparse").st_size == (100 << 20) + 3
+    rollback(ws, 1)
+    assert os.stat(p / "sparse").st_size == 64 << 20
+    with open(p / "sparse", "rb") as f:
+        f.seek(32 << 20)
+        assert f.read(6) == b"middle"
+
+
+@pytest.mark.parametrize("backing", ["xfs"], indirect=True)
+def test_one_byte_edit_of_a_1gib_file_costs_o1_on_xfs(workspace):
+    p = workspace.path
+    with open(p / "huge", "wb") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(1024):
+            f.write(block)
+    os.sync()
+    workspace.mount()
+    free_before = os.statvfs(p).f_bfree * os.statvfs(p).f_frsize
+    with open(p / "huge", "r+b") as f:
+        f.seek(512 << 20)
+        f.write(b"X")
+    os.sync()
+    used = free_before - os.statvfs(p).f_bfree * os.statvfs(p).f_frsize
+    assert used < 2 << 20, f"a one-byte edit of a 1 GiB file used {used} bytes on XFS"
+    checkpoint(workspace)
+    with open(workspace.snapshots / "turn-0" / "huge", "rb") as f:
+        f.seek(512 << 20)
+        assert f.read(1) == block[0:1]
+
+
+def test_mode_mtime_and_xattr_changes_alone(mounted):
+    ws, p = mounted, mounted.path
+    os.setxattr(p / "README", "user.tag", b"v0")
+    os.utime(p / "README", ns=(1_000_000_000, 1_000_000_000))
+    t1 = tree(p, xattrs=True, mtimes=True)
+    checkpoint(ws)
+    os.chmod(p / "README", 0o755)
+    os.utime(p / "README", ns=(2_000_000_000, 2_000_000_000))
+    os.setxattr(p / "README", "user.tag", b"v1")
+    os.setxattr(p / "README", "user.more", b"x")
+    checkpoint(ws)
+    assert tree(ws.snapshots / "turn-1", xattrs=True, mtimes=True) == t1
+    rollback(ws, 1)
+    assert tree(p, xattrs=True, mtimes=True) == t1
+
+
+def test_fifos(mounted):
+    ws, p = mounted, mounted.path
+    os.mkfifo(p / "pipe", 0o640)
+    checkpoint(ws)
+    os.unlink(p / "pipe")
+    checkpoint(ws)
+    st = os.lstat(ws.snapshots / "turn-1" / "pipe")
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+    rollback(ws, 1)
+    assert stat.S_ISFIFO(os.lstat(p / "pipe").st_mode)
+
+
+def test_names_with_spaces_newlines_and_non_utf8_bytes(mounted):
+    ws, p = mounted, mounted.path
+    names = [b"with space", b"new\nline", b"latin1-\xe9\xff", b"-leading-dash"]
+    root = os.fsencode(p)
+    for n in names:
+        write(os.path.join(root, n), n)
+    t1 = tree(p)
+    checkpoint(ws)
+    for n in names:
+        os.unlink(os.path.join(root, n))
+    checkpoint(ws)
+    assert snap(ws, 1) == t1
+    rollback(ws, 1)
+    assert tree(p) == t1
+
+
+def test_rollback_while_another_process_holds_files_open(mounted):
+    ws, p = mounted, mounted.path
+    t0 = tree(p)
+    holder = subprocess.Popen(
+        ["python3", "-c",
+         "import sys,time\n"
+         "r=open('README','rb'); w=open('src/app.py','ab')\n"
+         "print('ready', flush=True); sys.stdin.readline()\n"
+         "w.write(b'late write\\n'); w.flush(); print(r.read().decode(), end='', flush=True)"],
+        cwd=p, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"ready\n"
+        write(p / "README", b"changed\n")
+        write(p / "extra", b"x\n")
+        rollback(ws, 0)
+        assert tree(p) == t0
+        holder.stdin.write(b"go\n")
+        holder.stdin.flush()
+        out, _ = holder.communicate(timeout=30)
+        assert holder.returncode == 0
+    finally:
+        holder.kill()
+    # The writer kept its file: the late write landed in the live file, after the rollback.
+    assert read(p / "src" / "app.py") == b"print('v0')\nlate write\n"
+    assert snap(ws, max_turn(ws)) == t0
+
+
+def max_turn(ws) -> int:
+    return max(int(n.removeprefix("turn-")) for n in os.listdir(ws.snapshots) if n.startswith("turn-"))
+
+
+def test_rollback_to_turn_zero_removes_everything_new(mounted):
+    ws, p = mounted, mounted.path
+    t0 = tree(p)
+    sh(p, "mkdir -p node_modules/a/b && for i in $(seq 50); do echo $i > node_modules/a/b/f$i; done")
+    sh(p, "rm src/util.py && echo changed > README && ln -s README rl && mkdir build")
+    checkpoint(ws)
+    sh(p, "mv src source && touch source/new")
+    checkpoint(ws)
+    rollback(ws, 0)
+    assert tree(p) == t0
+
+
+def test_rollback_of_a_rollback(mounted):
+    ws, p = mounted, mounted.path
+    write(p / "src" / "app.py", b"v1\n")
+    write(p / "added", b"added\n")
+    checkpoint(ws)
+    t1 = tree(p)
+    rollback(ws, 0)
+    rolled = max_turn(ws)
+    assert snap(ws, rolled) == snap(ws, 0)
+    rollback(ws, 1)
+    assert tree(p) == t1
+    log = ws.cli("log").stdout
+    assert f"rollback to turn-0" in log and "rollback to turn-1" in log
+
+
+def test_rollback_seals_pending_changes_first(mounted):
+    ws, p = mounted, mounted.path
+    write(p / "wip", b"work in progress\n")
+    out = ws.cli("rollback", "0").stdout
+    assert "sealed pending changes as turn-1" in out
+    assert read(ws.snapshots / "turn-1" / "wip") == b"work in progress\n"
+    assert not (p / "wip").exists()
+
+
+def test_remount_then_browse_and_roll_back_old_turns(mounted):
+    ws, p = mounted, mounted.path
+    t0 = tree(p)
+    write(p / "README", b"turn 1\n")
+    checkpoint(ws)
+    t1 = tree(p)
+    write(p / "README", b"pending at unmount\n")
+    out = ws.umount().stdout
+    assert "sealed turn-2" in out
+    ws.mount()
+    assert snap(ws, 0) == t0 and snap(ws, 1) == t1
+    assert read(ws.snapshots / "turn-2" / "README") == b"pending at unmount\n"
+    assert checkpoint(ws) == 3
+    rollback(ws, 0)
+    assert tree(p) == t0
+
+
+def test_changes_behind_our_back_are_reported(mounted):
+    ws, p = mounted, mounted.path
+    ws.umount()
+    time.sleep(0.05)
+    write(p / "README", b"edited while unmounted\n")
+    r = ws.mount(check=False)
+    assert r.returncode == 2
+    assert "changed while cowfs was not mounted" in r.stderr and "README" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    ws.mount("--force")
+    assert "warning" in ws.cli("status").stdout
+
+
+def test_snapshots_are_read_only_and_hidden(mounted):
+    ws, p = mounted, mounted.path
+    checkpoint(ws)
+    assert ".snapshots" not in os.listdir(p)
+    assert ".cowfs" not in os.listdir(p)
+    s1 = ws.snapshots / "turn-1"
+    for attempt in (lambda: open(s1 / "README", "ab"), lambda: open(s1 / "new", "wb"),
+                    lambda: os.mkdir(s1 / "d"), lambda: os.unlink(s1 / "README"),
+                    lambda: os.chmod(s1 / "README", 0o777), lambda: os.rename(s1 / "README", s1 / "x")):
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS
+    out = subprocess.run(["find", "."], cwd=p, capture_output=True, text=True, check=True).stdout
+    assert ".snapshots" not in out and ".cowfs" not in out
+
+
+def test_snapdir_visible_option(workspace):
+    workspace.mount("--snapdir", "visible")
+    assert ".snapshots" in os.listdir(workspace.path)
+
+
+def test_the_store_cannot_be_reached_or_shadowed(mounted):
+    p = mounted.path
+    assert not (p / ".cowfs").exists()
+    with pytest.raises(OSError) as e:
+        os.mkdir(p / ".cowfs")
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(OSError):
+        os.mkdir(p / ".snapshots")
+
+
+def test_errors_are_errnos_and_the_mount_survives(mounted):
+    p = mounted.path
+    cases = [(lambda: os.rmdir(p / "src"), errno.ENOTEMPTY),
+             (lambda: os.unlink(p / "missing"), errno.ENOENT),
+             (lambda: os.rename(p / "README", p / "src"), errno.EISDIR),
+             (lambda: os.rename(p / "src", p / "README"), errno.ENOTDIR),
+             (lambda: os.mkdir(p / "src"), errno.EEXIST),
+             (lambda: os.unlink(p / "src"), errno.EISDIR)]
+    for call, expected in cases:
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == expected
+    assert read(p / "README") == b"readme v0\n"
+    with open(p / "README", "r+b") as f:
+        f.write(b"R")
+        os.fsync(f.fileno())
+        os.fdatasync(f.fileno())
+
+
+def test_objects_created_belong_to_the_caller(mounted):
+    p = mounted.path
+    os.chmod(p, 0o777)
+    subprocess.run(["setpriv", "--reuid=1234", "--regid=1234", "--clear-groups",
+                    "sh", "-c", f"mkdir '{p}/mine' && echo x > '{p}/mine/f'"], check=True)
+    for path in (p / "mine", p / "mine" / "f"):
+        st = os.lstat(path)
+        assert (st.st_uid, st.st_gid) == (1234, 1234)
+    r = subprocess.run(["setpriv", "--reuid=1234", "--regid=1234", "--clear-groups",
+                        "sh", "-c", f"echo x > '{p}/README'"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+
+
+@pytest.mark.parametrize("backing", ["ext4"], indirect=True)
+def test_long_capture_does_not_freeze_the_mount(workspace):
+    """Capturing a 1 GiB file by copy (ext4 cannot clone) runs off the request thread."""
+    p = workspace.path
+    with open(p / "big", "wb") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(1024):
+            f.write(block)
+    (p / "other").mkdir()
+    workspace.mount()
+    finished = {}
+
+    def edit():
+        with open(p / "big", "r+b") as f:
+            f.write(b"x")
+        finished["edit"] = time.monotonic()
+
+    t = threading.Thread(target=edit)
+    t.start()
+    time.sleep(0.01)
+    for i in range(20):
+        write(p / "other" / f"f{i}", b"x")
+        os.listdir(p / "other")
+    finished["probes"] = time.monotonic()
+    t.join()
+    assert finished["probes"] < finished["edit"], "other requests waited for the capture"

@@ -126,6 +126,7 @@ def _spawn_daemon(args, workspace: str, mountpoint: str) -> int:
     message = _read_ready(read_end, proc)
     if message == "ok":
         print(f"mounted {mountpoint}" + (f" (workspace {workspace})" if mountpoint != workspace else ""))
+        _warn_stale_cwds(mountpoint, proc.pid)
         return 0
     if message.startswith("error: "):
         raise UsageError(message.removeprefix("error: "))
@@ -146,6 +147,24 @@ def _read_ready(fd: int, proc: subprocess.Popen) -> str:
         code = proc.poll()
         return f"exit code {code}" if code is not None else "timed out"
     return data.decode(errors="replace").strip()
+
+
+def _warn_stale_cwds(mountpoint: str, daemon_pid: int) -> None:
+    """Processes already inside the mount point still see the directory underneath."""
+    stale = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) in (os.getpid(), daemon_pid):
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if cwd == mountpoint or cwd.startswith(mountpoint.rstrip("/") + "/"):
+            stale.append(pid)
+    if stale:
+        print(f"cowfs: warning: {len(stale)} process(es) (e.g. pid {stale[0]}) were already inside "
+              f"{mountpoint}: they bypass cowfs until they cd there again (cd \"$PWD\")",
+              file=sys.stderr)
 
 
 def cmd_umount(args) -> int:

@@ -40,12 +40,15 @@ def read_xattrs(path: bytes) -> dict[bytes, bytes]:
 
 
 class Capture:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, root_path: bytes):
         self.store = store
         self.catalogue = store.catalogue
         self.mode = store.probe_clone()
+        self.root_prefix = root_path.rstrip(b"/") + b"/"
         self.turn = self.catalogue.open_turn()
         self._reset_turn_state()
+        # A turn left open by a daemon that died: never capture twice in it.
+        self.entries_done, self.attrs_done, self.content_done = self.catalogue.captured_in(self.turn)
 
     def _reset_turn_state(self) -> None:
         self.born: set[int] = set()            # objects created in the open turn
@@ -105,9 +108,17 @@ class Capture:
         st = os.stat(fd)
         xattrs = {} if stat.S_ISLNK(st.st_mode) else read_xattrs(libc.proc_path(fd))
         self.catalogue.record_object(ino, libc.handle_of(fd))
-        self.catalogue.record_attrs(ino, self.turn, st, xattrs)
+        self.catalogue.record_attrs(ino, self.turn, st, xattrs, self._path_of(fd))
         self.attrs_done.add(ino)
         self.changes += 1
+
+    def _path_of(self, fd: int) -> bytes | None:
+        """Where the object open as *fd* is now, relative to the root (the kernel tracks it)."""
+        try:
+            path = os.readlink(libc.proc_path(fd))
+        except OSError:
+            return None
+        return path[len(self.root_prefix):] if path.startswith(self.root_prefix) else None
 
     # -- content ----------------------------------------------------------------------
     def content_captured(self, ino: int) -> bool:

@@ -36,12 +36,15 @@ CREATE TABLE entries (
     parent INTEGER NOT NULL, name BLOB NOT NULL, turn INTEGER NOT NULL, ino INTEGER,
     PRIMARY KEY (parent, name, turn)) WITHOUT ROWID;
 CREATE INDEX entries_by_turn ON entries (turn);
+CREATE INDEX entries_by_ino ON entries (ino, turn);
 -- Object pre-images: attributes at the start of `turn`; `content` names the
--- store file holding the content then, NULL if the content did not change yet.
+-- store file holding the content then, NULL if the content did not change yet;
+-- `path` is where the object was (relative to the root) when first changed
+-- in the turn, NULL if unknown: a hint for the git export.
 CREATE TABLE attrs (
     ino INTEGER NOT NULL, turn INTEGER NOT NULL,
     mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
-    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, content TEXT,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, content TEXT, path BLOB,
     PRIMARY KEY (ino, turn)) WITHOUT ROWID;
 CREATE INDEX attrs_by_turn ON attrs (turn);
 CREATE TABLE xattrs (
@@ -158,17 +161,32 @@ class Catalogue:
         self.db.execute("INSERT OR IGNORE INTO entries (parent, name, turn, ino) VALUES (?, ?, ?, ?)",
                         (parent, name, turn, ino))
 
-    def record_attrs(self, ino: int, turn: int, st, xattrs: dict[bytes, bytes]) -> None:
+    def record_attrs(self, ino: int, turn: int, st, xattrs: dict[bytes, bytes],
+                     path: bytes | None) -> None:
         with self.transaction():
             self.db.execute(
-                "INSERT OR IGNORE INTO attrs (ino, turn, mode, uid, gid, size, mtime_ns) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (ino, turn, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns))
+                "INSERT OR IGNORE INTO attrs (ino, turn, mode, uid, gid, size, mtime_ns, path) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (ino, turn, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, path))
             self.db.executemany("INSERT OR IGNORE INTO xattrs (ino, turn, name, value) VALUES (?, ?, ?, ?)",
                                 [(ino, turn, k, v) for k, v in xattrs.items()])
 
     def record_content(self, ino: int, turn: int, content: str) -> None:
-        self.db.execute("UPDATE attrs SET content=? WHERE ino=? AND turn=?", (content, ino, turn))
+        self.db.execute("UPDATE attrs SET content=? WHERE ino=? AND turn=? AND content IS NULL",
+                        (content, ino, turn))
+
+    def captured_in(self, turn: int) -> tuple[set[tuple[int, bytes]], set[int], set[int]]:
+        """What the (open) *turn* already holds: entries, objects with attrs, objects with content.
+
+        Used when a daemon resumes a turn another daemon left open (after a crash)."""
+        entries = set(self.db.execute("SELECT parent, name FROM entries WHERE turn=?", (turn,)))
+        attrs, content = set(), set()
+        for ino, has_content in self.db.execute(
+                "SELECT ino, content IS NOT NULL FROM attrs WHERE turn=?", (turn,)):
+            attrs.add(ino)
+            if has_content:
+                content.add(ino)
+        return entries, attrs, content
 
     # -- resolution (the snapshot path) --------------------------------------
     def handle(self, ino: int) -> bytes | None:
@@ -221,6 +239,18 @@ class Catalogue:
 
     def changed_objects_after(self, turn: int) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT ino FROM attrs WHERE turn>?", (turn,))]
+
+    def location_after(self, ino: int, turn: int) -> tuple[int, bytes] | None:
+        """(parent, name) that held *ino* at the end of *turn*, if that entry changed since."""
+        row = self.db.execute("SELECT parent, name FROM entries WHERE ino=? AND turn>? "
+                              "ORDER BY turn LIMIT 1", (ino, turn)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def layer(self, turn: int) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes | None]]]:
+        """Layer *turn*: its changed entries (parent, name) and changed objects (ino, path hint)."""
+        entries = list(self.db.execute("SELECT parent, name FROM entries WHERE turn=?", (turn,)))
+        objects = list(self.db.execute("SELECT ino, path FROM attrs WHERE turn=?", (turn,)))
+        return entries, objects
 
     def layer_size(self, turn: int) -> tuple[int, int]:
         entries = self.db.execute("SELECT count(*) FROM entries WHERE turn=?", (turn,)).fetchone()[0]

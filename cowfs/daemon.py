@@ -97,7 +97,7 @@ class Daemon:
             raise MountError(f"{opts.workspace} is already mounted by another cowfs daemon") from None
         self._check_drift()
         self._setup_logging()
-        self.capture = Capture(self.store)
+        self.capture = Capture(self.store, os.fsencode(self.opts.workspace))
 
     def _check_drift(self) -> None:
         catalogue = self.store.catalogue

@@ -76,20 +76,31 @@ class SnapshotView:
 
     # -- resolution ---------------------------------------------------------------
     def child(self, turn: int, parent: SnapObject, name: bytes) -> tuple[int, bytes, os.stat_result]:
-        """(ino, handle, current stat) of entry *name* of *parent* in *turn*'s snapshot."""
+        """(ino, handle, current stat) of entry *name* of *parent* in *turn*'s snapshot.
+
+        The live entry is read before the layers are asked: a change records its
+        pre-image before it mutates, so whichever happened first, the answer is
+        right even if the tree changes meanwhile (the git export reads from a thread).
+        """
         if parent.ino == self.root_ino and name == STORE_NAME:
             raise _not_found()
-        found, ino = self.catalogue.entry_after(parent.ino, name, turn)
-        if found:
-            if ino is None:
-                raise _not_found()
-            handle = self.catalogue.handle(ino)
-            if handle is None:
-                raise OSError(errno.EIO, f"no handle recorded for object {ino}")
-            return ino, handle, os.stat(self.object_fd(ino, handle))
         dir_fd = self.object_fd(parent.ino, parent.handle)
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        return st.st_ino, libc.handle_at(dir_fd, name), st
+        try:
+            live = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            live_handle = libc.handle_at(dir_fd, name)
+        except FileNotFoundError:
+            live = live_handle = None
+        found, ino = self.catalogue.entry_after(parent.ino, name, turn)
+        if not found:
+            if live is None:
+                raise _not_found()
+            return live.st_ino, live_handle, live
+        if ino is None:
+            raise _not_found()
+        handle = self.catalogue.handle(ino)
+        if handle is None:
+            raise OSError(errno.EIO, f"no handle recorded for object {ino}")
+        return ino, handle, os.stat(self.object_fd(ino, handle))
 
     def names(self, obj: SnapObject) -> list[bytes]:
         """The sorted names of directory *obj* in its turn's snapshot."""

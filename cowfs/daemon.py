@@ -248,7 +248,12 @@ class Daemon:
         turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
         await self._invalidate(result)
         return {"turn": turn, "target": target, "sealed_pending": pending,
-                "entries": len(result.entries), "objects": len(result.objects)}
+                "entries": len(result.entries), "objects": len(result.objects),
+                "refresh": self._kernel_refresh_list(result, req.get("pid"))}
+
+    async def _op_rollback_done(self, req: dict) -> dict:
+        self.fs.refreshing = set()
+        return {}
 
     async def _op_umount(self, req: dict) -> dict:
         return {"sealed": self._seal_pending("unmount"), "pid": os.getpid()}
@@ -261,6 +266,30 @@ class Daemon:
     def _writers(self, ino: int) -> int:
         node = self.fs.inodes.get(self.fs.inodes.nodeid(ino))
         return node.writers if node is not None else 0
+
+    def _kernel_refresh_list(self, result, pid) -> list:
+        """The restored regular files whose size and mtime the kernel must be told again.
+
+        With the writeback cache the kernel trusts its own size and mtime of a
+        cached regular file and ignores ours: only a setattr through the mount
+        changes them. The daemon cannot make one (its own mount is hidden from
+        it), so the CLI does, and `fs` lets exactly those through uncaptured.
+        Returns [(path relative to the mount, size, atime_ns, mtime_ns)].
+        """
+        inodes, targets, refreshing = self.fs.inodes, [], set()
+        root = os.fsencode(self.opts.workspace).rstrip(b"/") + b"/"
+        for ino in result.objects:
+            node = inodes.get(inodes.nodeid(ino))
+            if node is None or not isinstance(pid, int):
+                continue
+            st = os.stat(node.fd)
+            path = os.readlink(libc.proc_path(node.fd))
+            if stat.S_ISREG(st.st_mode) and path.startswith(root) and \
+                    not path[len(root):].startswith(STORE_NAME + b"/"):
+                targets.append((os.fsdecode(path[len(root):]), st.st_size, st.st_atime_ns, st.st_mtime_ns))
+                refreshing.add(inodes.nodeid(ino))
+        self.fs.refreshing, self.fs.refresher_tid = refreshing, pid
+        return targets
 
     async def _invalidate(self, result) -> None:
         inodes = self.fs.inodes

@@ -81,6 +81,23 @@ def _entry(st, nodeid: int, timeout: float) -> pyfuse3.EntryAttributes:
     return e
 
 
+def _backing_flags(flags: int) -> int:
+    """How to open the backing file for a kernel open with *flags*.
+
+    The daemon opens /proc/self/fd/N of the object, not the caller's path.
+    With the writeback cache the kernel reads pages of files opened write-only
+    (to fill partial pages) and computes append offsets itself, so every
+    writable file is opened read-write and O_APPEND is dropped (as libfuse's
+    passthrough_ll does).
+    """
+    # O_NOFOLLOW was the kernel's business (it resolved the path); here it
+    # would refuse /proc/self/fd/N, which is a symlink.
+    flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_NOFOLLOW)
+    if flags & os.O_ACCMODE == os.O_WRONLY:
+        flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+    return flags | os.O_CLOEXEC
+
+
 class _Listing:
     """An open directory: its names, read once so offsets stay valid while it changes."""
     __slots__ = ("nodeid", "names")
@@ -99,7 +116,10 @@ class _SnapFile:
 
 class CowFS(pyfuse3.Operations):
     supports_dot_lookup = False
-    enable_writeback_cache = False
+    # The kernel gathers small writes into pages and sends them in large
+    # batches; `cowfs checkpoint` syncfs()es the mount before sealing, so every
+    # page written in a turn reaches the capture path within that turn.
+    enable_writeback_cache = True
 
     def __init__(self, root_fd: int, store: Store, capture: Capture, control_path: bytes,
                  snapdir_visible: bool = False):
@@ -113,8 +133,13 @@ class CowFS(pyfuse3.Operations):
         self.control_path = control_path
         self.snapdir_visible = snapdir_visible
         self.as_root = os.geteuid() == 0
+        self.daemon_gid = os.getegid()
         self.open_files: dict[int, Node] = {}        # live fh (= descriptor) -> node
         self.writer_fhs: set[int] = set()
+        # After a rollback the CLI re-applies sizes and mtimes through the mount
+        # (see Daemon._kernel_refresh_list): those setattrs are not changes to capture.
+        self.refreshing: set[int] = set()
+        self.refresher_tid = 0
         self.snap_files: dict[int, _SnapFile] = {}
         self.listings: dict[int, _Listing] = {}
         self._next_fh = SNAP_FH_BASE
@@ -138,21 +163,26 @@ class CowFS(pyfuse3.Operations):
         self._next_fh += 1
         return self._next_fh
 
-    def _set_owner(self, parent: Node, name: bytes, ctx) -> None:
-        """Objects created through the mount belong to the caller, as on the backing filesystem."""
-        if not self.as_root:
-            return
-        gid = ctx.gid
-        pst = os.stat(parent.fd)
-        if pst.st_mode & stat.S_ISGID:
-            gid = pst.st_gid
-        os.chown(name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
-
     def _created(self, parent: Node, name: bytes, ctx) -> pyfuse3.EntryAttributes:
-        self._set_owner(parent, name, ctx)
+        """Finish a creation: owner, birth, the kernel's entry."""
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        uid, gid = self._owner(st, ctx)
+        if (uid, gid) != (st.st_uid, st.st_gid):
+            os.chown(name, uid, gid, dir_fd=parent.fd, follow_symlinks=False)
         self.capture.note_born(st.st_ino)
-        return _entry(st, self.inodes.remember(parent.fd, name, st), LIVE_TIMEOUT)
+        entry = _entry(st, self.inodes.remember(parent.fd, name, st), LIVE_TIMEOUT)
+        entry.st_uid, entry.st_gid = uid, gid
+        return entry
+
+    def _owner(self, st, ctx) -> tuple[int, int]:
+        """Objects created through the mount belong to the caller, as on the backing filesystem.
+
+        The backing filesystem created *st* as the daemon; a group other than the
+        daemon's means the parent directory is setgid, whose group is kept.
+        """
+        if not self.as_root:
+            return st.st_uid, st.st_gid
+        return ctx.uid, (ctx.gid if st.st_gid == self.daemon_gid else st.st_gid)
 
     def _before_entry_change(self, parent_id: int, parent: Node, name: bytes) -> None:
         self.capture.before_entry_change(parent.ino, parent.fd, name)
@@ -189,9 +219,10 @@ class CowFS(pyfuse3.Operations):
         if nodeid >= VIRTUAL_BASE:
             raise _erofs()
         node = self._node(nodeid)
-        if fields.update_size:
-            await self.capture.before_content_change(node.ino, node.fd)
-        self.capture.before_attr_change(node.ino, node.fd)
+        if ctx.pid != self.refresher_tid or nodeid not in self.refreshing:
+            if fields.update_size:
+                await self.capture.before_content_change(node.ino, node.fd)
+            self.capture.before_attr_change(node.ino, node.fd)
         path = libc.proc_path(node.fd)
         if fields.update_size:
             if fh is not None and fh in self.open_files:
@@ -263,8 +294,7 @@ class CowFS(pyfuse3.Operations):
     async def create(self, parent_id, name, mode, flags, ctx):
         parent = self._live_parent(parent_id, name)
         self._before_entry_change(parent_id, parent, name)
-        fd = os.open(name, (flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC) & ~os.O_NOCTTY, mode,
-                     dir_fd=parent.fd)
+        fd = os.open(name, _backing_flags(flags) | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd)
         try:
             entry = self._created(parent, name, ctx)
         except BaseException:
@@ -397,8 +427,7 @@ class CowFS(pyfuse3.Operations):
         node = self._node(nodeid)
         if flags & os.O_TRUNC:
             await self.capture.before_content_change(node.ino, node.fd)
-        fd = os.open(libc.proc_path(node.fd), (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
-                     | os.O_CLOEXEC)
+        fd = os.open(libc.proc_path(node.fd), _backing_flags(flags))
         self._opened(fd, node, flags)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 

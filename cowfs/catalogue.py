@@ -17,6 +17,15 @@ from dataclasses import dataclass
 
 FORMAT_VERSION = "1"
 
+# Which commit each exported turn became, per target repository and branch.
+# Stores made before the git export get the table at their first export
+# (Catalogue.ensure_git_exports), so the format version stays 1.
+_GIT_EXPORTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS git_exports (
+    repo BLOB NOT NULL, branch BLOB NOT NULL, turn INTEGER NOT NULL, sha TEXT NOT NULL,
+    PRIMARY KEY (repo, branch, turn)) WITHOUT ROWID;
+"""
+
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE turns (
@@ -50,7 +59,7 @@ CREATE INDEX attrs_by_turn ON attrs (turn);
 CREATE TABLE xattrs (
     ino INTEGER NOT NULL, turn INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (ino, turn, name)) WITHOUT ROWID;
-"""
+""" + _GIT_EXPORTS_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -256,3 +265,37 @@ class Catalogue:
         entries = self.db.execute("SELECT count(*) FROM entries WHERE turn=?", (turn,)).fetchone()[0]
         attrs = self.db.execute("SELECT count(*) FROM attrs WHERE turn=?", (turn,)).fetchone()[0]
         return entries, attrs
+
+    # -- git export -------------------------------------------------------------------
+    def ensure_git_exports(self) -> None:
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='git_exports'").fetchone():
+            self.db.executescript(_GIT_EXPORTS_SCHEMA)
+
+    def entry_changes(self, turn: int) -> list[tuple[int, bytes, int | None]]:
+        """Layer *turn*'s entries: (parent, name, what it held at the end of the turn before)."""
+        return list(self.db.execute("SELECT parent, name, ino FROM entries WHERE turn=?", (turn,)))
+
+    def object_changes(self, turn: int) -> list[tuple[int, int, bool, bytes | None]]:
+        """Layer *turn*'s objects: (ino, mode before, content changed in the turn, path hint)."""
+        return [(ino, mode, bool(changed), path) for ino, mode, changed, path in self.db.execute(
+            "SELECT ino, mode, content IS NOT NULL, path FROM attrs WHERE turn=?", (turn,))]
+
+    def holders_after(self, ino: int, turn: int) -> int:
+        """How many distinct entries held *ino* at the start of some turn after *turn*."""
+        return self.db.execute("SELECT count(*) FROM (SELECT DISTINCT parent, name FROM entries "
+                               "WHERE ino=? AND turn>?)", (ino, turn)).fetchone()[0]
+
+    def exported_turn(self, repo: bytes, branch: bytes, sha: str) -> int | None:
+        row = self.db.execute("SELECT turn FROM git_exports WHERE repo=? AND branch=? AND sha=?",
+                              (repo, branch, sha)).fetchone()
+        return row[0] if row else None
+
+    def record_exports(self, repo: bytes, branch: bytes, commits: list[tuple[int, str]]) -> None:
+        with self.transaction():
+            self.db.executemany("INSERT OR REPLACE INTO git_exports (repo, branch, turn, sha) "
+                                "VALUES (?, ?, ?, ?)", [(repo, branch, t, sha) for t, sha in commits])
+
+    def forget_exports(self, repo: bytes, branch: bytes, after: int = -1) -> None:
+        """Drop the mapping of the turns after *after* (all of them by default)."""
+        self.db.execute("DELETE FROM git_exports WHERE repo=? AND branch=? AND turn>?",
+                        (repo, branch, after))

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="mount even if files changed while cowfs was not mounted")
     p.add_argument("--debug", action="store_true", help="log every request to the daemon log")
+    p.add_argument("--export-git-on-checkpoint", action="store_true",
+                   help="after each checkpoint, export the new turns to the store's git repository "
+                        "in the background (see export-git)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("umount", help="seal pending changes as a turn and unmount",
@@ -80,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the mount, current turn, capture mode and store size")
     _add_c(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("export-git", help="write every sealed turn as a git commit",
+                       description="Write each sealed turn not yet exported as one commit on BRANCH "
+                                   "(tree = the turn's snapshot, message = the turn's message with a "
+                                   "Cowfs-Turn trailer). Default repository: a bare one in the store "
+                                   "(WORKSPACE/.cowfs/git). Git cannot hold empty directories, "
+                                   "FIFOs, sockets, devices or .git directories: they are left out "
+                                   "and counted.")
+    _add_c(p)
+    p.add_argument("--to", metavar="REPO", help="an existing git repository outside the workspace")
+    p.add_argument("--branch", default="cowfs", help="the branch to create or extend (default: cowfs)")
     return parser
 
 
@@ -99,7 +113,8 @@ def cmd_mount(args) -> int:
         raise UsageError(f"{args.at} is not a directory")
     for path in {workspace, mountpoint}:
         _refuse_mounted(path)
-    opts = MountOptions(workspace, mountpoint, args.snapdir == "visible", args.force, args.debug)
+    opts = MountOptions(workspace, mountpoint, args.snapdir == "visible", args.force, args.debug,
+                        args.export_git_on_checkpoint)
     if args.foreground:
         return run(opts, args.ready_fd)
     return _spawn_daemon(args, workspace, mountpoint)
@@ -119,6 +134,7 @@ def _spawn_daemon(args, workspace: str, mountpoint: str) -> int:
             "--snapdir", args.snapdir, "--ready-fd", str(write_end)]
     argv += ["--force"] if args.force else []
     argv += ["--debug"] if args.debug else []
+    argv += ["--export-git-on-checkpoint"] if args.export_git_on_checkpoint else []
     proc = subprocess.Popen(argv, pass_fds=(write_end,), start_new_session=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -270,7 +286,53 @@ def cmd_status(args) -> int:
     print(f"daemon pid:   {s['daemon_pid']}")
     if s.get("drift"):
         print(f"warning:      {s['drift']}")
+    mirror = s.get("git_mirror")
+    if mirror:
+        print("git mirror:   " + (f"error: {mirror['error']}" if "error" in mirror else
+                                   f"turn-{mirror['turn']} -> {mirror['sha'][:7]} ({mirror['repo']})"))
     return 0
+
+
+def cmd_export_git(args) -> int:
+    from .gitexport import TargetError, check_branch, resolve_target
+    mount = control.find_mount(args.cwd)
+    try:
+        check_branch(args.branch)
+        repo = None
+        if args.to is not None:
+            backing = control.request(mount, "status")["backing"]
+            repo = os.fsdecode(resolve_target(args.to, args.branch, [mount.mountpoint, backing]).git_dir)
+    except TargetError as e:
+        raise UsageError(str(e)) from None
+    reply = control.request(mount, "export_git", repo=repo, branch=args.branch)
+    _print_export(reply)
+    return 0
+
+
+def _print_export(reply: dict) -> None:
+    turns, empty, left_out = reply["turns"], [], {}
+    for t in turns:
+        detail = f"{t['written']} written, {t['deleted']} deleted"
+        if t["empty_dirs"]:
+            detail += f", {t['empty_dirs']} empty director{'y' if t['empty_dirs'] == 1 else 'ies'} left out"
+            empty.append(f"turn-{t['turn']}")
+        for kind, count in t["left_out"].items():
+            left_out[kind] = left_out.get(kind, 0) + count
+            detail += f", {count} {kind} left out"
+        print(f"turn-{t['turn']} -> {t['sha'][:7]}  ({detail})")
+    where = f"branch {reply['branch']} of {reply['repo']}"
+    tip = reply["tip"]
+    if not turns:
+        print(f"nothing to export: {where} is at turn-{tip[0]} ({tip[1][:7]})" if tip else
+              f"nothing to export to {where}")
+        return
+    print(f"exported {len(turns)} turn(s) to {where}; tip turn-{tip[0]} ({tip[1][:7]})")
+    if empty:
+        print(f"note: git cannot hold empty directories; left out in {len(empty)} turn(s): "
+              + ", ".join(empty))
+    if left_out:
+        print("note: git cannot hold " + ", ".join(f"{kind} entries ({n})" for kind, n in left_out.items())
+              + ": left out")
 
 
 def _size(n: int) -> str:
@@ -282,7 +344,8 @@ def _size(n: int) -> str:
 
 
 COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "checkpoint": cmd_checkpoint,
-            "rollback": cmd_rollback, "log": cmd_log, "status": cmd_status}
+            "rollback": cmd_rollback, "log": cmd_log, "status": cmd_status,
+            "export-git": cmd_export_git}
 
 
 def main(argv: list[str] | None = None) -> int:

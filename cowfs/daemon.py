@@ -22,6 +22,7 @@ from . import libc
 from .capture import Capture
 from .control import MAX_MESSAGE
 from .fs import SNAPDIR, CowFS
+from .gitexport import DEFAULT_BRANCH, ExportError, ExportRunner, TargetError
 from .rollback import Rollback
 from .store import STORE_NAME, Store, StoreBusy
 
@@ -41,6 +42,7 @@ class MountOptions:
     snapdir_visible: bool = False
     force: bool = False
     debug: bool = False
+    export_git_on_checkpoint: bool = False
 
 
 def find_drift(root_fd: int, since_ns: int, limit: int = 5) -> tuple[int, list[str]]:
@@ -131,6 +133,10 @@ class Daemon:
             pass
         reachable = b"/proc/%d/fd/%d/control.sock" % (os.getpid(), self.store.fd)
         self.fs = CowFS(self.root_fd, self.store, self.capture, reachable, self.opts.snapdir_visible)
+        # This process sees the backing directory by its path (its mount is hidden from it).
+        self.git_export = ExportRunner(
+            self.store, os.fsencode(self.opts.workspace), [self.opts.mountpoint, self.opts.workspace],
+            self.fs.inodes.root_ino, self.fs.view.root_handle)
         options = set(pyfuse3.default_options)
         options |= {"fsname=cowfs", "subtype=cowfs"}
         if os.geteuid() == 0:
@@ -156,8 +162,11 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept_loop, listener, nursery)
             nursery.start_soon(self._heartbeat)
+            if self.opts.export_git_on_checkpoint:
+                nursery.start_soon(self.git_export.keep_mirror)
             task_status.started()
             await pyfuse3.main()
+            self.git_export.stop()
             nursery.cancel_scope.cancel()
         listener.close()
 
@@ -202,7 +211,11 @@ class Daemon:
         handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
         if handler is None:
             raise RequestError(f"unknown request {op!r}")
-        return {"ok": True, **await handler(req)}
+        sealed_before = self.capture.turn
+        reply = {"ok": True, **await handler(req)}
+        if self.opts.export_git_on_checkpoint and self.capture.turn != sealed_before:
+            self.git_export.sealed()    # wakes the mirror task; the reply does not wait for it
+        return reply
 
     # -- control requests ------------------------------------------------------------
     async def _op_status(self, req: dict) -> dict:
@@ -220,6 +233,7 @@ class Daemon:
             "daemon_pid": os.getpid(),
             "snapdir": "visible" if self.opts.snapdir_visible else "hidden",
             "drift": self.store.catalogue.get_meta("drift"),
+            "git_mirror": self.git_export.mirror if self.opts.export_git_on_checkpoint else None,
         }
 
     def _persisted_changes(self) -> int:
@@ -254,6 +268,15 @@ class Daemon:
     async def _op_rollback_done(self, req: dict) -> dict:
         self.fs.refreshing = set()
         return {}
+
+    async def _op_export_git(self, req: dict) -> dict:
+        repo, branch = req.get("repo"), req.get("branch") or DEFAULT_BRANCH
+        if not (repo is None or isinstance(repo, str)) or not isinstance(branch, str):
+            raise RequestError("export_git takes a repository path and a branch name")
+        try:
+            return (await self.git_export.export(repo, branch)).as_dict()
+        except (TargetError, ExportError) as e:
+            raise RequestError(str(e)) from None
 
     async def _op_umount(self, req: dict) -> dict:
         return {"sealed": self._seal_pending("unmount"), "pid": os.getpid()}

@@ -1,0 +1,755 @@
+"""Git export: every sealed turn as one git commit, streamed into `git fast-import`.
+
+Owns how layers become fast-import commands, the checks of a target
+repository, the turn -> commit mapping (kept in the catalogue), and how an
+export runs inside the daemon: one at a time, in a worker thread with its
+own catalogue connection and its own snapshot view, so FUSE requests go on.
+
+Layer k says exactly what changed between turn k-1 and turn k, so a commit
+costs O(what changed in its turn), not O(tree): each changed entry (D, name)
+becomes `D old-path` and `M` lines for whatever the entry holds in turn k
+(the whole subtree of a directory that arrived there: that part is O(subtree)
+by nature); each object whose content or exec bit changed becomes an `M`
+at the path where it was changed. Only the first exported turn of a branch
+is written whole (`deleteall` and a walk of its snapshot).
+
+What git cannot hold is left out and counted: FIFOs, sockets and devices;
+empty directories; anything under a directory named `.git` (git refuses to
+check such paths out, and `git fsck` flags them).
+
+Commits are deterministic (tree, message, dates and parent all come from the
+store), so exporting the same turns again gives the same commits.
+"""
+
+import logging
+import os
+import pwd
+import stat
+import subprocess
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import trio
+
+from . import libc
+from .catalogue import Catalogue
+from .snapshot import SnapObject, SnapshotView
+from .store import STORE_NAME, Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BRANCH = "cowfs"
+DEFAULT_REPO = b"git"                    # inside the store: .cowfs/git
+DEFAULT_KEY = STORE_NAME + b"/" + DEFAULT_REPO   # mapping key: moves with the workspace
+IDENTITY = b"cowfs <cowfs@localhost>"
+TRAILER = "Cowfs-Turn"
+CHUNK = 1 << 20
+
+# What `M` says for each kind of object git can hold.
+MODE_FILE, MODE_EXEC, MODE_LINK = b"100644", b"100755", b"120000"
+OTHER_KINDS = "FIFO/socket/device"
+DOT_GIT = ".git"
+
+
+class TargetError(Exception):
+    """The target repository or branch is not acceptable (bad input); one line."""
+
+
+class ExportError(Exception):
+    """The export failed; nothing was changed in the target repository. One line."""
+
+
+class ExportStopped(ExportError):
+    """The daemon is shutting down; the turns not exported are exported next time."""
+
+
+@dataclass(frozen=True)
+class Target:
+    git_dir: bytes          # absolute, as the process running the export sees it
+    key: bytes              # the repository's key in the turn -> commit mapping
+    branch: str
+    shown: str              # how to name the repository to the user
+
+
+@dataclass
+class TurnExport:
+    turn: int
+    sha: str
+    written: int = 0         # paths whose blob was sent (files and symlinks)
+    deleted: int = 0
+    empty_dirs: int = 0      # empty directories that appeared in this turn
+    left_out: Counter = field(default_factory=Counter)   # kind -> count
+
+
+@dataclass
+class ExportResult:
+    repo: str
+    branch: str
+    turns: list[TurnExport]
+    tip: tuple[int, str] | None      # (turn, sha) of the branch's last commit
+
+    def as_dict(self) -> dict:
+        return {"repo": self.repo, "branch": self.branch, "tip": self.tip,
+                "turns": [{"turn": t.turn, "sha": t.sha, "written": t.written, "deleted": t.deleted,
+                           "empty_dirs": t.empty_dirs, "left_out": dict(t.left_out)}
+                          for t in self.turns]}
+
+
+# -- running git ----------------------------------------------------------------------------
+def _git_env(uid: int | None) -> dict:
+    # The daemon's environment came from whoever mounted: GIT_DIR and friends
+    # there must not redirect the export.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    if uid is not None:
+        try:
+            env["HOME"] = pwd.getpwuid(uid).pw_dir
+        except KeyError:
+            env["HOME"] = "/"
+        env.pop("XDG_CONFIG_HOME", None)
+    return env
+
+
+def _owner(git_dir: bytes) -> int | None:
+    """The uid to run git as: a root daemon writes another user's repository as that user,
+    so the new files belong to them (and git's safe.directory check passes)."""
+    if os.geteuid() != 0:
+        return None
+    uid = os.stat(git_dir).st_uid
+    return uid if uid != 0 else None
+
+
+def _popen_args(git_dir: bytes | None) -> dict:
+    uid = _owner(git_dir) if git_dir is not None else None
+    # cwd "/": the daemon's own cwd may lie under its mount, which it must never enter.
+    args = {"cwd": "/", "env": _git_env(uid)}
+    if uid is not None:
+        args.update(user=uid, group=os.stat(git_dir).st_gid, extra_groups=[])
+    return args
+
+
+def git(git_dir: bytes | None, *argv, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = ["git"] + ([b"--git-dir=" + git_dir] if git_dir is not None else []) + list(argv)
+    result = subprocess.run(cmd, capture_output=True, **_popen_args(git_dir))
+    if check and result.returncode != 0:
+        raise ExportError(f"git {os.fsdecode(argv[0])} failed: {_last_line(result.stderr)}")
+    return result
+
+
+def _last_line_of(file) -> str:
+    file.seek(0)
+    return _last_line(file.read())
+
+
+def _last_line(data: bytes) -> str:
+    lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no message"
+
+
+# -- targets --------------------------------------------------------------------------------
+def check_branch(branch: str) -> None:
+    if not branch or git(None, "check-ref-format", f"refs/heads/{branch}", check=False).returncode:
+        raise TargetError(f"{branch!r} is not a valid branch name")
+
+
+def _inside(path: str, roots: list[str]) -> str | None:
+    for root in roots:
+        root = root.rstrip("/")
+        if path == root or path.startswith(root + "/"):
+            return root
+    return None
+
+
+def resolve_target(repo: str, branch: str, forbidden: list[str]) -> Target:
+    """Check `--to REPO --branch BRANCH`; *forbidden* are the mount and the backing directory.
+
+    Runs in the CLI (for exit code 2) and again in the daemon.
+    """
+    check_branch(branch)
+    real = os.path.realpath(repo)
+    root = _inside(real, forbidden)
+    if root is None and os.path.isdir(real):
+        # A root daemon checks a user's repository; ownership is not the question here.
+        found = subprocess.run(["git", "-c", "safe.directory=*", "-C", real, "rev-parse",
+                                "--absolute-git-dir"], capture_output=True, cwd="/",
+                               env=_git_env(None))
+        if found.returncode == 0:
+            git_dir = os.path.realpath(os.fsdecode(found.stdout.rstrip(b"\n")))
+            root = _inside(git_dir, forbidden)
+            if root is None:
+                _refuse_checked_out(os.fsencode(git_dir), branch, repo)
+                return Target(os.fsencode(git_dir), os.fsencode(git_dir), branch, git_dir)
+    if root is not None:
+        raise TargetError(f"{repo} is inside the cowfs workspace {root}: writing there would "
+                          "bypass cowfs (use a repository outside it)")
+    raise TargetError(f"{repo} is not a git repository")
+
+
+def _refuse_checked_out(git_dir: bytes, branch: str, shown: str) -> None:
+    # Moving a branch that a worktree has checked out would make its files look changed.
+    listing = subprocess.run(["git", "-c", "safe.directory=*", b"--git-dir=" + git_dir,
+                              "worktree", "list", "--porcelain"], capture_output=True, cwd="/",
+                             env=_git_env(None))
+    if f"branch refs/heads/{branch}\n".encode() in listing.stdout + b"\n":
+        raise TargetError(f"branch {branch} is checked out in {shown}; export to another --branch")
+
+
+def default_target(store_path: bytes, branch: str) -> Target:
+    """The bare repository inside the store, created on first use."""
+    check_branch(branch)
+    git_dir = store_path.rstrip(b"/") + b"/" + DEFAULT_REPO
+    if not os.path.isdir(git_dir):
+        git(None, "init", "--quiet", "--bare", git_dir)
+    return Target(git_dir, DEFAULT_KEY, branch, os.fsdecode(git_dir))
+
+
+# -- fast-import syntax ---------------------------------------------------------------------
+_PLAIN = frozenset(range(0x20, 0x7f)) - {ord('"'), ord("\\")}
+
+
+def quote_path(path: bytes) -> bytes:
+    """A C-style quoted path for fast-import; names are bytes and are never decoded."""
+    out = bytearray(b'"')
+    for byte in path:
+        if byte in _PLAIN:
+            out.append(byte)
+        elif byte in (ord('"'), ord("\\")):
+            out += b"\\" + bytes([byte])
+        else:
+            out += b"\\%03o" % byte
+    return bytes(out + b'"')
+
+
+def _mark(turn: int) -> int:
+    return turn + 1       # fast-import marks start at 1
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+def _under_dot_git(path: bytes) -> bool:
+    return any(part.lower() == b".git" for part in path.split(b"/"))
+
+
+def _git_mode(mode: int) -> bytes | None:
+    if stat.S_ISREG(mode):
+        return MODE_EXEC if mode & 0o111 else MODE_FILE
+    if stat.S_ISLNK(mode):
+        return MODE_LINK
+    return None
+
+
+# -- finding things in a turn's snapshot ------------------------------------------------------
+class TurnTrees:
+    """Paths of the snapshots of sealed turns: where a directory is, what a path holds.
+
+    Directories are found by identity (inode) through the layers, so a
+    renamed directory costs one lookup per level, never a scan.
+    """
+
+    def __init__(self, view: SnapshotView, store: Store, root_path: bytes):
+        self.view = view
+        self.catalogue = view.catalogue
+        self.store = store
+        self.root_ino = view.root_ino
+        self.root_prefix = root_path.rstrip(b"/") + b"/"    # as the kernel names our descriptors
+        self.dev = os.fstat(store.fd).st_dev
+        self.objects_ino = os.fstat(store.objects_fd).st_ino
+        self._dirs: dict[int, dict[int, bytes | None]] = {}          # turn -> ino -> path
+        self._lookups: dict[int, dict[bytes, SnapObject | None]] = {}  # turn -> path -> dir
+
+    def forget(self, keep: set[int]) -> None:
+        for cache in (self._dirs, self._lookups):
+            for turn in list(cache):
+                if turn not in keep:
+                    del cache[turn]
+
+    def root(self, turn: int) -> SnapObject:
+        return SnapObject(turn, self.root_ino, self.view.root_handle)
+
+    def dir_path(self, turn: int, ino: int, handle: bytes) -> bytes | None:
+        """Where directory *ino* is in *turn*'s snapshot (b"" for the root); None if not there."""
+        if ino == self.root_ino:
+            return b""
+        known = self._dirs.setdefault(turn, {})
+        if ino in known:
+            return known[ino]
+        known[ino] = None        # until found: stale rows can never make this loop
+        # The live place first, then the layers: a move records its row before
+        # it happens, so if the live place is already the new one, the row is seen.
+        live = self._live_place(ino, handle)
+        place = self.catalogue.location_after(ino, turn)
+        if place is not None:
+            parent, name = place
+            parent_handle = self.catalogue.handle(parent)
+        elif live is not None:
+            parent, parent_handle, name = live
+        else:
+            return None
+        parent_path = self.dir_path(turn, parent, parent_handle)
+        if parent_path is None:
+            return None
+        # location_after assumes the directory was in the tree at the end of
+        # *turn*; if it was not (made later, or detached), the entry says otherwise.
+        try:
+            found, _, _ = self.view.child(turn, SnapObject(turn, parent, parent_handle), name)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if found != ino:
+            return None
+        known[ino] = _join(parent_path, name)
+        return known[ino]
+
+    def _live_place(self, ino: int, handle: bytes) -> tuple[int, bytes, bytes] | None:
+        """(parent ino, parent handle, name) of live directory *ino*; None if not in the tree.
+
+        From the path the kernel keeps for it (a directory's dentry is always
+        connected), walked down from the root. Never up with "..": our
+        descriptors belong to the mount namespace where our own mount sits on
+        the root, and ".." from a child of the root would step into it.
+        """
+        try:
+            fd = self.store.open_object(handle, os.O_PATH | os.O_DIRECTORY)
+            try:
+                path = os.readlink(libc.proc_path(fd))
+            finally:
+                os.close(fd)
+        except OSError:
+            return None
+        if not path.startswith(self.root_prefix):
+            return None
+        parent_path, _, name = path[len(self.root_prefix):].rpartition(b"/")
+        if (parent_path or name).split(b"/")[0] == STORE_NAME:
+            return None       # detached: kept in the store
+        root_fd = self.view.object_fd(self.root_ino, self.view.root_handle)
+        try:
+            parent_fd = os.open(parent_path or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+                                dir_fd=root_fd)
+        except OSError:
+            return None       # moved meanwhile (its row says where it was) or removed for good
+        try:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+            if st.st_ino != ino or st.st_dev != self.dev:
+                return None   # moved meanwhile: the row it left first says where it was
+            return os.fstat(parent_fd).st_ino, libc.handle_of(parent_fd), name
+        except OSError:
+            return None
+        finally:
+            os.close(parent_fd)
+
+    def lookup(self, turn: int, path: bytes) -> tuple[int, bytes, os.stat_result] | None:
+        """(ino, handle, current stat) of what *path* holds in *turn*'s snapshot, if anything."""
+        parent_path, _, name = path.rpartition(b"/")
+        parent = self._lookup_dir(turn, parent_path)
+        if parent is None:
+            return None
+        try:
+            return self.view.child(turn, parent, name)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _lookup_dir(self, turn: int, path: bytes) -> SnapObject | None:
+        if not path:
+            return self.root(turn)
+        known = self._lookups.setdefault(turn, {})
+        if path not in known:
+            found = self.lookup(turn, path)
+            known[path] = (SnapObject(turn, found[0], found[1])
+                           if found is not None and stat.S_ISDIR(found[2].st_mode) else None)
+        return known[path]
+
+    def is_empty(self, turn: int, ino: int, handle: bytes) -> bool:
+        """True if directory *ino* has no entry in *turn*; O(1) unless names were removed since."""
+        changed = self.catalogue.entries_after(ino, turn)
+        if any(held is not None for held in changed.values()):
+            return False
+        fd = self.view.object_fd(ino, handle)
+        with os.scandir(libc.proc_path(fd)) as live:
+            for entry in live:
+                name = os.fsencode(entry.name)
+                if name not in changed and not (ino == self.root_ino and name == STORE_NAME):
+                    return False
+        return True
+
+    def walk(self, turn: int, path: bytes, ino: int, handle: bytes, st: os.stat_result,
+             on_empty, on_dot_git) -> Iterator[tuple[bytes, SnapObject, int]]:
+        """(path, object, mode in *turn*) of every non-directory at or below *path*."""
+        stack = [(path, ino, handle, st)]
+        while stack:
+            path, ino, handle, st = stack.pop()
+            if _under_dot_git(path):
+                on_dot_git(path)
+                continue
+            obj = SnapObject(turn, ino, handle)
+            mode = self.view.attrs(turn, ino, st).mode
+            if not stat.S_ISDIR(mode):
+                yield path, obj, mode
+                continue
+            names = self.view.names(obj)
+            if not names and path:
+                on_empty(path)
+            for name in reversed(names):
+                child_ino, child_handle, child_st = self.view.child(turn, obj, name)
+                stack.append((_join(path, name), child_ino, child_handle, child_st))
+
+
+# -- one turn's changes -----------------------------------------------------------------------
+@dataclass
+class TurnChanges:
+    full: bool
+    deletes: set[bytes] = field(default_factory=set)
+    puts: dict[bytes, tuple[SnapObject, int]] = field(default_factory=dict)   # path -> (obj, mode)
+    empty_dirs: set[bytes] = field(default_factory=set)
+    left_out: Counter = field(default_factory=Counter)
+
+    def put(self, path: bytes, obj: SnapObject, mode: int) -> None:
+        if _git_mode(mode) is None:
+            self.left_out[OTHER_KINDS] += 1
+        else:
+            self.puts[path] = (obj, mode)
+
+    def dot_git(self, path: bytes) -> None:
+        self.left_out[DOT_GIT] += 1
+
+
+class TurnDiff:
+    """What a commit must say for one turn: from layer k (incremental) or a whole walk."""
+
+    def __init__(self, trees: TurnTrees, store: Store):
+        self.trees = trees
+        self.view = trees.view
+        self.catalogue = trees.catalogue
+        self.store = store
+
+    def whole(self, turn: int) -> TurnChanges:
+        changes = TurnChanges(full=True)
+        root = self.trees.root(turn)
+        self._put_tree(changes, turn, b"", root.ino, root.handle, os.stat(
+            self.view.object_fd(root.ino, root.handle)))
+        return changes
+
+    def _put_tree(self, changes: TurnChanges, turn: int, path: bytes, ino: int, handle: bytes,
+                  st: os.stat_result) -> None:
+        for found, obj, mode in self.trees.walk(turn, path, ino, handle, st,
+                                                changes.empty_dirs.add, changes.dot_git):
+            changes.put(found, obj, mode)
+
+    def incremental(self, turn: int) -> TurnChanges:
+        """Turn *turn* against turn - 1, from layer *turn* alone."""
+        changes = TurnChanges(full=False)
+        for parent, name, before in self.catalogue.entry_changes(turn):
+            self._entry(changes, turn, parent, name, before)
+        self._objects(changes, turn)
+        return changes
+
+    def _entry(self, changes: TurnChanges, turn: int, parent: int, name: bytes,
+               before: int | None) -> None:
+        handle = self.catalogue.handle(parent)
+        if before is not None:
+            old_dir = self.trees.dir_path(turn - 1, parent, handle)
+            if old_dir is not None and not _under_dot_git(_join(old_dir, name)):
+                changes.deletes.add(_join(old_dir, name))
+        new_dir = self.trees.dir_path(turn, parent, handle)
+        if new_dir is None:
+            return
+        path = _join(new_dir, name)
+        try:
+            ino, obj_handle, st = self.view.child(turn, SnapObject(turn, parent, handle), name)
+        except FileNotFoundError:
+            if new_dir and self.trees.is_empty(turn, parent, handle):
+                changes.empty_dirs.add(new_dir)
+            return
+        self._put_tree(changes, turn, path, ino, obj_handle, st)
+
+    def _objects(self, changes: TurnChanges, turn: int) -> None:
+        """Files whose content or exec bit changed in place: at their path hint, or, for
+        files that may have other names (hard links), wherever a walk of the turn finds them."""
+        elsewhere: set[int] = set()
+        for ino, mode_before, content_changed, hint in self.catalogue.object_changes(turn):
+            if not stat.S_ISREG(mode_before):
+                continue      # directories, symlinks, FIFOs: nothing git sees changes in place
+            handle = self.catalogue.handle(ino)
+            obj = SnapObject(turn, ino, handle)
+            fd = self.view.object_fd(ino, handle)
+            st = os.stat(fd)
+            mode = self.view.attrs(turn, ino, st).mode
+            if not content_changed and _git_mode(mode) == _git_mode(mode_before):
+                continue      # owner, mtime, xattrs, other mode bits: invisible to git
+            if self._may_have_other_names(ino, turn, st):
+                elsewhere.add(ino)
+            elif hint is not None:
+                found = self.trees.lookup(turn, hint)
+                # Not at its hint at the end of the turn: it (or a directory above
+                # it) moved after the change, and those entry changes put it.
+                if found is not None and found[0] == ino and not _under_dot_git(hint):
+                    changes.put(hint, obj, mode)
+            else:
+                elsewhere.add(ino)   # no hint recorded: look for it
+        if elsewhere:
+            self._find_and_put(changes, turn, elsewhere)
+
+    def _may_have_other_names(self, ino: int, turn: int, st: os.stat_result) -> bool:
+        # A file changed in place through one name changed under all its names,
+        # and the hint knows one. Its names at the end of *turn* are at most its
+        # names now (the store's name aside) plus the entries that held it since
+        # (each name it lost since left such a row). The stat comes first: a
+        # name removed after it was read has left its row by the time of the query.
+        now = st.st_nlink - (1 if self.store.kept(ino) else 0)
+        return now + self.catalogue.holders_after(ino, turn) > 1
+
+    def _find_and_put(self, changes: TurnChanges, turn: int, inos: set[int]) -> None:
+        # The fallback for hard links and missing hints: one walk of the turn's
+        # tree, names and stats only (contents are read for the found ones alone).
+        root = self.trees.root(turn)
+        st = os.stat(self.view.object_fd(root.ino, root.handle))
+        for path, obj, mode in self.trees.walk(turn, b"", root.ino, root.handle, st,
+                                               lambda path: None, lambda path: None):
+            if obj.ino in inos:
+                changes.put(path, obj, mode)
+
+
+# -- the export -------------------------------------------------------------------------------
+class Exporter:
+    """One export run: every sealed turn not yet on the branch, into one fast-import process."""
+
+    def __init__(self, store: Store, catalogue: Catalogue, view: SnapshotView, root_path: bytes,
+                 stop: threading.Event | None = None):
+        self.store = store
+        self.catalogue = catalogue
+        self.view = view
+        self.trees = TurnTrees(view, store, root_path)
+        self.diff = TurnDiff(self.trees, store)
+        self.stop = stop or threading.Event()
+
+    def run(self, target: Target) -> ExportResult:
+        self.catalogue.ensure_git_exports()
+        key, branch = target.key, os.fsencode(target.branch)
+        last = self._last_exported(target)
+        turns = {t.number: t for t in self.catalogue.turns() if t.sealed is not None}
+        todo = [n for n in sorted(turns) if last is None or n > last[0]]
+        result = ExportResult(target.shown, target.branch, [], last)
+        if not todo:
+            return result
+        errors = tempfile.TemporaryFile()
+        proc = subprocess.Popen(
+            ["git", b"--git-dir=" + target.git_dir, "fast-import", "--quiet", "--date-format=raw",
+             "--done"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+            **_popen_args(target.git_dir))
+        recorded = False
+        try:
+            parent = last
+            parent_ref = last[1].encode() if last else None   # later: marks, within this stream
+            for n in todo:
+                full = parent is None or parent[0] != n - 1
+                changes = self.diff.whole(n) if full else self.diff.incremental(n)
+                sha = self._commit(proc, errors, target, turns[n], changes, parent_ref)
+                parent_ref = b":%d" % _mark(n)
+                result.turns.append(TurnExport(n, sha, len(changes.puts), len(changes.deletes),
+                                               len(changes.empty_dirs), changes.left_out))
+                parent = (n, sha)
+                self.trees.forget(keep={n})
+            # The mapping is written before git moves the branch: if we die in
+            # between, the branch is behind the mapping, and the next run drops
+            # the rows after the branch's tip and exports those turns again.
+            self.catalogue.record_exports(key, branch, [(t.turn, t.sha) for t in result.turns])
+            recorded = True
+            proc.stdin.write(b"done\n")
+            proc.stdin.close()
+            if proc.wait() != 0:
+                raise ExportError(f"git fast-import failed: {_last_line_of(errors)}")
+        except BaseException:
+            # With --done, git writes nothing (no branch move) for an unfinished stream.
+            proc.kill()
+            proc.wait()
+            if recorded:
+                self.catalogue.forget_exports(key, branch, after=last[0] if last else -1)
+            raise
+        finally:
+            proc.stdout.close()
+            errors.close()
+        result.tip = parent
+        return result
+
+    def _last_exported(self, target: Target) -> tuple[int, str] | None:
+        """(turn, sha) at the branch's tip, None for a new branch; refuses a branch moved by others."""
+        key, branch = target.key, os.fsencode(target.branch)
+        found = git(target.git_dir, "rev-parse", "--verify", "--quiet",
+                    f"refs/heads/{target.branch}^{{commit}}", check=False)
+        if found.returncode != 0:
+            # No such branch (never made, or deleted since): export from the
+            # start. Commits are deterministic, so the same turns give the same commits.
+            self.catalogue.forget_exports(key, branch)
+            return None
+        tip = found.stdout.decode().strip()
+        turn = self.catalogue.exported_turn(key, branch, tip)
+        if turn is None:
+            raise ExportError(
+                f"branch {target.branch} of {target.shown} is at {tip[:7]}, which is not a commit "
+                f"exported from this workspace (moved by someone else?); refusing to rewrite it: "
+                f"export to another --branch")
+        self.catalogue.forget_exports(key, branch, after=turn)
+        return turn, tip
+
+    # -- writing one commit --------------------------------------------------------------------
+    def _commit(self, proc, errors, target: Target, turn, changes: TurnChanges,
+                parent_ref: bytes | None) -> str:
+        out = proc.stdin
+        mark = _mark(turn.number)
+        when = b"%d +0000" % int(turn.sealed)
+        message = (turn.message or f"turn {turn.number}").rstrip("\n")
+        message = f"{message}\n\n{TRAILER}: {turn.number}\n".encode()
+        out.write(b"commit refs/heads/%s\nmark :%d\n" % (os.fsencode(target.branch), mark))
+        out.write(b"author %s %s\ncommitter %s %s\n" % (IDENTITY, when, IDENTITY, when))
+        out.write(b"data %d\n%s" % (len(message), message))
+        if parent_ref is not None:
+            out.write(b"from %s\n" % parent_ref)
+        if changes.full:
+            out.write(b"deleteall\n")
+        # Deletions first: a path deleted and then filled again in the same turn
+        # must end up filled.
+        for path in sorted(changes.deletes):
+            out.write(b"D %s\n" % quote_path(path))
+        for path in sorted(changes.puts):
+            if self.stop.is_set():
+                raise ExportStopped("the export was stopped (the daemon is shutting down)")
+            obj, mode = changes.puts[path]
+            self._put(out, path, obj, mode)
+        out.write(b"\nget-mark :%d\n" % mark)
+        out.flush()
+        sha = proc.stdout.readline().decode().strip()
+        if len(sha) < 40:
+            proc.wait()
+            raise ExportError(f"git fast-import failed: {_last_line_of(errors)}")
+        return sha
+
+    def _put(self, out, path: bytes, obj: SnapObject, mode: int) -> None:
+        git_mode = _git_mode(mode)
+        if git_mode == MODE_LINK:
+            target = self.view.readlink(obj)
+            out.write(b"M %s inline %s\ndata %d\n%s\n" % (git_mode, quote_path(path), len(target),
+                                                          target))
+            return
+        fd = self._stable_content(obj)
+        try:
+            size = os.fstat(fd).st_size
+            out.write(b"M %s inline %s\ndata %d\n" % (git_mode, quote_path(path), size))
+            offset = 0
+            while offset < size:
+                chunk = os.pread(fd, min(CHUNK, size - offset), offset)
+                if not chunk:
+                    raise ExportError(f"{os.fsdecode(path)} shrank while it was exported")
+                out.write(chunk)
+                offset += len(chunk)
+            out.write(b"\n")
+        finally:
+            os.close(fd)
+
+    def _stable_content(self, obj: SnapObject) -> int:
+        """A descriptor of *obj*'s content in its turn that nothing can change while it is read.
+
+        A pre-image never changes. The live file can (the workspace goes on),
+        so it is cloned (or copied) first, and the clone is used only if no
+        pre-image appeared meanwhile: every change records its pre-image first.
+        """
+        while True:
+            fd, is_copy = self.view.content_source(obj)
+            if is_copy:
+                return fd
+            try:
+                tmp = self._clone(fd)
+            finally:
+                os.close(fd)
+            if self.view.preimage_name(obj) is None:
+                return tmp
+            os.close(tmp)
+
+    def _clone(self, fd: int) -> int:
+        """An unnamed file in the store with *fd*'s content: a reflink where possible."""
+        tmp = os.open(self.store.path, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                libc.clone(fd, tmp)
+            except OSError:
+                libc.copy(fd, tmp)
+        except BaseException:
+            os.close(tmp)
+            raise
+        return tmp
+
+
+def export_in_thread(store: Store, root_path: bytes, root_ino: int, root_handle: bytes,
+                     target: Target, stop: threading.Event | None = None) -> ExportResult:
+    """Run one export with a catalogue connection and a snapshot view of its own.
+
+    The daemon's connection and descriptor cache belong to its trio thread;
+    sharing them across threads would interleave their statements.
+    """
+    catalogue = Catalogue(os.fsdecode(store.path + b"/catalogue.db"))
+    view = SnapshotView(store, root_ino, root_handle)
+    view.catalogue = catalogue
+    try:
+        return Exporter(store, catalogue, view, root_path, stop).run(target)
+    finally:
+        view.close()
+        catalogue.close()
+
+
+class ExportRunner:
+    """Exports inside the daemon: one at a time, each in a worker thread, and the mirror
+    kept after each seal (`--export-git-on-checkpoint`) off the checkpoint's path."""
+
+    def __init__(self, store: Store, root_path: bytes, forbidden: list[str], root_ino: int,
+                 root_handle: bytes):
+        self.store = store
+        self.root_path = root_path        # the backing directory, as this process sees it
+        self.store_dir = root_path.rstrip(b"/") + b"/" + STORE_NAME   # for git: it cannot use our fds
+        self.forbidden = forbidden        # the mount point and the backing directory
+        self.root_ino = root_ino
+        self.root_handle = root_handle
+        self.mirror: dict | None = None   # the last background export, for `cowfs status`
+        self._lock = trio.Lock()
+        self._wanted = trio.Event()
+        self._stop = threading.Event()
+
+    async def export(self, repo: str | None, branch: str) -> ExportResult:
+        async with self._lock:
+            return await trio.to_thread.run_sync(self._export, repo, branch)
+
+    def _export(self, repo: str | None, branch: str) -> ExportResult:
+        if self._stop.is_set():
+            raise ExportStopped("the daemon is shutting down")
+        target = (default_target(self.store_dir, branch) if repo is None
+                  else resolve_target(repo, branch, self.forbidden))
+        return export_in_thread(self.store, self.root_path, self.root_ino, self.root_handle, target,
+                                self._stop)
+
+    def sealed(self) -> None:
+        """A turn was sealed: wake the mirror task (never waits; several seals make one export)."""
+        self._wanted.set()
+
+    async def keep_mirror(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted = trio.Event()
+            try:
+                result = await self.export(None, DEFAULT_BRANCH)
+            except ExportStopped:
+                return
+            except (ExportError, TargetError, OSError) as e:
+                log.warning("git export after checkpoint failed: %s", e)
+                self.mirror = {"error": str(e)}
+                continue
+            except Exception as e:
+                # A bug here must not take the mount down with it.
+                log.exception("git export after checkpoint failed")
+                self.mirror = {"error": f"internal error: {e}"}
+                continue
+            if result.tip is not None:
+                self.mirror = {"turn": result.tip[0], "sha": result.tip[1], "repo": result.repo}
+
+    def stop(self) -> None:
+        """Make a running export give up at its next file (the mount is going away)."""
+        self._stop.set()

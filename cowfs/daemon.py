@@ -11,7 +11,9 @@ import errno
 import json
 import logging
 import os
+import resource
 import stat
+import sys
 import time
 from dataclasses import dataclass
 
@@ -145,7 +147,7 @@ class Daemon:
             pyfuse3.init(self.fs, self.opts.mountpoint, options)
         except RuntimeError as e:
             raise MountError(f"cannot mount on {self.opts.mountpoint}: {e}") from None
-        libc.hide_mount_from_self(self.opts.mountpoint)
+        libc.hide_mount_from_self(self.opts.mountpoint, _paths_the_daemon_needs(self.opts.workspace))
         self.store.catalogue.set_meta("alive_at", str(time.time_ns()))
         log.info("mounted %s on %s (turn %d, capture mode %s)", self.opts.workspace,
                  self.opts.mountpoint, self.capture.turn, self.capture.mode)
@@ -360,9 +362,27 @@ def _invalidate_inodes(nodeids: list[int]) -> None:
                 log.warning("invalidate_inode(%d): %s", nodeid, e)
 
 
+def _paths_the_daemon_needs(workspace: str) -> list[str]:
+    """What must stay reachable by path in the daemon's own mount namespace."""
+    return [workspace, "/proc", sys.prefix, sys.base_prefix, sys.exec_prefix,
+            *(p for p in sys.path if p)]
+
+
+def _raise_fd_limit() -> None:
+    """Every inode the kernel knows holds one O_PATH descriptor: allow as many as the system does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            wanted = int(f.read())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+    except (OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(opts: MountOptions, ready_fd: int | None) -> int:
     """Mount and serve until unmounted. Reports start-up success or failure on *ready_fd*."""
     os.umask(0)
+    _raise_fd_limit()
     daemon = Daemon(opts)
     try:
         daemon.prepare()

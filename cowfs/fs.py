@@ -425,7 +425,10 @@ class CowFS(pyfuse3.Operations):
         if nodeid >= VIRTUAL_BASE:
             return self._snap_open(nodeid, flags)
         node = self._node(nodeid)
-        if flags & os.O_TRUNC:
+        if flags & (_WRITE_FLAGS | os.O_TRUNC) and not self.capture.content_captured(node.ino):
+            # Captured at open, not at the first write: with the writeback cache a
+            # write() only fills the page cache, so a capture that fails (ENOSPC)
+            # must fail here, where the caller sees it, not at a later flush.
             await self.capture.before_content_change(node.ino, node.fd)
         fd = os.open(libc.proc_path(node.fd), _backing_flags(flags))
         self._opened(fd, node, flags)

@@ -134,14 +134,27 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
-def hide_mount_from_self(mountpoint: str) -> None:
+def hide_mount_from_self(mountpoint: str, keep: list[str]) -> None:
     """Move this process into a private copy of its mount namespace without *mountpoint*.
 
     Other processes keep seeing the mount; this one sees the directory
     underneath again, so nothing it opens by path (SQLite re-opens its
     directory and journal files by name) can re-enter its own mount and
-    deadlock. Must be called while the process has a single thread.
+    deadlock. Every other mount not on the way to a path in *keep* is dropped
+    from the copy too: a copy would keep it alive (another workspace's FUSE
+    session, a loop device) after it is unmounted everywhere else.
+    Must be called while the process has a single thread.
     """
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount(MS_PRIVATE)")
     _check(_libc.umount2(os.fsencode(mountpoint), MNT_DETACH), "umount2")
+    needed = [os.path.join(os.path.realpath(p), "") for p in keep]
+    for point in sorted(set(_mountpoints()), key=len, reverse=True):
+        if not any(path.startswith(os.path.join(point, "")) for path in needed):
+            _libc.umount2(os.fsencode(point), MNT_DETACH)   # gone already with a parent: fine
+
+
+def _mountpoints() -> list[str]:
+    with open("/proc/self/mountinfo", "rb") as f:
+        return [os.fsdecode(line.split()[4].decode("unicode_escape").encode("latin-1"))
+                for line in f]

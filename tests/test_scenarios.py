@@ -493,3 +493,59 @@ def test_long_capture_does_not_freeze_the_mount(workspace):
     finished["probes"] = time.monotonic()
     t.join()
     assert finished["probes"] < finished["edit"], "other requests waited for the capture"
+
+
+@pytest.fixture
+def tiny_ext4(tmp_path_factory):
+    """A 64 MiB ext4 image, loop-mounted: small enough to fill."""
+    base = tmp_path_factory.mktemp("tiny")
+    img, mnt = base / "img", base / "mnt"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", "64M", img], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", img], check=True)
+    subprocess.run(["mount", "-o", "loop", img, mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", mnt], check=False)
+
+
+def fill_disk(path) -> None:
+    """Fill the filesystem of *path* (a file outside the workspace) until ENOSPC."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def test_disk_full_during_capture_fails_the_write_and_leaves_no_gap(tiny_ext4):
+    """ext4 cannot clone: capturing a 16 MiB file needs 16 MiB free.
+
+    The capture happens when the file is opened for writing, so that is
+    where ENOSPC surfaces (with the writeback cache a write() only fills the
+    page cache). Nothing changes without its pre-image.
+    """
+    from conftest import Workspace
+    ws = Workspace(tiny_ext4 / "ws")
+    data = os.urandom(16 << 20)
+    write(ws.path / "big", data)
+    try:
+        ws.mount()
+        fill_disk(tiny_ext4 / "filler")
+        with pytest.raises(OSError) as e:
+            with open(ws.path / "big", "r+b") as f:
+                f.write(b"changed")
+        assert e.value.errno == errno.ENOSPC
+        assert read(ws.path / "big") == data
+        os.unlink(tiny_ext4 / "filler")
+        with open(ws.path / "big", "r+b") as f:
+            f.write(b"changed")
+        checkpoint(ws)
+        assert read(ws.snapshots / "turn-0" / "big") == data
+        assert read(ws.snapshots / "turn-1" / "big") == b"changed" + data[7:]
+        status = ws.cli("status").stdout
+        assert "capture mode: copy" in status
+    finally:
+        ws.cleanup()

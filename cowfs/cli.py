@@ -9,7 +9,6 @@ and returns once the mount is live.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -129,6 +128,7 @@ def _refuse_mounted(path: str) -> None:
 
 
 def _spawn_daemon(args, workspace: str, mountpoint: str) -> int:
+    import subprocess
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "cowfs", "mount", workspace, "--at", mountpoint, "--foreground",
             "--snapdir", args.snapdir, "--ready-fd", str(write_end)]
@@ -150,7 +150,7 @@ def _spawn_daemon(args, workspace: str, mountpoint: str) -> int:
                  f"see {workspace}/.cowfs/daemon.log")
 
 
-def _read_ready(fd: int, proc: subprocess.Popen) -> str:
+def _read_ready(fd: int, proc) -> str:
     deadline = time.monotonic() + READY_TIMEOUT
     data = b""
     with os.fdopen(fd, "rb", buffering=0) as f:
@@ -187,6 +187,7 @@ def cmd_umount(args) -> int:
     mount = control.find_mount(args.path or args.cwd)
     _syncfs(mount)
     reply = control.request(mount, "umount")
+    import subprocess
     result = subprocess.run(["fusermount3", "-u", mount.mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown"

@@ -10,7 +10,7 @@ socket itself lives in the store, mode 0600.
 import json
 import os
 import socket
-from dataclasses import dataclass
+from typing import NamedTuple
 
 FSTYPE = "fuse.cowfs"
 CONTROL_XATTR = "user.cowfs.control"
@@ -21,8 +21,7 @@ class ControlError(Exception):
     """A request failed; the message is meant for the user."""
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(NamedTuple):
     mountpoint: str
     source: str
 

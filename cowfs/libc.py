@@ -6,11 +6,11 @@ and copy_file_range. Every wrapper raises OSError with the real errno.
 """
 
 import ctypes
-import ctypes.util
 import fcntl
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The C library the interpreter already has loaded (find_library would run ldconfig).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from . import __version__, control, libc
+from . import __version__, control
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -185,7 +185,7 @@ def _warn_stale_cwds(mountpoint: str, daemon_pid: int) -> None:
 
 def cmd_umount(args) -> int:
     mount = control.find_mount(args.path or args.cwd)
-    _syncfs(mount)
+    control.syncfs(mount)
     reply = control.request(mount, "umount")
     import subprocess
     result = subprocess.run(["fusermount3", "-u", mount.mountpoint], capture_output=True, text=True)
@@ -212,25 +212,14 @@ def _wait_exit(pid: int) -> None:
 
 
 # -- commands that talk to the daemon ---------------------------------------------------------
-def _syncfs(mount: control.Mount) -> None:
-    """Make the kernel hand every dirty page of the mount to the daemon before it seals."""
-    fd = os.open(mount.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        libc.syncfs(fd)
-    finally:
-        os.close(fd)
-
-
 def cmd_checkpoint(args) -> int:
-    mount = control.find_mount(args.cwd)
-    _syncfs(mount)
-    print(f"turn-{control.request(mount, 'checkpoint', message=args.message)['turn']}")
+    print(f"turn-{control.checkpoint(args.cwd, args.message)}")
     return 0
 
 
 def cmd_rollback(args) -> int:
     mount = control.find_mount(args.cwd)
-    _syncfs(mount)
+    control.syncfs(mount)
     reply = control.request(mount, "rollback", turn=args.turn, pid=os.getpid())
     _refresh_kernel_view(mount, reply.get("refresh", []))
     if reply.get("sealed_pending") is not None:

@@ -53,6 +53,34 @@ class Cowfs:
             raise CowfsError(f"error: {detail}")
         return elapsed, cp.stdout.decode(errors="replace")
 
+    @contextlib.contextmanager
+    def checkpoint_client(self, ws):
+        """A long-lived Python process that checkpoints *ws* on request, the way a
+        harness embedding cowfs would (no interpreter start per checkpoint)."""
+        code = ("import sys, time\n"
+                "from cowfs import control\n"
+                "for line in sys.stdin:\n"
+                "    t0 = time.perf_counter()\n"
+                "    control.checkpoint(sys.argv[1], 'bench (in-process client)')\n"
+                "    print((time.perf_counter() - t0) * 1000.0, flush=True)\n")
+        proc = subprocess.Popen([self.argv0[0], "-c", code, str(ws)], env=self.env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+        class Client:
+            @staticmethod
+            def checkpoint():
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                if not line:
+                    raise CowfsError("error: the checkpoint client died")
+                return float(line)
+        try:
+            yield Client
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+
     # ---------------------------------------------------------------- commands
 
     def mount(self, ws):
@@ -125,10 +153,13 @@ class Cowfs:
     def ensure_unmounted(self, ws):
         pid = self.daemon_pids.pop(str(ws), None)
         if is_fuse_mounted(ws):
+            t0 = time.monotonic()
             try:
                 self.umount(ws)
             except CowfsError as e:
                 warn(f"cowfs umount {ws}: {e}; unmounting it directly")
+            if time.monotonic() - t0 > 2:
+                warn(f"cowfs umount {ws} took {time.monotonic() - t0:.1f} s")
         if is_fuse_mounted(ws):
             force_unmount(ws)
         if pid:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .results import fmt_number, fmt_ratio, fmt_value
 
-HEADER = ["measurement", "cowfs", "baseline", "ratio (cowfs vs baseline)", "target", "result"]
+HEADER = ["measurement", "cowfs", "baseline", "cowfs vs baseline", "target", "result"]
 
 
 def machine_info(workdir):
@@ -61,8 +61,9 @@ def cells(row, width=None):
     several = len(row.baselines) > 1
     baselines = "; ".join(value(b) if b.label == "native" else f"{b.label} {value(b)}"
                           for b in row.baselines) or "—"
-    ratios = "; ".join((f"{b.label}: " if several else "") + fmt_ratio(row.ratio(b))
-                       for b in row.baselines if row.ratio(b) is not None) or "—"
+    ratios = row.ratio_note or "; ".join(
+        (f"{b.label}: " if several else "") + fmt_ratio(row.ratio(b))
+        for b in row.baselines if row.ratio(b) is not None) or "—"
     return [row.title, value(row.cowfs), baselines, ratios, row.target, row.verdict]
 
 

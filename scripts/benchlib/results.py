@@ -49,6 +49,7 @@ class Row:
     target: str = ""
     verdict: str = "-"              # PASS, FAIL, ERROR, SKIP, -
     notes: dict = field(default_factory=dict)
+    ratio_note: str = None          # replaces the ratio cell when the target is not a ratio
 
     def ratio(self, baseline):
         if self.cowfs.ok and baseline.ok and baseline.median > 0:
@@ -71,6 +72,7 @@ class Row:
             "verdict": self.verdict, "cowfs": self.cowfs.to_json(),
             "baselines": [b.to_json() for b in self.baselines],
             "ratios": {b.label: self.ratio(b) for b in self.baselines},
+            "ratio_note": self.ratio_note,
             "notes": self.notes,
         }
 

@@ -280,10 +280,10 @@ class Catalogue:
         return [(ino, mode, bool(changed), path) for ino, mode, changed, path in self.db.execute(
             "SELECT ino, mode, content IS NOT NULL, path FROM attrs WHERE turn=?", (turn,))]
 
-    def holders_after(self, ino: int, turn: int) -> int:
-        """How many distinct entries held *ino* at the start of some turn after *turn*."""
-        return self.db.execute("SELECT count(*) FROM (SELECT DISTINCT parent, name FROM entries "
-                               "WHERE ino=? AND turn>?)", (ino, turn)).fetchone()[0]
+    def holders_after(self, ino: int, turn: int) -> list[tuple[int, bytes]]:
+        """The entries (parent, name) that held *ino* at the start of some turn after *turn*."""
+        return list(self.db.execute("SELECT DISTINCT parent, name FROM entries WHERE ino=? AND turn>?",
+                                    (ino, turn)))
 
     def exported_turn(self, repo: bytes, branch: bytes, sha: str) -> int | None:
         row = self.db.execute("SELECT turn FROM git_exports WHERE repo=? AND branch=? AND sha=?",

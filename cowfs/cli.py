@@ -291,10 +291,11 @@ def cmd_export_git(args) -> int:
         repo = None
         if args.to is not None:
             backing = control.request(mount, "status")["backing"]
-            repo = os.fsdecode(resolve_target(args.to, args.branch, [mount.mountpoint, backing]).git_dir)
+            repo = resolve_target(args.to, args.branch, [mount.mountpoint, backing])
     except TargetError as e:
         raise UsageError(str(e)) from None
-    reply = control.request(mount, "export_git", repo=repo, branch=args.branch)
+    # The daemon reaches REPO through this process's mount namespace (its own lacks most mounts).
+    reply = control.request(mount, "export_git", repo=repo, branch=args.branch, pid=os.getpid())
     _print_export(reply)
     return 0
 

@@ -272,11 +272,12 @@ class Daemon:
         return {}
 
     async def _op_export_git(self, req: dict) -> dict:
-        repo, branch = req.get("repo"), req.get("branch") or DEFAULT_BRANCH
-        if not (repo is None or isinstance(repo, str)) or not isinstance(branch, str):
-            raise RequestError("export_git takes a repository path and a branch name")
+        repo, branch, pid = req.get("repo"), req.get("branch") or DEFAULT_BRANCH, req.get("pid")
+        if not (repo is None or isinstance(repo, str) and isinstance(pid, int)) or \
+                not isinstance(branch, str):
+            raise RequestError("export_git takes a repository path (with the caller's pid) and a branch")
         try:
-            return (await self.git_export.export(repo, branch)).as_dict()
+            return (await self.git_export.export(repo, branch, pid)).as_dict()
         except (TargetError, ExportError) as e:
             raise RequestError(str(e)) from None
 
@@ -365,7 +366,8 @@ def _invalidate_inodes(nodeids: list[int]) -> None:
 def _paths_the_daemon_needs(workspace: str) -> list[str]:
     """What must stay reachable by path in the daemon's own mount namespace."""
     return [workspace, "/proc", sys.prefix, sys.base_prefix, sys.exec_prefix,
-            *(p for p in sys.path if p)]
+            *(p for p in sys.path if p),
+            "/dev/null"]    # git (the git export) cannot start without it
 
 
 def _raise_fd_limit() -> None:

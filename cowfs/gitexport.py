@@ -26,7 +26,6 @@ import os
 import pwd
 import stat
 import subprocess
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -68,10 +67,12 @@ class ExportStopped(ExportError):
 
 @dataclass(frozen=True)
 class Target:
-    git_dir: bytes          # absolute, as the process running the export sees it
+    git_dir: bytes          # absolute, in the mount namespace git runs in
     key: bytes              # the repository's key in the turn -> commit mapping
     branch: str
     shown: str              # how to name the repository to the user
+    namespace: int | None = None         # descriptor of that namespace; None: this process's
+    owner: tuple[int, int] | None = None  # (uid, gid) to run git as; None: as ourselves
 
 
 @dataclass
@@ -112,29 +113,34 @@ def _git_env(uid: int | None) -> dict:
     return env
 
 
-def _owner(git_dir: bytes) -> int | None:
-    """The uid to run git as: a root daemon writes another user's repository as that user,
-    so the new files belong to them (and git's safe.directory check passes)."""
-    if os.geteuid() != 0:
-        return None
-    uid = os.stat(git_dir).st_uid
-    return uid if uid != 0 else None
+def git_command(target: Target | None, *args) -> tuple[list, dict]:
+    """argv and Popen arguments running `git ARGS` on *target* (no target: no repository).
+
+    A repository named with `--to` is reached in the mount namespace of the
+    CLI that named it (the daemon's own keeps only the mounts it needs), and
+    written as its owner, so that the new files belong to them and git's
+    safe.directory check passes. cwd "/": the daemon's own cwd may lie under
+    its mount, which it must never enter.
+    """
+    argv = ["git"] + ([b"--git-dir=" + target.git_dir] if target is not None else []) + list(args)
+    owner = target.owner if target is not None else None
+    # umask: the daemon's is 0 (it creates files for others); git's files get git's usual modes.
+    kwargs = {"cwd": "/", "env": _git_env(owner[0] if owner else None), "umask": 0o022}
+    if target is not None and target.namespace is not None:
+        prefix = ["nsenter", f"--mount=/proc/self/fd/{target.namespace}"]
+        if owner:
+            prefix += ["-S", str(owner[0]), "-G", str(owner[1])]
+        return prefix + ["--"] + argv, {**kwargs, "pass_fds": (target.namespace,)}
+    if owner:
+        kwargs.update(user=owner[0], group=owner[1], extra_groups=[])
+    return argv, kwargs
 
 
-def _popen_args(git_dir: bytes | None) -> dict:
-    uid = _owner(git_dir) if git_dir is not None else None
-    # cwd "/": the daemon's own cwd may lie under its mount, which it must never enter.
-    args = {"cwd": "/", "env": _git_env(uid)}
-    if uid is not None:
-        args.update(user=uid, group=os.stat(git_dir).st_gid, extra_groups=[])
-    return args
-
-
-def git(git_dir: bytes | None, *argv, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = ["git"] + ([b"--git-dir=" + git_dir] if git_dir is not None else []) + list(argv)
-    result = subprocess.run(cmd, capture_output=True, **_popen_args(git_dir))
+def git(target: Target | None, *args, check: bool = True) -> subprocess.CompletedProcess:
+    argv, kwargs = git_command(target, *args)
+    result = subprocess.run(argv, capture_output=True, **kwargs)
     if check and result.returncode != 0:
-        raise ExportError(f"git {os.fsdecode(argv[0])} failed: {_last_line(result.stderr)}")
+        raise ExportError(f"git {os.fsdecode(args[0])} failed: {_last_line(result.stderr)}")
     return result
 
 
@@ -150,7 +156,7 @@ def _last_line(data: bytes) -> str:
 
 # -- targets --------------------------------------------------------------------------------
 def check_branch(branch: str) -> None:
-    if not branch or git(None, "check-ref-format", f"refs/heads/{branch}", check=False).returncode:
+    if not branch or git(None, "check-ref-format", "--branch", branch, check=False).returncode:
         raise TargetError(f"{branch!r} is not a valid branch name")
 
 
@@ -162,38 +168,64 @@ def _inside(path: str, roots: list[str]) -> str | None:
     return None
 
 
-def resolve_target(repo: str, branch: str, forbidden: list[str]) -> Target:
-    """Check `--to REPO --branch BRANCH`; *forbidden* are the mount and the backing directory.
+def resolve_target(repo: str, branch: str, forbidden: list[str]) -> str:
+    """Check `--to REPO --branch BRANCH` where the user named them; the git directory's real path.
 
-    Runs in the CLI (for exit code 2) and again in the daemon.
+    *forbidden* are the mount point and the backing directory. Runs in the CLI
+    (bad input: exit code 2); the daemon checks again (named_target).
     """
     check_branch(branch)
     real = os.path.realpath(repo)
     root = _inside(real, forbidden)
     if root is None and os.path.isdir(real):
-        # A root daemon checks a user's repository; ownership is not the question here.
-        found = subprocess.run(["git", "-c", "safe.directory=*", "-C", real, "rev-parse",
-                                "--absolute-git-dir"], capture_output=True, cwd="/",
-                               env=_git_env(None))
+        # A root CLI asks about a user's repository: ownership is not the question here.
+        found = git(None, "-c", "safe.directory=*", "-C", real, "rev-parse", "--absolute-git-dir",
+                    check=False)
         if found.returncode == 0:
             git_dir = os.path.realpath(os.fsdecode(found.stdout.rstrip(b"\n")))
             root = _inside(git_dir, forbidden)
             if root is None:
-                _refuse_checked_out(os.fsencode(git_dir), branch, repo)
-                return Target(os.fsencode(git_dir), os.fsencode(git_dir), branch, git_dir)
+                _refuse_checked_out(Target(os.fsencode(git_dir), b"", branch, repo))
+                return git_dir
     if root is not None:
         raise TargetError(f"{repo} is inside the cowfs workspace {root}: writing there would "
                           "bypass cowfs (use a repository outside it)")
     raise TargetError(f"{repo} is not a git repository")
 
 
-def _refuse_checked_out(git_dir: bytes, branch: str, shown: str) -> None:
+def named_target(git_dir: str, branch: str, forbidden: list[str], pid: int) -> Target:
+    """The daemon's side of `--to`: *git_dir* as resolved by the CLI of process *pid*.
+
+    The caller closes Target.namespace.
+    """
+    check_branch(branch)
+    root = _inside(git_dir, forbidden)
+    if root is not None:
+        raise TargetError(f"{git_dir} is inside the cowfs workspace {root}: writing there would "
+                          "bypass cowfs (use a repository outside it)")
+    try:
+        namespace = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        st = os.stat(f"/proc/{pid}/root{git_dir}")
+    except OSError as e:
+        raise TargetError(f"cannot reach {git_dir} from the cowfs daemon: {e.strerror}") from None
+    owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid != 0 else None
+    target = Target(os.fsencode(git_dir), os.fsencode(git_dir), branch, git_dir, namespace, owner)
+    try:
+        if git(target, "rev-parse", "--git-dir", check=False).returncode != 0:
+            raise TargetError(f"{git_dir} is not a git repository")
+        _refuse_checked_out(target)
+    except BaseException:
+        os.close(namespace)
+        raise
+    return target
+
+
+def _refuse_checked_out(target: Target) -> None:
     # Moving a branch that a worktree has checked out would make its files look changed.
-    listing = subprocess.run(["git", "-c", "safe.directory=*", b"--git-dir=" + git_dir,
-                              "worktree", "list", "--porcelain"], capture_output=True, cwd="/",
-                             env=_git_env(None))
-    if f"branch refs/heads/{branch}\n".encode() in listing.stdout + b"\n":
-        raise TargetError(f"branch {branch} is checked out in {shown}; export to another --branch")
+    listing = git(target, "-c", "safe.directory=*", "worktree", "list", "--porcelain", check=False)
+    if f"branch refs/heads/{target.branch}\n".encode() in listing.stdout + b"\n":
+        raise TargetError(f"branch {target.branch} is checked out in {target.shown}; "
+                          "export to another --branch")
 
 
 def default_target(store_path: bytes, branch: str) -> Target:
@@ -280,7 +312,7 @@ class TurnTrees:
         known[ino] = None        # until found: stale rows can never make this loop
         # The live place first, then the layers: a move records its row before
         # it happens, so if the live place is already the new one, the row is seen.
-        live = self._live_place(ino, handle)
+        live = self.live_entry(ino, handle)
         place = self.catalogue.location_after(ino, turn)
         if place is not None:
             parent, name = place
@@ -303,16 +335,17 @@ class TurnTrees:
         known[ino] = _join(parent_path, name)
         return known[ino]
 
-    def _live_place(self, ino: int, handle: bytes) -> tuple[int, bytes, bytes] | None:
-        """(parent ino, parent handle, name) of live directory *ino*; None if not in the tree.
+    def live_entry(self, ino: int, handle: bytes) -> tuple[int, bytes, bytes] | None:
+        """(parent ino, parent handle, name) holding object *ino* now; None if it cannot be found.
 
-        From the path the kernel keeps for it (a directory's dentry is always
-        connected), walked down from the root. Never up with "..": our
-        descriptors belong to the mount namespace where our own mount sits on
-        the root, and ".." from a child of the root would step into it.
+        From the path the kernel keeps for it (always known for a directory;
+        for a file only while its dentry is cached), walked down from the root,
+        which also reaches directories detached into the store. Never up with
+        "..": our descriptors belong to the mount namespace where our own mount
+        sits on the root, and ".." from a child of the root would step into it.
         """
         try:
-            fd = self.store.open_object(handle, os.O_PATH | os.O_DIRECTORY)
+            fd = self.store.open_object(handle)
             try:
                 path = os.readlink(libc.proc_path(fd))
             finally:
@@ -320,10 +353,8 @@ class TurnTrees:
         except OSError:
             return None
         if not path.startswith(self.root_prefix):
-            return None
+            return None       # a disconnected dentry: the kernel does not know where it is
         parent_path, _, name = path[len(self.root_prefix):].rpartition(b"/")
-        if (parent_path or name).split(b"/")[0] == STORE_NAME:
-            return None       # detached: kept in the store
         root_fd = self.view.object_fd(self.root_ino, self.view.root_handle)
         try:
             parent_fd = os.open(parent_path or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
@@ -332,24 +363,47 @@ class TurnTrees:
             return None       # moved meanwhile (its row says where it was) or removed for good
         try:
             st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-            if st.st_ino != ino or st.st_dev != self.dev:
-                return None   # moved meanwhile: the row it left first says where it was
-            return os.fstat(parent_fd).st_ino, libc.handle_of(parent_fd), name
+            parent = os.fstat(parent_fd).st_ino
+            if st.st_ino != ino or st.st_dev != self.dev or parent == self.objects_ino:
+                return None   # moved meanwhile (its row says where it was), or detached itself
+            return parent, libc.handle_of(parent_fd), name
         except OSError:
             return None
         finally:
             os.close(parent_fd)
 
+    def entry_path(self, turn: int, parent: int, parent_handle: bytes, name: bytes,
+                   ino: int) -> bytes | None:
+        """The path of entry (parent, name) in *turn* if it held *ino* then, else None.
+
+        The entry's earliest row after *turn* says what it held then; with no
+        row, it holds the same now.
+        """
+        found, held = self.catalogue.entry_after(parent, name, turn)
+        if not found:
+            try:
+                held = os.stat(name, dir_fd=self.view.object_fd(parent, parent_handle),
+                               follow_symlinks=False).st_ino
+            except OSError:
+                return None
+        if held != ino:
+            return None
+        parent_path = self.dir_path(turn, parent, parent_handle)
+        return None if parent_path is None else _join(parent_path, name)
+
     def lookup(self, turn: int, path: bytes) -> tuple[int, bytes, os.stat_result] | None:
         """(ino, handle, current stat) of what *path* holds in *turn*'s snapshot, if anything."""
-        parent_path, _, name = path.rpartition(b"/")
-        parent = self._lookup_dir(turn, parent_path)
+        parent = self.lookup_parent(turn, path)
         if parent is None:
             return None
         try:
-            return self.view.child(turn, parent, name)
+            return self.view.child(turn, parent, path.rpartition(b"/")[2])
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def lookup_parent(self, turn: int, path: bytes) -> SnapObject | None:
+        """The directory holding *path* in *turn*'s snapshot, if there is one."""
+        return self._lookup_dir(turn, path.rpartition(b"/")[0])
 
     def _lookup_dir(self, turn: int, path: bytes) -> SnapObject | None:
         if not path:
@@ -465,40 +519,61 @@ class TurnDiff:
         self._put_tree(changes, turn, path, ino, obj_handle, st)
 
     def _objects(self, changes: TurnChanges, turn: int) -> None:
-        """Files whose content or exec bit changed in place: at their path hint, or, for
-        files that may have other names (hard links), wherever a walk of the turn finds them."""
+        """Files whose content or exec bit changed in place: under every name they had at the
+        end of the turn (a walk of the turn finds them when that is the only way)."""
         elsewhere: set[int] = set()
         for ino, mode_before, content_changed, hint in self.catalogue.object_changes(turn):
             if not stat.S_ISREG(mode_before):
                 continue      # directories, symlinks, FIFOs: nothing git sees changes in place
             handle = self.catalogue.handle(ino)
-            obj = SnapObject(turn, ino, handle)
-            fd = self.view.object_fd(ino, handle)
-            st = os.stat(fd)
+            st = os.stat(self.view.object_fd(ino, handle))
             mode = self.view.attrs(turn, ino, st).mode
             if not content_changed and _git_mode(mode) == _git_mode(mode_before):
                 continue      # owner, mtime, xattrs, other mode bits: invisible to git
-            if self._may_have_other_names(ino, turn, st):
+            names = self._names_at(turn, ino, handle, st, hint)
+            if names is None:
                 elsewhere.add(ino)
-            elif hint is not None:
-                found = self.trees.lookup(turn, hint)
-                # Not at its hint at the end of the turn: it (or a directory above
-                # it) moved after the change, and those entry changes put it.
-                if found is not None and found[0] == ino and not _under_dot_git(hint):
-                    changes.put(hint, obj, mode)
-            else:
-                elsewhere.add(ino)   # no hint recorded: look for it
+                continue
+            for path in names:
+                if not _under_dot_git(path):
+                    changes.put(path, SnapObject(turn, ino, handle), mode)
         if elsewhere:
             self._find_and_put(changes, turn, elsewhere)
 
-    def _may_have_other_names(self, ino: int, turn: int, st: os.stat_result) -> bool:
-        # A file changed in place through one name changed under all its names,
-        # and the hint knows one. Its names at the end of *turn* are at most its
-        # names now (the store's name aside) plus the entries that held it since
-        # (each name it lost since left such a row). The stat comes first: a
-        # name removed after it was read has left its row by the time of the query.
+    def _names_at(self, turn: int, ino: int, handle: bytes, st: os.stat_result,
+                  hint: bytes | None) -> set[bytes] | None:
+        """Every path of file *ino* at the end of *turn*; None if only a walk can tell.
+
+        A change in place changes the file under all its names, whatever name
+        it went through (the hint is one it had at the time, maybe gone by the
+        end of the turn). Its names at the end of the turn are the entries that
+        held it then: those changed since left a row holding it; the others
+        hold it still, so they are among its names now. *st* was taken before
+        the rows are read: a name lost after it has left its row by then.
+        """
         now = st.st_nlink - (1 if self.store.kept(ino) else 0)
-        return now + self.catalogue.holders_after(ino, turn) > 1
+        if now > 1:
+            return None       # hard links: finding the other names takes a walk
+        names = set()
+        for parent, name in self.catalogue.holders_after(ino, turn):
+            path = self.trees.entry_path(turn, parent, self.catalogue.handle(parent), name, ino)
+            if path is not None:
+                names.add(path)
+        if now == 0:
+            return names
+        # Its one name now: the hint, if that entry still holds it, else the kernel's path for it.
+        parent = self.trees.lookup_parent(turn, hint) if hint is not None else None
+        if parent is not None:
+            name = hint.rpartition(b"/")[2]
+            if not self.catalogue.entry_after(parent.ino, name, turn)[0]:
+                path = self.trees.entry_path(turn, parent.ino, parent.handle, name, ino)
+                if path is not None:
+                    return names | {path}
+        live = self.trees.live_entry(ino, handle)
+        if live is None:
+            return None
+        path = self.trees.entry_path(turn, *live, ino)
+        return names | ({path} if path is not None else set())
 
     def _find_and_put(self, changes: TurnChanges, turn: int, inos: set[int]) -> None:
         # The fallback for hard links and missing hints: one walk of the turn's
@@ -533,11 +608,12 @@ class Exporter:
         result = ExportResult(target.shown, target.branch, [], last)
         if not todo:
             return result
-        errors = tempfile.TemporaryFile()
-        proc = subprocess.Popen(
-            ["git", b"--git-dir=" + target.git_dir, "fast-import", "--quiet", "--date-format=raw",
-             "--done"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
-            **_popen_args(target.git_dir))
+        # Its stderr goes to an unnamed file in the store: /tmp may not exist in our namespace.
+        errors = os.fdopen(os.open(self.store.path, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600),
+                           "w+b")
+        argv, kwargs = git_command(target, "fast-import", "--quiet", "--date-format=raw", "--done")
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                                **kwargs)
         recorded = False
         try:
             parent = last
@@ -576,7 +652,7 @@ class Exporter:
     def _last_exported(self, target: Target) -> tuple[int, str] | None:
         """(turn, sha) at the branch's tip, None for a new branch; refuses a branch moved by others."""
         key, branch = target.key, os.fsencode(target.branch)
-        found = git(target.git_dir, "rev-parse", "--verify", "--quiet",
+        found = git(target, "rev-parse", "--verify", "--quiet",
                     f"refs/heads/{target.branch}^{{commit}}", check=False)
         if found.returncode != 0:
             # No such branch (never made, or deleted since): export from the
@@ -714,17 +790,22 @@ class ExportRunner:
         self._wanted = trio.Event()
         self._stop = threading.Event()
 
-    async def export(self, repo: str | None, branch: str) -> ExportResult:
+    async def export(self, repo: str | None, branch: str, pid: int | None = None) -> ExportResult:
+        """Export to the store's repository, or to *repo* as named by the CLI of process *pid*."""
         async with self._lock:
-            return await trio.to_thread.run_sync(self._export, repo, branch)
+            return await trio.to_thread.run_sync(self._export, repo, branch, pid)
 
-    def _export(self, repo: str | None, branch: str) -> ExportResult:
+    def _export(self, repo: str | None, branch: str, pid: int | None) -> ExportResult:
         if self._stop.is_set():
             raise ExportStopped("the daemon is shutting down")
         target = (default_target(self.store_dir, branch) if repo is None
-                  else resolve_target(repo, branch, self.forbidden))
-        return export_in_thread(self.store, self.root_path, self.root_ino, self.root_handle, target,
-                                self._stop)
+                  else named_target(repo, branch, self.forbidden, pid))
+        try:
+            return export_in_thread(self.store, self.root_path, self.root_ino, self.root_handle,
+                                    target, self._stop)
+        finally:
+            if target.namespace is not None:
+                os.close(target.namespace)
 
     def sealed(self) -> None:
         """A turn was sealed: wake the mirror task (never waits; several seals make one export)."""

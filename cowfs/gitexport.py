@@ -9,9 +9,9 @@ Layer k says exactly what changed between turn k-1 and turn k, so a commit
 costs O(what changed in its turn), not O(tree): each changed entry (D, name)
 becomes `D old-path` and `M` lines for whatever the entry holds in turn k
 (the whole subtree of a directory that arrived there: that part is O(subtree)
-by nature); each object whose content or exec bit changed becomes an `M`
-at the path where it was changed. Only the first exported turn of a branch
-is written whole (`deleteall` and a walk of its snapshot).
+by nature); each file whose content or exec bit changed in place becomes an
+`M` under each name it had at the end of the turn. Only the first exported
+turn of a branch is written whole (`deleteall` and a walk of its snapshot).
 
 What git cannot hold is left out and counted: FIFOs, sockets and devices;
 empty directories; anything under a directory named `.git` (git refuses to
@@ -72,7 +72,7 @@ class Target:
     branch: str
     shown: str              # how to name the repository to the user
     namespace: int | None = None         # descriptor of that namespace; None: this process's
-    owner: tuple[int, int] | None = None  # (uid, gid) to run git as; None: as ourselves
+    owner: tuple[int, int] | None = None  # (uid, gid) to run git as there; None: as ourselves
 
 
 @dataclass
@@ -126,14 +126,12 @@ def git_command(target: Target | None, *args) -> tuple[list, dict]:
     owner = target.owner if target is not None else None
     # umask: the daemon's is 0 (it creates files for others); git's files get git's usual modes.
     kwargs = {"cwd": "/", "env": _git_env(owner[0] if owner else None), "umask": 0o022}
-    if target is not None and target.namespace is not None:
-        prefix = ["nsenter", f"--mount=/proc/self/fd/{target.namespace}"]
-        if owner:
-            prefix += ["-S", str(owner[0]), "-G", str(owner[1])]
-        return prefix + ["--"] + argv, {**kwargs, "pass_fds": (target.namespace,)}
+    if target is None or target.namespace is None:
+        return argv, kwargs
+    prefix = ["nsenter", f"--mount=/proc/self/fd/{target.namespace}"]
     if owner:
-        kwargs.update(user=owner[0], group=owner[1], extra_groups=[])
-    return argv, kwargs
+        prefix += ["-S", str(owner[0]), "-G", str(owner[1])]    # and no supplementary groups
+    return prefix + ["--"] + argv, {**kwargs, "pass_fds": (target.namespace,)}
 
 
 def git(target: Target | None, *args, check: bool = True) -> subprocess.CompletedProcess:
@@ -372,21 +370,24 @@ class TurnTrees:
         finally:
             os.close(parent_fd)
 
+    def entry_then(self, turn: int, parent: int, parent_handle: bytes,
+                   name: bytes) -> tuple[int | None, bool]:
+        """(what entry (parent, name) held at the end of *turn*, whether it changed since).
+
+        The live entry first, then the layers, as SnapshotView.child does.
+        """
+        try:
+            live = os.stat(name, dir_fd=self.view.object_fd(parent, parent_handle),
+                           follow_symlinks=False).st_ino
+        except (FileNotFoundError, NotADirectoryError):
+            live = None
+        found, held = self.catalogue.entry_after(parent, name, turn)
+        return (held, True) if found else (live, False)
+
     def entry_path(self, turn: int, parent: int, parent_handle: bytes, name: bytes,
                    ino: int) -> bytes | None:
-        """The path of entry (parent, name) in *turn* if it held *ino* then, else None.
-
-        The entry's earliest row after *turn* says what it held then; with no
-        row, it holds the same now.
-        """
-        found, held = self.catalogue.entry_after(parent, name, turn)
-        if not found:
-            try:
-                held = os.stat(name, dir_fd=self.view.object_fd(parent, parent_handle),
-                               follow_symlinks=False).st_ino
-            except OSError:
-                return None
-        if held != ino:
+        """The path of entry (parent, name) in *turn* if it held *ino* then, else None."""
+        if self.entry_then(turn, parent, parent_handle, name)[0] != ino:
             return None
         parent_path = self.dir_path(turn, parent, parent_handle)
         return None if parent_path is None else _join(parent_path, name)
@@ -416,17 +417,20 @@ class TurnTrees:
         return known[path]
 
     def is_empty(self, turn: int, ino: int, handle: bytes) -> bool:
-        """True if directory *ino* has no entry in *turn*; O(1) unless names were removed since."""
-        changed = self.catalogue.entries_after(ino, turn)
-        if any(held is not None for held in changed.values()):
-            return False
+        """True if directory *ino* has no entry in *turn*; O(1) unless names were added since.
+
+        Live names first, then the rows (a change records its row before it happens).
+        """
         fd = self.view.object_fd(ino, handle)
         with os.scandir(libc.proc_path(fd)) as live:
             for entry in live:
                 name = os.fsencode(entry.name)
-                if name not in changed and not (ino == self.root_ino and name == STORE_NAME):
+                if ino == self.root_ino and name == STORE_NAME:
+                    continue
+                found, held = self.catalogue.entry_after(ino, name, turn)
+                if not found or held is not None:
                     return False
-        return True
+        return all(held is None for held in self.catalogue.entries_after(ino, turn).values())
 
     def walk(self, turn: int, path: bytes, ino: int, handle: bytes, st: os.stat_result,
              on_empty, on_dot_git) -> Iterator[tuple[bytes, SnapObject, int]]:
@@ -565,10 +569,9 @@ class TurnDiff:
         parent = self.trees.lookup_parent(turn, hint) if hint is not None else None
         if parent is not None:
             name = hint.rpartition(b"/")[2]
-            if not self.catalogue.entry_after(parent.ino, name, turn)[0]:
-                path = self.trees.entry_path(turn, parent.ino, parent.handle, name, ino)
-                if path is not None:
-                    return names | {path}
+            held, changed_since = self.trees.entry_then(turn, parent.ino, parent.handle, name)
+            if held == ino and not changed_since:
+                return names | {hint}
         live = self.trees.live_entry(ino, handle)
         if live is None:
             return None

@@ -46,6 +46,7 @@ DEFAULT_KEY = STORE_NAME + b"/" + DEFAULT_REPO   # mapping key: moves with the w
 IDENTITY = b"cowfs <cowfs@localhost>"
 TRAILER = "Cowfs-Turn"
 CHUNK = 1 << 20
+SMALL_FILE = 1 << 20        # live content up to this size is read into memory, not cloned
 
 # What `M` says for each kind of object git can hold.
 MODE_FILE, MODE_EXEC, MODE_LINK = b"100644", b"100755", b"120000"
@@ -706,44 +707,51 @@ class Exporter:
 
     def _put(self, out, path: bytes, obj: SnapObject, mode: int) -> None:
         git_mode = _git_mode(mode)
+        header = b"M %s inline %s\ndata %d\n"
         if git_mode == MODE_LINK:
             target = self.view.readlink(obj)
-            out.write(b"M %s inline %s\ndata %d\n%s\n" % (git_mode, quote_path(path), len(target),
-                                                          target))
+            out.write(header % (git_mode, quote_path(path), len(target)) + target + b"\n")
             return
-        fd = self._stable_content(obj)
+        content = self._stable_content(obj)
+        if isinstance(content, bytes):
+            out.write(header % (git_mode, quote_path(path), len(content)) + content + b"\n")
+            return
         try:
-            size = os.fstat(fd).st_size
-            out.write(b"M %s inline %s\ndata %d\n" % (git_mode, quote_path(path), size))
+            size = os.fstat(content).st_size
+            out.write(header % (git_mode, quote_path(path), size))
             offset = 0
             while offset < size:
-                chunk = os.pread(fd, min(CHUNK, size - offset), offset)
+                chunk = os.pread(content, min(CHUNK, size - offset), offset)
                 if not chunk:
                     raise ExportError(f"{os.fsdecode(path)} shrank while it was exported")
                 out.write(chunk)
                 offset += len(chunk)
             out.write(b"\n")
         finally:
-            os.close(fd)
+            os.close(content)
 
-    def _stable_content(self, obj: SnapObject) -> int:
-        """A descriptor of *obj*'s content in its turn that nothing can change while it is read.
+    def _stable_content(self, obj: SnapObject) -> bytes | int:
+        """*obj*'s content in its turn, as bytes (small) or a descriptor nothing else can change.
 
-        A pre-image never changes. The live file can (the workspace goes on),
-        so it is cloned (or copied) first, and the clone is used only if no
-        pre-image appeared meanwhile: every change records its pre-image first.
+        A pre-image never changes. The live file can (the workspace goes on):
+        what is read from it (into memory, or a clone) counts only if no
+        pre-image appeared meanwhile, since every change records its pre-image first.
         """
         while True:
             fd, is_copy = self.view.content_source(obj)
             if is_copy:
                 return fd
             try:
-                tmp = self._clone(fd)
+                if os.fstat(fd).st_size <= SMALL_FILE:
+                    content = _read_all(fd)
+                else:
+                    content = self._clone(fd)
             finally:
                 os.close(fd)
             if self.view.preimage_name(obj) is None:
-                return tmp
-            os.close(tmp)
+                return content
+            if not isinstance(content, bytes):
+                os.close(content)
 
     def _clone(self, fd: int) -> int:
         """An unnamed file in the store with *fd*'s content: a reflink where possible."""
@@ -757,6 +765,13 @@ class Exporter:
             os.close(tmp)
             raise
         return tmp
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, CHUNK):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def export_in_thread(store: Store, root_path: bytes, root_ino: int, root_handle: bytes,
@@ -815,6 +830,7 @@ class ExportRunner:
         self._wanted.set()
 
     async def keep_mirror(self) -> None:
+        self._wanted.set()    # first catch up with turns sealed while no mirror ran
         while True:
             await self._wanted.wait()
             self._wanted = trio.Event()

@@ -55,6 +55,7 @@ class Capture:
         self.entries_done: set[tuple[int, bytes]] = set()
         self.attrs_done: set[int] = set()
         self.content_done: set[int] = set()
+        self.unconfirmed: set[int] = set()     # captured at open for writing, not written yet
         self.changes = 0
         self.bytes = 0
         self._in_flight: dict[int, trio.Event] = {}
@@ -103,14 +104,26 @@ class Capture:
     # -- attributes ----------------------------------------------------------------
     def before_attr_change(self, ino: int, fd: int) -> None:
         """Record mode, owner, size, mtime and xattrs of the object open as *fd* (O_PATH)."""
+        if self._record_attrs(ino, fd):
+            self.changes += 1
+        else:
+            self.confirm(ino)
+
+    def _record_attrs(self, ino: int, fd: int) -> bool:
         if ino in self.born or ino in self.attrs_done:
-            return
+            return False
         st = os.stat(fd)
         xattrs = {} if stat.S_ISLNK(st.st_mode) else read_xattrs(libc.proc_path(fd))
         self.catalogue.record_object(ino, libc.handle_of(fd))
         self.catalogue.record_attrs(ino, self.turn, st, xattrs, self._path_of(fd))
         self.attrs_done.add(ino)
-        self.changes += 1
+        return True
+
+    def confirm(self, ino: int) -> None:
+        """*ino*, captured ahead of time when it was opened for writing, is being changed now."""
+        if ino in self.unconfirmed:
+            self.unconfirmed.discard(ino)
+            self.changes += 1
 
     def _path_of(self, fd: int) -> bytes | None:
         """Where the object open as *fd* is now, relative to the root (the kernel tracks it)."""
@@ -125,9 +138,11 @@ class Capture:
         """True when an in-place change to *ino* needs no capture in the open turn (hot path)."""
         return ino in self.content_done or ino in self.born
 
-    async def before_content_change(self, ino: int, fd: int) -> None:
+    async def before_content_change(self, ino: int, fd: int, ahead: bool = False) -> None:
         """Keep *ino*'s current content in the store before it is changed in place.
 
+        *ahead*: the object is only being opened for writing and may never be
+        written; the capture counts as a change once `confirm` says it is.
         Loops because a capture may await a worker thread, and the turn may be
         sealed meanwhile: the change must find a capture of the turn it lands in.
         """
@@ -138,52 +153,51 @@ class Capture:
                 continue
             event = self._in_flight[ino] = trio.Event()
             try:
-                await self._capture_content(ino, fd)
+                await self._capture_content(ino, fd, ahead, threaded=True)
             finally:
                 del self._in_flight[ino]
                 event.set()
-
-    async def _capture_content(self, ino: int, fd: int) -> None:
-        turn = self.turn
-        self.before_attr_change(ino, fd)
-        src = os.open(libc.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
-        dst, name = self.store.new_content(turn, ino)
-        try:
-            size = os.fstat(src).st_size
-            if size > THREADED_CAPTURE_BYTES:
-                await trio.to_thread.run_sync(self.duplicate, src, dst)
-            else:
-                self.duplicate(src, dst)
-        except BaseException:
-            self.store.drop_content(name)
-            raise
-        finally:
-            os.close(src)
-            os.close(dst)
-        if turn != self.turn:
-            # Sealed while we copied: the content did not change in that turn, so
-            # this copy is nobody's pre-image. The caller retries for the new turn.
-            self.store.drop_content(name)
-            return
-        self._recorded_content(ino, name, size)
+        if not ahead:
+            self.confirm(ino)
 
     def capture_content_now(self, ino: int, fd: int) -> None:
         """before_content_change without yielding to other requests (rollback holds the mount)."""
         if self.content_captured(ino):
             return
-        self.before_attr_change(ino, fd)
-        src = os.open(libc.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
-        dst, name = self.store.new_content(self.turn, ino)
+        coroutine = self._capture_content(ino, fd, ahead=False, threaded=False)
         try:
-            self.duplicate(src, dst)
+            coroutine.send(None)    # runs to the end: with threaded=False nothing awaits
+        except StopIteration:
+            return
+        raise RuntimeError("an unthreaded capture yielded")
+
+    async def _capture_content(self, ino: int, fd: int, ahead: bool, threaded: bool) -> None:
+        turn = self.turn
+        recorded_attrs = self._record_attrs(ino, fd)
+        src = os.open(libc.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
+        dst, name = self.store.new_content(turn, ino)
+        done = False
+        try:
             size = os.fstat(src).st_size
-        except BaseException:
-            self.store.drop_content(name)
-            raise
+            if threaded and size > THREADED_CAPTURE_BYTES:
+                await trio.to_thread.run_sync(self.duplicate, src, dst)
+            else:
+                self.duplicate(src, dst)
+            # Sealed while we copied? Then the content did not change in that turn,
+            # this copy is nobody's pre-image, and the caller retries for the new turn.
+            done = turn == self.turn
         finally:
             os.close(src)
             os.close(dst)
+            if not done:
+                self.store.drop_content(name)
+        if not done:
+            return
         self._recorded_content(ino, name, size)
+        if ahead:
+            self.unconfirmed.add(ino)
+        elif recorded_attrs:
+            self.changes += 1
 
     def _recorded_content(self, ino: int, name: str, size: int) -> None:
         self.catalogue.record_content(ino, self.turn, name)

@@ -429,7 +429,7 @@ class CowFS(pyfuse3.Operations):
             # Captured at open, not at the first write: with the writeback cache a
             # write() only fills the page cache, so a capture that fails (ENOSPC)
             # must fail here, where the caller sees it, not at a later flush.
-            await self.capture.before_content_change(node.ino, node.fd)
+            await self.capture.before_content_change(node.ino, node.fd, ahead=not flags & os.O_TRUNC)
         fd = os.open(libc.proc_path(node.fd), _backing_flags(flags))
         self._opened(fd, node, flags)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
@@ -445,6 +445,8 @@ class CowFS(pyfuse3.Operations):
         node = self.open_files[fh]
         if not self.capture.content_captured(node.ino):
             await self.capture.before_content_change(node.ino, node.fd)
+        elif self.capture.unconfirmed:
+            self.capture.confirm(node.ino)
         return os.pwrite(fh, buf, off)
 
     @fuse_op

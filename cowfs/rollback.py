@@ -109,6 +109,30 @@ class Rollback:
             self.store.keep_by_rename(dir_fd, name, live.st_ino)
         else:
             os.unlink(name, dir_fd=dir_fd)
+        if stat.S_ISDIR(live.st_mode):
+            self._drop_shared_names(live.st_ino, self._fds[live.st_ino])
+
+    def _drop_shared_names(self, dir_ino: int, dir_fd: int) -> None:
+        """Unlink, below a directory just moved into the store, every file that has other names.
+
+        Those names would otherwise still count in the file's st_nlink in the
+        tree. Recorded like any change, so the turn before the rollback still
+        shows them. O(the detached subtree), paid only for directories that
+        must disappear.
+        """
+        with os.scandir(libc.proc_path(dir_fd)) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                name = os.fsencode(entry.name)
+                if stat.S_ISDIR(st.st_mode):
+                    sub = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                    try:
+                        self._drop_shared_names(st.st_ino, sub)
+                    finally:
+                        os.close(sub)
+                elif st.st_nlink > 1:
+                    self._before_entry_change(dir_ino, dir_fd, name)
+                    os.unlink(name, dir_fd=dir_fd)
 
     def _attach(self, parent: int, name: bytes, ino: int) -> bool:
         dir_fd = self._fd(parent)

@@ -260,7 +260,8 @@ class Daemon:
         if self.capture.has_changes() or self._persisted_changes():
             pending = self.capture.seal("changes before rollback")
         # No await from here to the seal: every other request waits.
-        result = Rollback(self.store, self.capture, self._writers).run(target)
+        result = Rollback(self.store, self.capture, self._writers,
+                          os.fsencode(self.opts.workspace)).run(target)
         turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
         await self._invalidate(result)
         return {"turn": turn, "target": target, "sealed_pending": pending,
@@ -303,17 +304,13 @@ class Daemon:
         Returns [(path relative to the mount, size, atime_ns, mtime_ns)].
         """
         inodes, targets, refreshing = self.fs.inodes, [], set()
-        root = os.fsencode(self.opts.workspace).rstrip(b"/") + b"/"
-        for ino in result.objects:
+        for ino, path in result.files.items():
             node = inodes.get(inodes.nodeid(ino))
             if node is None or not isinstance(pid, int):
                 continue
             st = os.stat(node.fd)
-            path = os.readlink(libc.proc_path(node.fd))
-            if stat.S_ISREG(st.st_mode) and path.startswith(root) and \
-                    not path[len(root):].startswith(STORE_NAME + b"/"):
-                targets.append((os.fsdecode(path[len(root):]), st.st_size, st.st_atime_ns, st.st_mtime_ns))
-                refreshing.add(inodes.nodeid(ino))
+            targets.append((os.fsdecode(path), st.st_size, st.st_atime_ns, st.st_mtime_ns))
+            refreshing.add(inodes.nodeid(ino))
         self.fs.refreshing, self.fs.refresher_tid = refreshing, pid
         return targets
 

@@ -447,7 +447,12 @@ class CowFS(pyfuse3.Operations):
             await self.capture.before_content_change(node.ino, node.fd)
         elif self.capture.unconfirmed:
             self.capture.confirm(node.ino)
-        return os.pwrite(fh, buf, off)
+        # With the writeback cache the kernel owns mtime and sends it in a setattr,
+        # which may arrive before this (queued) write: keep the backing mtime as is.
+        st = os.fstat(fh)
+        written = os.pwrite(fh, buf, off)
+        os.utime(fh, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return written
 
     @fuse_op
     async def flush(self, fh):

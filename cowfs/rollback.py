@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from . import libc
 from .capture import Capture, read_xattrs
 from .catalogue import AttrRecord
-from .store import Store
+from .store import STORE_NAME, Store
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,13 @@ log = logging.getLogger(__name__)
 class RollbackResult:
     entries: set[tuple[int, bytes]] = field(default_factory=set)   # (parent ino, name) changed
     objects: set[int] = field(default_factory=set)                 # inos whose content/attrs changed
+    files: dict[int, bytes] = field(default_factory=dict)          # regular file ino -> a live path
 
 
 class Rollback:
-    def __init__(self, store: Store, capture: Capture, writers: Callable[[int], int]):
+    def __init__(self, store: Store, capture: Capture, writers: Callable[[int], int],
+                 root_path: bytes):
+        self.root_prefix = root_path.rstrip(b"/") + b"/"
         self.store = store
         self.capture = capture
         self.catalogue = store.catalogue
@@ -60,6 +63,7 @@ class Rollback:
             by_kind = sorted(objects, key=lambda i: self._is_dir(i))   # directories last
             for ino in by_kind:
                 self._restore(ino, self.catalogue.attrs_after(ino, target))
+            self._find_live_paths()
         finally:
             for fd in self._fds.values():
                 os.close(fd)
@@ -92,6 +96,40 @@ class Rollback:
         self.capture.before_attr_change(parent, dir_fd)
         self.result.entries.add((parent, name))
         self.result.objects.add(parent)
+
+    def _find_live_paths(self) -> None:
+        """A path in the live tree for each regular file touched (callers refresh the kernel's view)."""
+        for ino in self.result.objects:
+            try:
+                if stat.S_ISREG(os.stat(self._fd(ino)).st_mode):
+                    path = self._live_path(ino)
+                    if path is not None:
+                        self.result.files[ino] = path
+            except OSError:
+                continue
+
+    def _live_path(self, ino: int) -> bytes | None:
+        """Where *ino* is in the tree now: the name its descriptor was opened by, if still
+        right, else any entry that ever held it and holds it again."""
+        own = self._relative(os.readlink(libc.proc_path(self._fd(ino))))
+        candidates = [] if own is None else [(self.store.root_fd, own, own)]
+        for parent, name in self.catalogue.holders_after(ino, -1):
+            dir_path = self._relative(os.readlink(libc.proc_path(self._fd(parent))) + b"/")
+            if dir_path is not None:
+                candidates.append((self._fd(parent), name, dir_path + name))
+        for dir_fd, name, path in candidates:
+            try:
+                if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == ino:
+                    return path
+            except OSError:
+                continue
+        return None
+
+    def _relative(self, path: bytes) -> bytes | None:
+        if not path.startswith(self.root_prefix) or path.endswith(b" (deleted)"):
+            return None
+        rel = path[len(self.root_prefix):]
+        return None if rel.split(b"/", 1)[0] == STORE_NAME else rel
 
     # -- the three phases ----------------------------------------------------------------
     def _detach(self, parent: int, name: bytes, target: int | None) -> None:

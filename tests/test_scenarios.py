@@ -549,3 +549,18 @@ def test_disk_full_during_capture_fails_the_write_and_leaves_no_gap(tiny_ext4):
         assert "capture mode: copy" in status
     finally:
         ws.cleanup()
+
+
+def test_rollback_refreshes_the_kernels_size_of_a_hard_linked_file(workspace):
+    """Found by the model test: a stale size through the mount after rollbacks of a hard-linked file."""
+    p = workspace.path
+    write(p / "b", b"XY")
+    os.link(p / "b", p / "a")
+    os.symlink("a", p / "n\nl")
+    workspace.mount()
+    os.rename(p / "n\nl", p / "b")
+    rollback(workspace, 0)
+    os.truncate(p / "a", 0)
+    rollback(workspace, 0)
+    assert os.stat(p / "a").st_size == 2
+    assert read(p / "a") == b"XY" and read(p / "b") == b"XY"

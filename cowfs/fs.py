@@ -126,7 +126,7 @@ class CowFS(pyfuse3.Operations):
         super().__init__()
         self.store = store
         self.capture = capture
-        self.inodes = InodeTable(root_fd)
+        self.inodes = InodeTable(root_fd, store.mount_fd)
         self.root_fd = root_fd
         self.view = SnapshotView(store, self.inodes.root_ino, libc.handle_of(root_fd))
         self.snap_nodes = SnapshotNodes(VIRTUAL_BASE + 16)
@@ -170,7 +170,7 @@ class CowFS(pyfuse3.Operations):
         if (uid, gid) != (st.st_uid, st.st_gid):
             os.chown(name, uid, gid, dir_fd=parent.fd, follow_symlinks=False)
         self.capture.note_born(st.st_ino)
-        entry = _entry(st, self.inodes.remember(parent.fd, name, st), LIVE_TIMEOUT)
+        entry = _entry(st, self.inodes.remember(parent, name, st), LIVE_TIMEOUT)
         entry.st_uid, entry.st_gid = uid, gid
         return entry
 
@@ -206,7 +206,7 @@ class CowFS(pyfuse3.Operations):
             negative.st_ino = 0
             negative.entry_timeout = LIVE_TIMEOUT
             return negative
-        return _entry(st, self.inodes.remember(parent.fd, name, st), LIVE_TIMEOUT)
+        return _entry(st, self.inodes.remember(parent, name, st), LIVE_TIMEOUT)
 
     @fuse_op
     async def getattr(self, nodeid, ctx=None):
@@ -221,7 +221,8 @@ class CowFS(pyfuse3.Operations):
         node = self._node(nodeid)
         if ctx.pid != self.refresher_tid or nodeid not in self.refreshing:
             if fields.update_size:
-                await self.capture.before_content_change(node.ino, node.fd)
+                with self.inodes.pinned(node):
+                    await self.capture.before_content_change(node.ino, node.fd)
             self.capture.before_attr_change(node.ino, node.fd)
         path = libc.proc_path(node.fd)
         if fields.update_size:
@@ -313,7 +314,7 @@ class CowFS(pyfuse3.Operations):
         self._before_entry_change(new_parent_id, parent, new_name)
         os.link(libc.proc_path(node.fd), new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
         st = os.stat(new_name, dir_fd=parent.fd, follow_symlinks=False)
-        return _entry(st, self.inodes.remember(parent.fd, new_name, st), LIVE_TIMEOUT)
+        return _entry(st, self.inodes.remember(parent, new_name, st), LIVE_TIMEOUT)
 
     async def _prepare_removal(self, st) -> bool:
         """Await what removing the last name of *st*'s object needs. True: keep it in the store."""
@@ -416,6 +417,7 @@ class CowFS(pyfuse3.Operations):
     # -- open files -----------------------------------------------------------------------
     def _opened(self, fd: int, node: Node, flags: int) -> None:
         self.open_files[fd] = node
+        node.pins += 1       # an open file's node keeps its descriptor (captures await on it)
         if flags & _WRITE_FLAGS:
             self.writer_fhs.add(fd)
             node.writers += 1
@@ -429,7 +431,9 @@ class CowFS(pyfuse3.Operations):
             # Captured at open, not at the first write: with the writeback cache a
             # write() only fills the page cache, so a capture that fails (ENOSPC)
             # must fail here, where the caller sees it, not at a later flush.
-            await self.capture.before_content_change(node.ino, node.fd, ahead=not flags & os.O_TRUNC)
+            with self.inodes.pinned(node):
+                await self.capture.before_content_change(node.ino, node.fd,
+                                                         ahead=not flags & os.O_TRUNC)
         fd = os.open(libc.proc_path(node.fd), _backing_flags(flags))
         self._opened(fd, node, flags)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
@@ -472,6 +476,7 @@ class CowFS(pyfuse3.Operations):
             os.close(snap.fd)
             return
         node = self.open_files.pop(fh)
+        node.pins -= 1
         os.close(fh)
         if fh in self.writer_fhs:
             self.writer_fhs.discard(fh)
@@ -507,7 +512,7 @@ class CowFS(pyfuse3.Operations):
             entry = _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
             if not pyfuse3.readdir_reply(token, name, entry, i + 1):
                 return
-            self.inodes.remember(parent.fd, name, st)
+            self.inodes.remember(parent, name, st)
 
     def _list(self, nodeid: int) -> list[bytes]:
         if nodeid == SNAPDIR_ID:

@@ -1,12 +1,18 @@
 """The live inode table: which backing objects the kernel currently knows.
 
-Owns the mapping from FUSE inode numbers to backing objects. Each known
-object is held by an O_PATH descriptor (as libfuse's passthrough_ll does),
-so that renames of it or of any directory above it cost nothing here.
-The FUSE inode number is the backing inode number, except for the root.
+Owns the mapping from FUSE inode numbers to backing objects. A known object
+is held by an O_PATH descriptor (as libfuse's passthrough_ll does), so that
+renames of it or of any directory above it cost nothing here. The kernel may
+know more inodes than the process may hold descriptors (a `find` over 100,000
+files), so past a budget the oldest descriptors are closed, keeping the
+object's file handle, and reopened by handle when next needed. The FUSE
+inode number is the backing inode number, except for the root.
 """
 
 import os
+import resource
+from collections import OrderedDict
+from contextlib import contextmanager
 
 import pyfuse3
 
@@ -15,25 +21,40 @@ from . import libc
 # Inode numbers at and above this are virtual (the `.snapshots` tree).
 VIRTUAL_BASE = 1 << 63
 
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
 
 class Node:
-    __slots__ = ("fd", "ino", "lookups", "writers")
+    __slots__ = ("_fd", "ino", "lookups", "writers", "pins", "handle", "table")
 
-    def __init__(self, fd: int, ino: int):
-        self.fd = fd          # O_PATH | O_NOFOLLOW descriptor of the backing object
+    def __init__(self, fd: int, ino: int, table: "InodeTable"):
+        self._fd = fd         # O_PATH | O_NOFOLLOW descriptor, or -1 while closed
         self.ino = ino        # backing inode number
         self.lookups = 0      # the kernel's lookup count
         self.writers = 0      # open file handles that can write
+        self.pins = 0         # while > 0 the descriptor stays open (open files, awaited captures)
+        self.handle = None    # file handle, kept once the descriptor was closed
+        self.table = table
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            self.table.reopen(self)
+        return self._fd
 
 
 class InodeTable:
-    def __init__(self, root_fd: int):
+    def __init__(self, root_fd: int, mount_fd: int):
         self.root_ino = os.fstat(root_fd).st_ino
         if self.root_ino == pyfuse3.ROOT_INODE or self.root_ino >= VIRTUAL_BASE:
             raise RuntimeError(f"backing root has unsupported inode number {self.root_ino}")
-        root = Node(root_fd, self.root_ino)
-        root.lookups = 1
+        self.mount_fd = mount_fd
+        root = Node(root_fd, self.root_ino, self)
+        root.lookups = root.pins = 1
         self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
+        self._open: OrderedDict[int, Node] = OrderedDict()   # nodes holding a descriptor, oldest first
+        # Half the descriptors this process may have; the rest serve open files and the store.
+        self.budget = max(256, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
 
     def nodeid(self, ino: int) -> int:
         return pyfuse3.ROOT_INODE if ino == self.root_ino else ino
@@ -47,15 +68,45 @@ class InodeTable:
     def get(self, nodeid: int) -> Node | None:
         return self.nodes.get(nodeid)
 
-    def remember(self, dir_fd: int, name: bytes, st: os.stat_result) -> int:
-        """Count one kernel lookup of entry *name* of *dir_fd*, whose stat is *st*. Returns its nodeid."""
+    def remember(self, parent: Node, name: bytes, st: os.stat_result) -> int:
+        """Count one kernel lookup of entry *name* of *parent*, whose stat is *st*. Returns its nodeid."""
         nodeid = self.nodeid(st.st_ino)
         node = self.nodes.get(nodeid)
         if node is None:
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            node = self.nodes[nodeid] = Node(fd, st.st_ino)
+            with self.pinned(parent):
+                self._make_room()
+                fd = os.open(name, _O_PATH, dir_fd=parent.fd)
+            node = self.nodes[nodeid] = Node(fd, st.st_ino, self)
+            self._open[nodeid] = node
         node.lookups += 1
         return nodeid
+
+    def reopen(self, node: Node) -> None:
+        self._make_room()
+        node._fd = libc.open_handle(self.mount_fd, node.handle, _O_PATH)
+        self._open[self.nodeid(node.ino)] = node
+
+    @contextmanager
+    def pinned(self, node: Node):
+        """Keep *node*'s descriptor open (and its number valid) across awaits."""
+        node.pins += 1
+        try:
+            yield node
+        finally:
+            node.pins -= 1
+
+    def _make_room(self) -> None:
+        if len(self._open) < self.budget:
+            return
+        for nodeid in list(self._open)[: self.budget // 8 or 1]:
+            node = self._open[nodeid]
+            if node.pins:
+                self._open.move_to_end(nodeid)
+                continue
+            node.handle = libc.handle_of(node._fd)
+            os.close(node._fd)
+            node._fd = -1
+            del self._open[nodeid]
 
     def forget(self, nodeid: int, count: int) -> None:
         node = self.nodes.get(nodeid)
@@ -64,10 +115,12 @@ class InodeTable:
         node.lookups -= count
         if node.lookups <= 0:
             del self.nodes[nodeid]
-            os.close(node.fd)
+            if node._fd >= 0:
+                del self._open[nodeid]
+                os.close(node._fd)
 
     def close_all(self) -> None:
-        for nodeid, node in list(self.nodes.items()):
-            if nodeid != pyfuse3.ROOT_INODE:
-                os.close(node.fd)
+        for nodeid, node in list(self._open.items()):
+            os.close(node._fd)
+        self._open.clear()
         self.nodes = {pyfuse3.ROOT_INODE: self.nodes[pyfuse3.ROOT_INODE]}

@@ -564,3 +564,26 @@ def test_rollback_refreshes_the_kernels_size_of_a_hard_linked_file(workspace):
     rollback(workspace, 0)
     assert os.stat(p / "a").st_size == 2
     assert read(p / "a") == b"XY" and read(p / "b") == b"XY"
+
+
+@pytest.mark.parametrize("backing", ["xfs"], indirect=True)
+def test_more_known_inodes_than_descriptors(workspace):
+    """The daemon may hold 1,024 descriptors here; the kernel learns 3,000 inodes."""
+    p = workspace.path
+    for d in range(30):
+        (p / f"d{d}").mkdir()
+        for f in range(100):
+            write(p / f"d{d}" / f"f{f}", b"%d.%d" % (d, f))
+    t0 = tree(p)
+    workspace.cowfs_cmd = ["prlimit", "--nofile=1024:1024", *workspace.cowfs_cmd]
+    workspace.mount()
+    assert tree(p) == t0                       # every inode looked up, most descriptors closed
+    for d in range(30):                        # changes through nodes reopened by handle
+        write(p / f"d{d}" / "f7", b"changed")
+        os.rename(p / f"d{d}" / "f8", p / f"d{d}" / "f8.moved")
+        os.chmod(p / f"d{d}" / "f9", 0o600)
+    t1 = tree(p)
+    checkpoint(workspace)
+    assert snap(workspace, 0) == t0 and snap(workspace, 1) == t1
+    rollback(workspace, 0)
+    assert tree(p) == t0

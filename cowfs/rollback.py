@@ -45,6 +45,7 @@ class Rollback:
         self.catalogue = store.catalogue
         self.writers = writers      # ino -> open handles that can write it
         self._fds: dict[int, int] = {}
+        self._detached_dirs: set[int] = set()
         self.result = RollbackResult()
 
     def run(self, target: int) -> RollbackResult:
@@ -60,6 +61,9 @@ class Rollback:
             for ino in attached:
                 if not stat.S_ISDIR(os.stat(self._fd(ino)).st_mode):
                     self.store.unkeep(ino)
+            for ino in self._detached_dirs - attached:
+                if self.store.kept(ino):
+                    self._drop_shared_names(ino, self._fd(ino))
             by_kind = sorted(objects, key=lambda i: self._is_dir(i))   # directories last
             for ino in by_kind:
                 self._restore(ino, self.catalogue.attrs_after(ino, target))
@@ -148,10 +152,10 @@ class Rollback:
         else:
             os.unlink(name, dir_fd=dir_fd)
         if stat.S_ISDIR(live.st_mode):
-            self._drop_shared_names(live.st_ino, self._fds[live.st_ino])
+            self._detached_dirs.add(live.st_ino)
 
     def _drop_shared_names(self, dir_ino: int, dir_fd: int) -> None:
-        """Unlink, below a directory just moved into the store, every file that has other names.
+        """Unlink, below a directory left in the store, every file that has other names.
 
         Those names would otherwise still count in the file's st_nlink in the
         tree. Recorded like any change, so the turn before the rollback still
@@ -181,12 +185,30 @@ class Rollback:
         self._before_entry_change(parent, dir_fd, name)
         self.result.objects.add(ino)
         if stat.S_ISDIR(os.stat(obj_fd).st_mode):
-            # A directory has one name: after the detach phase it is in the store.
-            libc.renameat2(self.store.objects_fd, self.store.object_name(ino), dir_fd, name,
-                           libc.RENAME_NOREPLACE)
+            # A directory has one name, somewhere in the store after the detach phase.
+            old_dir_fd, old_name = self._location_of_dir(ino, obj_fd)
+            libc.renameat2(old_dir_fd, old_name, dir_fd, name, libc.RENAME_NOREPLACE)
         else:
             os.link(libc.proc_path(obj_fd), name, dst_dir_fd=dir_fd, follow_symlinks=True)
         return True
+
+    def _location_of_dir(self, ino: int, fd: int) -> tuple[int, bytes]:
+        """(parent descriptor, name) of directory *ino* now, recorded as a change if in a directory
+        of the tree's history (not the store's own)."""
+        if self.store.kept(ino):
+            return self.store.objects_fd, self.store.object_name(ino)
+        parent_fd = os.open(b"..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        parent_ino = os.stat(parent_fd).st_ino
+        self._fds.setdefault(parent_ino, parent_fd)
+        if self._fds[parent_ino] != parent_fd:
+            os.close(parent_fd)
+        parent_fd = self._fds[parent_ino]
+        with os.scandir(libc.proc_path(parent_fd)) as entries:
+            name = next((os.fsencode(e.name) for e in entries if e.inode() == ino), None)
+        if name is None:
+            raise OSError(errno.EIO, f"directory {ino} is not in its parent {parent_ino}")
+        self._before_entry_change(parent_ino, parent_fd, name)
+        return parent_fd, name
 
     def _restore(self, ino: int, record: AttrRecord | None) -> None:
         if record is None:

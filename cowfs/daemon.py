@@ -304,15 +304,33 @@ class Daemon:
         Returns [(path relative to the mount, size, atime_ns, mtime_ns)].
         """
         inodes, targets, refreshing = self.fs.inodes, [], set()
-        for ino, path in result.files.items():
+        for ino in result.objects:
             node = inodes.get(inodes.nodeid(ino))
             if node is None or not isinstance(pid, int):
                 continue
             st = os.stat(node.fd)
+            path = self._live_path(node) if stat.S_ISREG(st.st_mode) else None
+            path = path or result.files.get(ino)
+            if path is None:
+                continue
             targets.append((os.fsdecode(path), st.st_size, st.st_atime_ns, st.st_mtime_ns))
             refreshing.add(inodes.nodeid(ino))
         self.fs.refreshing, self.fs.refresher_tid = refreshing, pid
         return targets
+
+    def _live_path(self, node) -> bytes | None:
+        """The node's path relative to the root, if its descriptor still names it (renames
+        move the name along; an unlinked name does not count)."""
+        root = os.fsencode(self.opts.workspace).rstrip(b"/") + b"/"
+        path = os.readlink(libc.proc_path(node.fd))
+        if not path.startswith(root) or path.endswith(b" (deleted)"):
+            return None
+        rel = path[len(root):]
+        try:
+            same = os.stat(rel, dir_fd=self.root_fd, follow_symlinks=False).st_ino == node.ino
+        except OSError:
+            return None
+        return rel if same and not rel.startswith(STORE_NAME + b"/") else None
 
     async def _invalidate(self, result) -> None:
         inodes = self.fs.inodes

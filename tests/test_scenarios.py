@@ -587,3 +587,19 @@ def test_more_known_inodes_than_descriptors(workspace):
     assert snap(workspace, 0) == t0 and snap(workspace, 1) == t1
     rollback(workspace, 0)
     assert tree(p) == t0
+
+
+def test_rollback_refreshes_the_size_of_a_file_whose_rows_name_old_places(mounted):
+    """Found by the model test: no layer after the target names where the file is now."""
+    ws, p = mounted, mounted.path
+    write(p / "a", b"x" * 46)
+    os.rename(p / "a", p / "src" / "b")
+    os.rename(p / "src" / "b", p / "src" / "n\nl")
+    checkpoint(ws)
+    os.truncate(p / "src" / "n\nl", 0)
+    os.link(p / "src" / "n\nl", p / "again")
+    checkpoint(ws)
+    rollback(ws, 1)
+    assert os.stat(p / "src" / "n\nl").st_size == 46
+    assert read(p / "src" / "n\nl") == b"x" * 46
+    assert not (p / "again").exists()

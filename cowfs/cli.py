@@ -234,7 +234,8 @@ def _refresh_kernel_view(mount: control.Mount, targets: list) -> None:
         for rel, size, atime_ns, mtime_ns in targets:
             path = os.path.join(os.fsencode(mount.mountpoint), os.fsencode(rel))
             try:
-                os.truncate(path, size)
+                if size is not None:
+                    os.truncate(path, size)
                 os.utime(path, ns=(atime_ns, mtime_ns))
             except FileNotFoundError:
                 pass

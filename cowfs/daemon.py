@@ -301,10 +301,10 @@ class Daemon:
         cached regular file and ignores ours: only a setattr through the mount
         changes them. The daemon cannot make one (its own mount is hidden from
         it), so the CLI does, and `fs` lets exactly those through uncaptured.
-        Returns [(path relative to the mount, size, atime_ns, mtime_ns)].
+        Returns [(path relative to the mount, size or None if unchanged, atime_ns, mtime_ns)].
         """
         inodes, targets, refreshing = self.fs.inodes, [], set()
-        for ino in result.objects:
+        for ino, size_before in result.restored.items():
             node = inodes.get(inodes.nodeid(ino))
             if node is None or not isinstance(pid, int):
                 continue
@@ -313,7 +313,8 @@ class Daemon:
             path = path or result.files.get(ino)
             if path is None:
                 continue
-            targets.append((os.fsdecode(path), st.st_size, st.st_atime_ns, st.st_mtime_ns))
+            size = None if st.st_size == size_before else st.st_size
+            targets.append((os.fsdecode(path), size, st.st_atime_ns, st.st_mtime_ns))
             refreshing.add(inodes.nodeid(ino))
         self.fs.refreshing, self.fs.refresher_tid = refreshing, pid
         return targets

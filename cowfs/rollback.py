@@ -34,6 +34,7 @@ class RollbackResult:
     entries: set[tuple[int, bytes]] = field(default_factory=set)   # (parent ino, name) changed
     objects: set[int] = field(default_factory=set)                 # inos whose content/attrs changed
     files: dict[int, bytes] = field(default_factory=dict)          # regular file ino -> a live path
+    restored: dict[int, int] = field(default_factory=dict)         # regular file ino -> size before
 
 
 class Rollback:
@@ -103,7 +104,7 @@ class Rollback:
 
     def _find_live_paths(self) -> None:
         """A path in the live tree for each regular file touched (callers refresh the kernel's view)."""
-        for ino in self.result.objects:
+        for ino in self.result.restored:
             try:
                 if stat.S_ISREG(os.stat(self._fd(ino)).st_mode):
                     path = self._live_path(ino)
@@ -221,6 +222,8 @@ class Rollback:
         if self._only_in_store(ino, st):
             return      # not in the tree of the target turn: its state does not matter
         self.result.objects.add(ino)
+        if stat.S_ISREG(st.st_mode):
+            self.result.restored[ino] = st.st_size
         path = libc.proc_path(fd)
         if record.content is not None and stat.S_ISREG(st.st_mode):
             self.capture.capture_content_now(ino, fd)

@@ -500,6 +500,9 @@ def x_cowfs(ctx, ws, nfiles, turns, v):
     with ctx.cowfs.mounted(ws) as error:
         if error:
             return v.fail(error)
+        # Like for like: shadow git's first commit (the whole tree) is not timed,
+        # so neither is the export of turn 0 (the whole tree).
+        ctx.cowfs.export_git(ws)
         for t in range(turns):
             rewrite_files(ws, nfiles, TURN_FILES, version=t + 1)
             ctx.cowfs.checkpoint(ws, f"turn {t + 1}")

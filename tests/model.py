@@ -11,9 +11,12 @@ the whole tree (deepcopy keeps the sharing inside one copy).
 
 Paths are tuples of ``bytes`` names; the root is ``()``.
 
-Timestamps: ``mtime`` is ``None`` ("unknown") unless the test set it with
-utime; anything that would change it in the kernel (a content change, an
-entry change in a directory) makes it unknown again.
+Timestamps: ``mtime`` is ``None`` ("unknown") until the test sets it with
+utime or observes it (test_model.compare_tree learns it on the first look);
+anything that changes it in the kernel (a content change, an entry change in
+a directory) makes it unknown again. So a known mtime must stay as it is:
+in the live tree until the object changes, in a sealed turn for ever, and
+through a rollback.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ class Dir:
 @dataclass(eq=False)
 class Symlink:
     target: bytes = b""
+    mtime: int | None = None
     mode = 0o777
-    mtime = None
     kind = "symlink"
 
     @property

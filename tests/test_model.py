@@ -3,24 +3,36 @@
 Random sequences of file operations run through a real cowfs mount (real
 syscalls from this process, plus shell commands: `cat >`, `cat >>`, `rm`,
 `rm -rf`, `mv -T`), interleaved with checkpoints, rollbacks (to any sealed
-turn, to turn 0, and undoing the last rollback) and remounts. An independent
-in-memory model (tests/model.py) says what the live tree and every sealed
-turn must contain. After every step the live tree and every
-`.snapshots/turn-N` are compared with the model: the set of names at each
-level, type, content, permission bits, symlink target, `user.*` xattrs,
-hard-link identity, link counts (live tree), and the mtime of whatever the
-test set with utime.
+turn, to turn 0, undoing the last rollback, with a file held open) and
+remounts. An independent in-memory model (tests/model.py) says what the live
+tree and every sealed turn must contain.
+
+After every step, the live tree and every `.snapshots/turn-N` are compared
+with the model: the names at each level, type, content and size, permission
+bits, symlink target, `user.*` xattrs, hard-link identity (two names of one
+object show one inode number, different objects different ones), st_nlink in
+the live tree, and mtimes (set with utime, or learnt on first sight: from
+then on an mtime must not move until the object changes, a sealed turn's
+never, and a rollback must restore them). Also: `.snapshots` is not listed in
+the root, the open turn has no snapshot, `latest` names the last sealed turn,
+every turn number printed by checkpoint / rollback / umount is the model's,
+`status` and `log` agree with it after each mount, and writes into a
+snapshot fail with EROFS.
 
 Each hypothesis example mounts a fresh workspace of its own below the
 `backing` directory of the wrapper test (hypothesis cannot use per-example
 fixtures), so the test runs on XFS (reflink) and on ext4 (copy).
 
 Knobs: COWFS_HYPOTHESIS_EXAMPLES / COWFS_HYPOTHESIS_PROFILE (conftest), and
-COWFS_MODEL_STEPS (stateful_step_count, default 30).
+COWFS_MODEL_STEPS (stateful_step_count, default 30). With -s the wrapper
+prints what was exercised (examples, steps, checkpoints, rollbacks, ...).
+
+Minimal reproductions of the bugs this test found: test_model_regressions.py.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import json
@@ -42,8 +54,8 @@ from hypothesis.stateful import (
 )
 
 import model as M
-from conftest import Workspace, is_fuse_mounted, run
-from model import NAMES, show
+from conftest import CommandError, Workspace, is_fuse_mounted, run
+from model import show
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE, loop devices)")
 
@@ -111,7 +123,12 @@ def content_diff(got: bytes, want: bytes) -> str:
 
 
 def compare_tree(top: bytes, tree: M.Dir, label: str, *, live: bool) -> list[str]:
-    """Every way the real tree at *top* differs from the model tree (empty: equal)."""
+    """Every way the real tree at *top* differs from the model tree (empty: equal).
+
+    An object whose mtime the model does not know yet takes the one seen here:
+    from then on it must not change until the model says the object changed
+    (a sealed turn never changes, and a rollback restores mtimes too).
+    """
     problems: list[str] = []
     counts = M.Model().link_count(tree)
     ino_of: dict[int, int] = {}      # id(model object) -> st_ino seen
@@ -136,7 +153,9 @@ def compare_tree(top: bytes, tree: M.Dir, label: str, *, live: bool) -> list[str
             problems.append(f"{where}: inode {st_.st_ino} is shared with a different object")
         if stat.S_IMODE(st_.st_mode) != node.mode:
             problems.append(f"{where}: mode {stat.S_IMODE(st_.st_mode):o}, want {node.mode:o}")
-        if node.mtime is not None and st_.st_mtime_ns != node.mtime:
+        if node.mtime is None:
+            node.mtime = st_.st_mtime_ns
+        elif st_.st_mtime_ns != node.mtime:
             problems.append(f"{where}: mtime_ns {st_.st_mtime_ns}, want {node.mtime}")
         if live and kind != "dir" and st_.st_nlink != counts[id(node)]:
             problems.append(f"{where}: st_nlink {st_.st_nlink}, want {counts[id(node)]}")
@@ -176,6 +195,7 @@ class CowfsMachine(RuleBasedStateMachine):
 
     base: Path | None = None                 # set by the wrapper test
     teardown_problems: list[str] = []
+    stats: collections.Counter = collections.Counter()
     _serial = itertools.count()
 
     def __init__(self):
@@ -186,15 +206,57 @@ class CowfsMachine(RuleBasedStateMachine):
         self.root = os.fsencode(self.ws.path)
         self.model = M.Model(root_mode=stat.S_IMODE(os.stat(self.root).st_mode))
         self.mounted = False
+        self.daemon_pid = None
+        self.stats["examples"] += 1
 
     def teardown(self):
-        problems = self.ws.cleanup()
+        problems = []
+        if is_fuse_mounted(self.ws.path):
+            try:
+                self.ws.umount(timeout=30)
+            except CommandError as e:
+                problems.append(f"{e}\n{self.diagnose()}")
+        problems += self.ws.cleanup()
         if problems:
             self.teardown_problems.append(f"{self.ws.path}: " + "; ".join(problems))
         if not is_fuse_mounted(self.ws.path):
             shutil.rmtree(self.ws.path, ignore_errors=True)
+        if problems:
+            # A failure of its own (hypothesis shrinks it), e.g. `cowfs umount` hanging.
+            raise AssertionError("unmounting at the end of the example failed: " + "; ".join(problems))
 
     # -- helpers -------------------------------------------------------------------------
+    def diagnose(self) -> str:
+        """What the daemon is doing (kernel stacks, end of its log): for hangs."""
+        pid = self.daemon_pid
+        if pid is None or not os.path.exists(f"/proc/{pid}"):
+            return f"[daemon {pid} is gone]"
+        out = [f"[daemon {pid}]"]
+        for task in sorted(os.listdir(f"/proc/{pid}/task")):
+            try:
+                with open(f"/proc/{pid}/task/{task}/stat") as f:
+                    state = f.read().rsplit(") ", 1)[1].split()[0]
+                with open(f"/proc/{pid}/task/{task}/stack") as f:
+                    stack = f.read().strip().replace("\n", " | ")
+            except OSError as e:
+                state, stack = "?", str(e)
+            out.append(f"  thread {task} state {state}: {stack}")
+        log = f"/proc/{pid}/root" + os.fspath(self.ws.store / "daemon.log")
+        try:   # the daemon hides its own mount from itself: /proc/PID/root sees the store
+            with open(log, errors="replace") as f:
+                out.append("  daemon.log tail:\n    " + "\n    ".join(f.read().splitlines()[-15:]))
+        except OSError as e:
+            out.append(f"  no daemon.log: {e}")
+        return "\n".join(out)
+
+    def mount(self) -> None:
+        self.ws.mount()
+        self.mounted = True
+        status = json.loads(self.cli("status", "--json"))
+        self.daemon_pid = status["daemon_pid"]
+        if self.model.open_turn is not None:
+            assert status["open_turn"] == self.model.open_turn, status
+
     def real(self, path: tuple) -> bytes:
         return b"/".join((self.root, *path))
 
@@ -335,8 +397,7 @@ class CowfsMachine(RuleBasedStateMachine):
                 continue
             ops[name](data)
         note("mount")
-        self.ws.mount()
-        self.mounted = True
+        self.mount()
         # Creating the store (.cowfs) in the root changes the root's mtime.
         self.model.root.mtime = None
         self.model.first_mount()
@@ -443,7 +504,9 @@ class CowfsMachine(RuleBasedStateMachine):
         src = self.draw_path(data, self.nondirs(), "src")
         dst = self.draw_path(data, [p for p in self.model.absent() + self.nondirs() if p != src], "dst")
         same = self.model.get(dst) is self.model.get(src)
-        via = "os" if same else data.draw(st.sampled_from(["os", "mv"]), label="via")
+        # mv refuses "the same file" (two links of one object, or a symlink to its destination).
+        mv_ok = not same and self.model.get(src).kind != "symlink"
+        via = data.draw(st.sampled_from(["os", "mv"]), label="via") if mv_ok else "os"
         note(f"rename {show(src)} -> {show(dst)} via {via}" + (" (same object: no-op)" if same else ""))
         if via == "os":
             os.rename(self.real(src), self.real(dst))
@@ -500,7 +563,9 @@ class CowfsMachine(RuleBasedStateMachine):
                     elif not isinstance(victim, M.Dir):
                         cases.append((src, dst, {errno.ENOTDIR}))
                 elif isinstance(victim, M.Dir):
-                    cases.append((src, dst, {errno.EISDIR}))
+                    # Over an ancestor of itself: ENOTEMPTY (the kernel checks that first).
+                    ancestor = src[:len(dst)] == dst
+                    cases.append((src, dst, {errno.ENOTEMPTY} if ancestor else {errno.EISDIR}))
         if not cases:
             return
         src, dst, errnos = data.draw(st.sampled_from(cases), label="src, dst, errnos")
@@ -530,6 +595,11 @@ class CowfsMachine(RuleBasedStateMachine):
 
     # -- rules: turns --------------------------------------------------------------------
     def checkpoint_now(self, message: str) -> None:
+        self.stats["checkpoints"] += 1
+        # Learn the mtimes the turn is sealed with (a rule may have changed
+        # things since the last invariant check).
+        problems = compare_tree(self.root, self.model.root, "live before checkpoint", live=True)
+        assert not problems, "\n".join(problems)
         out = self.cli("checkpoint", "-m", message)
         want = self.model.checkpoint()
         note(f"checkpoint -> {out.strip()}")
@@ -545,6 +615,7 @@ class CowfsMachine(RuleBasedStateMachine):
         self.checkpoint_now("again")
 
     def rollback_now(self, target: int) -> None:
+        self.stats["rollbacks"] += 1
         out = self.cli("rollback", str(target))
         pending, recorded = self.model.rollback(target)
         note(f"rollback {target} -> {out.strip()!r}")
@@ -591,9 +662,10 @@ class CowfsMachine(RuleBasedStateMachine):
     def rollback_with_open_file(self, data):
         """A rollback while a file is held open (for writing) by someone."""
         path = self.draw_path(data, self.files(), "held open")
+        how = data.draw(st.sampled_from(["O_RDONLY", "O_RDWR"]), label="open flags")
         target = data.draw(st.sampled_from(sorted(self.model.turns)), label="turn")
-        note(f"hold {show(path)} open O_RDWR during the rollback")
-        fd = os.open(self.real(path), os.O_RDWR)
+        note(f"hold {show(path)} open {how} during the rollback")
+        fd = os.open(self.real(path), getattr(os, how))
         try:
             self.rollback_now(target)
         finally:
@@ -601,14 +673,17 @@ class CowfsMachine(RuleBasedStateMachine):
 
     @rule()
     def remount(self):
-        out = self.ws.umount().stdout.splitlines()
+        try:
+            out = self.ws.umount(timeout=30).stdout.splitlines()
+        except CommandError as e:
+            raise AssertionError(f"{e}\n{self.diagnose()}") from None
         self.mounted = False
+        self.stats["remounts"] += 1
         sealed = self.model.umount()
         note(f"umount -> {out}")
         want = [f"sealed turn-{sealed}"] if sealed is not None else []
         assert out[:-1] == want, f"umount printed {out}, want {want} first"
-        self.ws.mount()
-        self.mounted = True
+        self.mount()
         note("mount")
         turns = json.loads(self.cli("log", "--json"))
         sealed_turns = [t["number"] for t in turns if t["sealed"] is not None]
@@ -636,6 +711,7 @@ class CowfsMachine(RuleBasedStateMachine):
             "chmod": lambda p: os.chmod(snap(p), 0o700),
             "utime": lambda p: os.utime(snap(p), ns=(1, 1)),
             "setxattr": lambda p: os.setxattr(snap(p), b"user.x", b"y"),
+            "removexattr": lambda p: os.removexattr(snap(p), sorted(self.model.get(p, tree).xattrs)[0]),
             "open_write": lambda p: os.close(os.open(snap(p), os.O_WRONLY)),
             "open_trunc": lambda p: os.close(os.open(snap(p), os.O_RDONLY | os.O_TRUNC)),
             "truncate": lambda p: os.truncate(snap(p), 0),
@@ -646,6 +722,7 @@ class CowfsMachine(RuleBasedStateMachine):
         }
         kinds = {"create": dirs, "mkdir": dirs, "symlink": dirs, "chmod": dirs + files,
                  "utime": dirs + files, "setxattr": dirs + files, "open_write": files,
+                 "removexattr": [p for p in dirs + files if self.model.get(p, tree).xattrs],
                  "open_trunc": files, "truncate": files, "unlink": [p for p in existing
                                                                    if p in files or p not in dirs],
                  "rename": existing, "rename_out": existing, "mkdir_in_snapdir": [()]}
@@ -669,6 +746,9 @@ class CowfsMachine(RuleBasedStateMachine):
     def trees_match_model(self):
         if not self.mounted:
             return
+        self.stats["steps"] += 1
+        self.stats["turns compared"] += len(self.model.turns)
+        self.stats["entries compared"] += sum(len(self.model.walk(t)) for t in self.model.turns.values())
         problems = []
         names = os.listdir(self.root)
         if SNAPDIR in names:
@@ -700,9 +780,12 @@ def test_model(backing):
     """The stateful model test, on a fresh workspace per example below *backing*."""
     CowfsMachine.base = backing
     CowfsMachine.teardown_problems = []
+    CowfsMachine.stats = collections.Counter()
     try:
         run_state_machine_as_test(
             CowfsMachine, settings=settings(stateful_step_count=STEPS, deadline=None))
     finally:
         CowfsMachine.base = None
+        print(f"model test on {backing.parent.name}: " +
+              ", ".join(f"{k} {v}" for k, v in CowfsMachine.stats.items()))
     assert not CowfsMachine.teardown_problems, CowfsMachine.teardown_problems

@@ -1,13 +1,14 @@
 """Minimal reproductions of bugs found by the model-based test (test_model.py).
 
 Each test is the smallest operation sequence that showed the bug, on both
-backing filesystems. A test still marked xfail(strict=True) documents a bug
-that was open when it was written; remove the mark once it is fixed.
+backing filesystems (the `workspace` fixture). A bug still open would carry
+`@pytest.mark.xfail(strict=True, reason=...)`; every one below was fixed
+after it was reported, so none does.
 """
 
+import json
 import os
-
-import pytest
+import time
 
 
 def test_open_with_o_nofollow_of_a_regular_file(workspace):
@@ -31,4 +32,202 @@ def test_open_with_o_nofollow_of_a_regular_file(workspace):
     finally:
         os.close(fd)
     assert (ws.path / "f").read_bytes() == b"hello!"
+    ws.umount()
+
+
+def _daemon_pid(ws) -> int:
+    return json.loads(ws.cli("status", "--json").stdout)["daemon_pid"]
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(") ", 1)[1].startswith("Z"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_umount_while_another_workspace_is_mounted(workspace_factory):
+    """Unmounting one workspace must not wait for the daemon of another one.
+
+    Found by test_model (its `cowfs umount` at the end of an example hung while
+    other cowfs mounts existed on the machine). Each daemon moves itself into a
+    private copy of the mount namespace (libc.hide_mount_from_self); that copy
+    holds every mount that existed then, including the FUSE mount of a workspace
+    mounted earlier. After `fusermount3 -u` of that earlier workspace its
+    connection stays alive in the later daemon's namespace, so its daemon never
+    sees the end of the session: `cowfs umount` waits its full 60 s, the daemon
+    keeps running (holding the store lock: mounting the workspace again fails
+    with "already mounted by another cowfs daemon") until the other workspace is
+    unmounted. The same copy pins every other filesystem (e.g. a loop-mounted
+    XFS) that was mounted when a daemon started.
+    """
+    a, b = workspace_factory("a"), workspace_factory("b")
+    a.mount()
+    b.mount()
+    (a.path / "f").write_bytes(b"x")
+    pid = _daemon_pid(a)
+    started = time.monotonic()
+    a.umount(timeout=10)      # a CommandError (timeout) here is the bug
+    assert _wait_gone(pid, 5), "the daemon of the unmounted workspace is still running"
+    assert time.monotonic() - started < 10, "cowfs umount waited for the daemon"
+    a.mount(timeout=30)       # the store lock must be free again
+    assert (a.path / "f").read_bytes() == b"x"
+    a.umount()
+    b.umount()
+
+
+def test_rollback_leaves_no_extra_link_to_a_file(workspace):
+    """After a rollback, a file's st_nlink is its number of names in the tree.
+
+    Found by test_model (live st_nlink 3, want 2). Rolling back detaches a
+    directory born after the target turn by moving it whole into the store;
+    a file hard-linked into that directory keeps a name there
+    (.cowfs/objects/i<dir>/g), which st_nlink counts. The snapshot is right; the
+    live tree is not "exactly turn N" (find -links, tar/rsync -H see a phantom
+    link).
+    """
+    ws = workspace
+    ws.mount()
+    (ws.path / "f").write_bytes(b"hi")
+    assert ws.cli("checkpoint").stdout.strip() == "turn-1"
+    (ws.path / "d").mkdir()
+    os.link(ws.path / "f", ws.path / "d" / "g")
+    assert ws.cli("checkpoint").stdout.strip() == "turn-2"
+    ws.cli("rollback", "1")
+    assert sorted(os.listdir(ws.path)) == ["f"]
+    assert os.lstat(ws.path / "f").st_nlink == 1
+    ws.umount()
+
+
+def test_opening_for_writing_without_writing_is_not_a_change(workspace):
+    """open(O_RDWR) + close, with no write, must not leave pending changes.
+
+    Found by test_model: a rollback while a file was merely held open for
+    writing first sealed a "changes before rollback" turn although nothing had
+    changed (the content is captured at open, to surface ENOSPC there, and the
+    capture counts as a change). The same spurious turn appears at umount.
+    """
+    ws = workspace
+    ws.mount()
+    (ws.path / "f").write_bytes(b"hi")
+    assert ws.cli("checkpoint").stdout.strip() == "turn-1"
+    os.close(os.open(ws.path / "f", os.O_RDWR))
+    out = ws.cli("rollback", "0").stdout.splitlines()
+    assert out == ["rolled back to turn-0 (recorded as turn-2)"]
+
+
+def test_mtime_of_a_written_file_is_the_one_seen_through_the_mount(workspace):
+    """The mtime a file shows through the mount is the one its snapshot and the disk keep.
+
+    Found by test_model (turn-1:b'a': mtime_ns M2, want M1) once the writeback
+    cache was turned on: the kernel keeps its own mtime M1 for a file it wrote
+    (and shows it through the mount), while the backing file gets M2, the time
+    of the daemon's pwrite when the page is written back (after the kernel's
+    setattr of the times). The snapshot shows M2, and after umount the file's
+    mtime has moved from M1 to M2.
+    """
+    ws = workspace
+    ws.mount()
+    names = [f"f{i}" for i in range(8)]        # the race does not lose every time
+    for name in names:
+        fd = os.open(ws.path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, b"x")
+        os.close(fd)
+    seen = {name: os.lstat(ws.path / name).st_mtime_ns for name in names}
+    assert ws.cli("checkpoint").stdout.strip() == "turn-1"
+    assert {name: os.lstat(ws.path / name).st_mtime_ns for name in names} == seen
+    assert {name: os.lstat(ws.snapshots / "turn-1" / name).st_mtime_ns for name in names} == seen
+    ws.umount()
+    assert {name: os.lstat(ws.path / name).st_mtime_ns for name in names} == seen
+
+
+def test_rollback_of_a_directory_rename_keeps_hard_linked_files(workspace):
+    """Rolling back `mv a n` must bring back a/ with every name it had.
+
+    Found by test_model (live:b'a': names differ: missing [b'b']). With
+    a/f and a/g two names of one file, `mv a n` then `rollback 0` gave back
+    a/ holding only g: f was lost from the tree and from the disk.
+    """
+    ws = workspace
+    (ws.path / "a").mkdir()
+    (ws.path / "a" / "f").write_bytes(b"hi")
+    os.link(ws.path / "a" / "f", ws.path / "a" / "g")
+    ws.mount()
+    os.rename(ws.path / "a", ws.path / "n")
+    ws.cli("rollback", "0")
+    assert sorted(os.listdir(ws.path)) == ["a"]
+    assert sorted(os.listdir(ws.path / "a")) == ["f", "g"]
+    assert os.lstat(ws.path / "a" / "f").st_ino == os.lstat(ws.path / "a" / "g").st_ino
+    assert os.lstat(ws.path / "a" / "f").st_nlink == 2
+    assert (ws.path / "a" / "f").read_bytes() == b"hi"
+    ws.umount()
+
+
+def test_rollback_of_a_directory_moved_into_a_new_directory(workspace):
+    """Rolling back `mkdir x/c; mv b x/c/b` must bring b/ back to the root.
+
+    Found by test_model: the rollback failed half way with "internal error:
+    [Errno 2] renameat2: No such file or directory", leaving the tree with
+    neither b/ nor x/c (both inside the store). x/c, born after the target
+    turn, is moved whole into the store with b/ inside it; attaching b/ then
+    looks for it at the top of the store.
+    """
+    ws = workspace
+    (ws.path / "b").mkdir()
+    (ws.path / "b" / "f").write_bytes(b"in b")
+    (ws.path / "x").mkdir()
+    ws.mount()
+    (ws.path / "x" / "c").mkdir()
+    os.rename(ws.path / "b", ws.path / "x" / "c" / "b")
+    ws.cli("rollback", "0")
+    assert sorted(os.listdir(ws.path)) == ["b", "x"]
+    assert os.listdir(ws.path / "x") == []
+    assert (ws.path / "b" / "f").read_bytes() == b"in b"
+    ws.umount()
+
+
+def test_rollback_of_a_file_moved_into_a_new_directory_leaves_no_extra_link(workspace):
+    """Rolling back `mkdir d; mv f d/g` gives back f with st_nlink 1.
+
+    Found by test_model after the first st_nlink fix (live:b's p': st_nlink 2,
+    want 1): d/, born after the target turn, is moved whole into the store
+    with the file inside it as its only name (st_nlink 1 then, so it is not
+    dropped), and f is then linked back into the root: two names.
+    """
+    ws = workspace
+    (ws.path / "f").write_bytes(b"hi")
+    ws.mount()
+    (ws.path / "d").mkdir()
+    os.rename(ws.path / "f", ws.path / "d" / "g")
+    ws.cli("rollback", "0")
+    assert sorted(os.listdir(ws.path)) == ["f"]
+    assert os.lstat(ws.path / "f").st_nlink == 1
+    ws.umount()
+
+
+def test_rollback_restores_the_size_of_a_file_grown_through_another_name(workspace):
+    """After `ln b a; echo more >> a; rollback 0`, b reads as it was (size included).
+
+    Found by test_model (live:b'b': st_size 1, want 0). The backing file is
+    restored, but the kernel (writeback cache: it trusts its own size of a
+    cached file) keeps the grown size: b reads "hello\\n" plus five NUL bytes
+    through the mount until it is remounted. Without the second name it works.
+    """
+    ws = workspace
+    (ws.path / "b").write_bytes(b"hello\n")
+    ws.mount()
+    os.link(ws.path / "b", ws.path / "a")
+    with open(ws.path / "a", "ab") as f:
+        f.write(b"more\n")
+    assert (ws.path / "b").read_bytes() == b"hello\nmore\n"
+    ws.cli("rollback", "0")
+    assert sorted(os.listdir(ws.path)) == ["b"]
+    assert os.stat(ws.path / "b").st_size == 6
+    assert (ws.path / "b").read_bytes() == b"hello\n"
     ws.umount()

@@ -270,26 +270,26 @@ class CowFS(pyfuse3.Operations):
         return out
 
     # -- creating and removing entries --------------------------------------------------
-    @fuse_op
-    async def mkdir(self, parent_id, name, mode, ctx):
+    def _make(self, parent_id: int, name: bytes, ctx, make) -> pyfuse3.EntryAttributes:
+        """Create entry *name* with ``make(dir_fd)``, its pre-image recorded first."""
         parent = self._live_parent(parent_id, name)
         self._before_entry_change(parent_id, parent, name)
-        os.mkdir(name, mode, dir_fd=parent.fd)
+        make(parent.fd)
         return self._created(parent, name, ctx)
+
+    @fuse_op
+    async def mkdir(self, parent_id, name, mode, ctx):
+        return self._make(parent_id, name, ctx, lambda dir_fd: os.mkdir(name, mode, dir_fd=dir_fd))
 
     @fuse_op
     async def mknod(self, parent_id, name, mode, rdev, ctx):
-        parent = self._live_parent(parent_id, name)
-        self._before_entry_change(parent_id, parent, name)
-        os.mknod(name, mode, rdev, dir_fd=parent.fd)
-        return self._created(parent, name, ctx)
+        return self._make(parent_id, name, ctx,
+                          lambda dir_fd: os.mknod(name, mode, rdev, dir_fd=dir_fd))
 
     @fuse_op
     async def symlink(self, parent_id, name, target, ctx):
-        parent = self._live_parent(parent_id, name)
-        self._before_entry_change(parent_id, parent, name)
-        os.symlink(target, name, dir_fd=parent.fd)
-        return self._created(parent, name, ctx)
+        return self._make(parent_id, name, ctx,
+                          lambda dir_fd: os.symlink(target, name, dir_fd=dir_fd))
 
     @fuse_op
     async def create(self, parent_id, name, mode, flags, ctx):

@@ -56,9 +56,16 @@ class Rollback:
             for (parent, name), ino in entries.items():
                 self._detach(parent, name, ino)
             attached: set[int] = set()
-            for (parent, name), ino in entries.items():
-                if ino is not None and self._attach(parent, name, ino):
-                    attached.add(ino)
+            # Directories first: a file is linked back only into a directory that is
+            # in the tree by then (a name inside the store would count in st_nlink).
+            for dirs in (True, False):
+                for (parent, name), ino in entries.items():
+                    if ino is None or self._is_dir(ino) != dirs:
+                        continue
+                    if not dirs and not self._in_tree(parent):
+                        continue
+                    if self._attach(parent, name, ino):
+                        attached.add(ino)
             for ino in attached:
                 if not stat.S_ISDIR(os.stat(self._fd(ino)).st_mode):
                     self.store.unkeep(ino)
@@ -129,6 +136,10 @@ class Rollback:
             except OSError:
                 continue
         return None
+
+    def _in_tree(self, dir_ino: int) -> bool:
+        """Directory *dir_ino* is in the live tree (a directory's descriptor knows its path)."""
+        return self._relative(os.readlink(libc.proc_path(self._fd(dir_ino))) + b"/") is not None
 
     def _relative(self, path: bytes) -> bytes | None:
         if not path.startswith(self.root_prefix) or path.endswith(b" (deleted)"):

@@ -393,7 +393,8 @@ class CowfsMachine(RuleBasedStateMachine):
                "setxattr": self.op_setxattr, "mkfifo": self.op_mkfifo}
         for name in data.draw(st.lists(st.sampled_from(sorted(ops)), max_size=6), label="initial ops"):
             needs_absent = name in ("mkdir", "symlink", "mkfifo", "link")
-            if (needs_absent and not self.model.absent()) or (name == "link" and not self.nondirs()):
+            if (needs_absent and not self.model.absent()) or (name == "link" and not self.nondirs()) \
+                    or (name == "write" and not (self.model.absent() or self.files())):
                 continue
             ops[name](data)
         note("mount")

@@ -231,3 +231,25 @@ def test_rollback_restores_the_size_of_a_file_grown_through_another_name(workspa
     assert os.stat(ws.path / "b").st_size == 6
     assert (ws.path / "b").read_bytes() == b"hello\n"
     ws.umount()
+
+
+def test_second_rollback_to_the_same_turn_adds_no_link(workspace):
+    """`mkdir d; ln f d/g; rollback 0; rollback 0` leaves f with st_nlink 1.
+
+    Found by test_model (live:b'a': st_nlink 5, want 4) after the st_nlink
+    fixes: the first rollback moves d/ into the store and drops d/g there,
+    recording that as a change of the rollback turn; the second rollback then
+    takes (d, g) -> f as a change after turn 0 and links f back into d/, which
+    is in the store and in no turn-0 tree.
+    """
+    ws = workspace
+    (ws.path / "f").write_bytes(b"hi")
+    ws.mount()
+    (ws.path / "d").mkdir()
+    os.link(ws.path / "f", ws.path / "d" / "g")
+    ws.cli("rollback", "0")
+    assert os.lstat(ws.path / "f").st_nlink == 1
+    ws.cli("rollback", "0")
+    assert sorted(os.listdir(ws.path)) == ["f"]
+    assert os.lstat(ws.path / "f").st_nlink == 1
+    ws.umount()

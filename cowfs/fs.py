@@ -226,10 +226,14 @@ class CowFS(pyfuse3.Operations):
             self.capture.before_attr_change(node.ino, node.fd)
         path = libc.proc_path(node.fd)
         if fields.update_size:
+            before = os.stat(node.fd)
             if fh is not None and fh in self.open_files:
                 os.ftruncate(fh, attr.st_size)
             else:
                 os.truncate(path, attr.st_size)
+            if not fields.update_mtime:
+                # The kernel owns mtime (writeback cache) and sends one when it wants it changed.
+                os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
         if fields.update_mode:
             os.chmod(path, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:

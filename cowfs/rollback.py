@@ -55,17 +55,7 @@ class Rollback:
         try:
             for (parent, name), ino in entries.items():
                 self._detach(parent, name, ino)
-            attached: set[int] = set()
-            # Directories first: a file is linked back only into a directory that is
-            # in the tree by then (a name inside the store would count in st_nlink).
-            for dirs in (True, False):
-                for (parent, name), ino in entries.items():
-                    if ino is None or self._is_dir(ino) != dirs:
-                        continue
-                    if not dirs and not self._in_tree(parent):
-                        continue
-                    if self._attach(parent, name, ino):
-                        attached.add(ino)
+            attached = self._attach_all(entries)
             for ino in attached:
                 if not stat.S_ISDIR(os.stat(self._fd(ino)).st_mode):
                     self.store.unkeep(ino)
@@ -80,6 +70,25 @@ class Rollback:
             for fd in self._fds.values():
                 os.close(fd)
         return self.result
+
+    def _attach_all(self, entries: dict[tuple[int, bytes], int | None]) -> set[int]:
+        """Attach every entry's turn-K object whose directory is in the tree, directories first
+        and top-down. An entry of a directory that is not in turn K's tree (a row left by an
+        earlier rollback, say) is not attached: that would move or link into the store."""
+        attached: set[int] = set()
+        dirs = {key: ino for key, ino in entries.items() if ino is not None and self._is_dir(ino)}
+        progress = True
+        while dirs and progress:
+            progress = False
+            for key in [k for k in dirs if self._in_tree(k[0])]:
+                if self._attach(*key, dirs.pop(key)):
+                    attached.add(entries[key])
+                progress = True
+        for (parent, name), ino in entries.items():
+            if ino is not None and not self._is_dir(ino) and self._in_tree(parent) \
+                    and self._attach(parent, name, ino):
+                attached.add(ino)
+        return attached
 
     # -- reaching objects ---------------------------------------------------------------
     def _fd(self, ino: int) -> int:
@@ -206,19 +215,26 @@ class Rollback:
 
     def _location_of_dir(self, ino: int, fd: int) -> tuple[int, bytes]:
         """(parent descriptor, name) of directory *ino* now, recorded as a change if in a directory
-        of the tree's history (not the store's own)."""
+        of the tree's history (not the store's own).
+
+        Found from the path the kernel keeps for a directory's descriptor, opened downwards
+        from the root: walking ".." up to the root would step onto this very mount."""
         if self.store.kept(ino):
             return self.store.objects_fd, self.store.object_name(ino)
-        parent_fd = os.open(b"..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        path = os.readlink(libc.proc_path(fd))
+        if not path.startswith(self.root_prefix):
+            raise OSError(errno.EIO, f"directory {ino} is outside the workspace: {path!r}")
+        parent_rel, _, name = path[len(self.root_prefix):].rpartition(b"/")
+        parent_fd = os.open(parent_rel or b".", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=self.store.root_fd)
         parent_ino = os.stat(parent_fd).st_ino
-        self._fds.setdefault(parent_ino, parent_fd)
-        if self._fds[parent_ino] != parent_fd:
+        if parent_ino in self._fds:
             os.close(parent_fd)
-        parent_fd = self._fds[parent_ino]
-        with os.scandir(libc.proc_path(parent_fd)) as entries:
-            name = next((os.fsencode(e.name) for e in entries if e.inode() == ino), None)
-        if name is None:
-            raise OSError(errno.EIO, f"directory {ino} is not in its parent {parent_ino}")
+            parent_fd = self._fds[parent_ino]
+        else:
+            self._fds[parent_ino] = parent_fd
+        if os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_ino != ino:
+            raise OSError(errno.EIO, f"directory {ino} is not at {path!r}")
         self._before_entry_change(parent_ino, parent_fd, name)
         return parent_fd, name
 

@@ -60,6 +60,9 @@ from model import show
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE, loop devices)")
 
 STEPS = int(os.environ.get("COWFS_MODEL_STEPS", "30"))
+# Every cowfs command here acts on a tiny tree: a command that takes this long
+# is hung (the daemon deadlocked), not slow.
+CLI_TIMEOUT = 30
 
 UMASK = os.umask(0o022)
 os.umask(UMASK)
@@ -213,9 +216,9 @@ class CowfsMachine(RuleBasedStateMachine):
         problems = []
         if is_fuse_mounted(self.ws.path):
             try:
-                self.ws.umount(timeout=30)
+                self.ws.umount(timeout=CLI_TIMEOUT)
             except CommandError as e:
-                problems.append(f"{e}\n{self.diagnose()}")
+                problems.append(f"{e}\n{self.hung()}")
         problems += self.ws.cleanup()
         if problems:
             self.teardown_problems.append(f"{self.ws.path}: " + "; ".join(problems))
@@ -250,7 +253,7 @@ class CowfsMachine(RuleBasedStateMachine):
         return "\n".join(out)
 
     def mount(self) -> None:
-        self.ws.mount()
+        self.ws.mount(timeout=CLI_TIMEOUT)
         self.mounted = True
         status = json.loads(self.cli("status", "--json"))
         self.daemon_pid = status["daemon_pid"]
@@ -279,7 +282,22 @@ class CowfsMachine(RuleBasedStateMachine):
         return self.model.paths(kinds, min_depth=0)
 
     def cli(self, *args):
-        return self.ws.cli(*args).stdout
+        try:
+            return self.ws.cli(*args, timeout=CLI_TIMEOUT).stdout
+        except CommandError as e:
+            if e.timeout is None:
+                raise
+            raise AssertionError(f"{e}\n{self.hung()}") from None
+
+    def hung(self) -> str:
+        """Describe a hung daemon, then kill it: a deadlocked daemon never exits on its own."""
+        diagnosis = self.diagnose()
+        if self.daemon_pid is not None:
+            try:
+                os.kill(self.daemon_pid, 9)
+            except ProcessLookupError:
+                pass
+        return diagnosis
 
     # -- the operations (usable before the first mount, too) --------------------------------
     def op_write(self, data, via=None):
@@ -675,9 +693,9 @@ class CowfsMachine(RuleBasedStateMachine):
     @rule()
     def remount(self):
         try:
-            out = self.ws.umount(timeout=30).stdout.splitlines()
+            out = self.ws.umount(timeout=CLI_TIMEOUT).stdout.splitlines()
         except CommandError as e:
-            raise AssertionError(f"{e}\n{self.diagnose()}") from None
+            raise AssertionError(f"{e}\n{self.hung()}") from None
         self.mounted = False
         self.stats["remounts"] += 1
         sealed = self.model.umount()

@@ -2,13 +2,15 @@
 
 Each test is the smallest operation sequence that showed the bug, on both
 backing filesystems (the `workspace` fixture). A bug still open would carry
-`@pytest.mark.xfail(strict=True, reason=...)`; every one below was fixed
-after it was reported, so none does.
+`@pytest.mark.xfail(strict=True, reason=...)`: remove the mark once it is
+fixed. The others were fixed after they were reported.
 """
 
 import json
 import os
 import time
+
+import pytest
 
 
 def test_open_with_o_nofollow_of_a_regular_file(workspace):
@@ -253,3 +255,34 @@ def test_second_rollback_to_the_same_turn_adds_no_link(workspace):
     assert sorted(os.listdir(ws.path)) == ["f"]
     assert os.lstat(ws.path / "f").st_nlink == 1
     ws.umount()
+
+
+def test_rollback_twice_after_a_directory_moved_into_a_new_one_does_not_hang(workspace):
+    """`mkdir c; mv d c/x; rollback 0; rollback 0` must not deadlock the daemon.
+
+    Found by test_model (a hang: `cowfs umount` stuck opening the mount, the
+    daemon's main thread stuck in a FUSE opendir on its own mount). The first
+    rollback brings d/ back out of c/ (now in the store) and records the entry
+    (c, x) -> d as a change of the rollback turn. The second rollback takes
+    that stale entry as one to restore, looks for d's current place by opening
+    ".." of d, which is the workspace root: resolved from a descriptor of the
+    original mount namespace, ".." steps onto the cowfs mount covering it, and
+    listing it sends a request to the daemon from the daemon's own thread.
+    (Had it not hung, it would have moved d/ into c/ in the store.)
+    """
+    ws = workspace
+    (ws.path / "d").mkdir()
+    ws.mount()
+    pid = _daemon_pid(ws)
+    try:
+        (ws.path / "c").mkdir()
+        os.rename(ws.path / "d", ws.path / "c" / "x")
+        ws.cli("rollback", "0", timeout=20)
+        assert sorted(os.listdir(ws.path)) == ["d"]
+        ws.cli("rollback", "0", timeout=20)      # a CommandError (timeout) here is the bug
+        assert sorted(os.listdir(ws.path)) == ["d"]
+        assert os.listdir(ws.path / "d") == []
+        ws.umount(timeout=20)
+    finally:
+        if not _wait_gone(pid, 0):
+            os.kill(pid, 9)     # a deadlocked daemon never exits by itself

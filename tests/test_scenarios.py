@@ -551,6 +551,31 @@ def test_disk_full_during_capture_fails_the_write_and_leaves_no_gap(tiny_ext4):
         ws.cleanup()
 
 
+def test_a_write_that_does_not_fit_fails_at_close(tiny_ext4):
+    """write() only fills the page cache; the kernel writes it back on close.
+
+    cowfs answers FLUSH with ENOSYS (the kernel stops sending it), so the
+    ENOSPC of that writeback must still reach close() and fsync().
+    """
+    from conftest import Workspace
+    ws = Workspace(tiny_ext4 / "ws")
+    try:
+        ws.mount()
+        fill_disk(tiny_ext4 / "filler")
+        for sync in (False, True):
+            fd = os.open(ws.path / f"new-{sync}", os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, b"x" * (4 << 20))
+            with pytest.raises(OSError) as e:
+                if sync:
+                    os.fsync(fd)
+                os.close(fd)
+            assert e.value.errno == errno.ENOSPC
+            if sync:
+                os.close(fd)
+    finally:
+        ws.cleanup()
+
+
 def test_rollback_refreshes_the_kernels_size_of_a_hard_linked_file(workspace):
     """Found by the model test: a stale size through the mount after rollbacks of a hard-linked file."""
     p = workspace.path

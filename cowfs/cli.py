@@ -275,6 +275,9 @@ def cmd_status(args) -> int:
     print(f"store size:   {_size(s['store_bytes'])}")
     print(f"snapshots:    .snapshots ({s['snapdir']})")
     print(f"daemon pid:   {s['daemon_pid']}")
+    requests = sorted(s.get("requests", {}).items(), key=lambda kv: -kv[1])
+    print(f"requests:     {sum(n for _, n in requests):,} since mount" +
+          "".join(f"{';' if i else ':'} {op} {n:,}" for i, (op, n) in enumerate(requests[:4])))
     if s.get("drift"):
         print(f"warning:      {s['drift']}")
     mirror = s.get("git_mirror")

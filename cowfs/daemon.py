@@ -236,6 +236,7 @@ class Daemon:
             "snapdir": "visible" if self.opts.snapdir_visible else "hidden",
             "drift": self.store.catalogue.get_meta("drift"),
             "git_mirror": self.git_export.mirror if self.opts.export_git_on_checkpoint else None,
+            "requests": dict(self.fs.requests),
         }
 
     def _persisted_changes(self) -> int:

@@ -8,6 +8,7 @@ mutation. Requests under `.snapshots` are answered from snapshot.py and
 refused with EROFS when they would write.
 """
 
+import collections
 import errno
 import functools
 import logging
@@ -43,9 +44,16 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 
 
 def fuse_op(method):
-    """Turn every failure of a handler into an errno: anything else would end pyfuse3.main()."""
+    """Turn every failure of a handler into an errno: anything else would end pyfuse3.main().
+
+    Also counts the request (`cowfs status --json` shows the counts): what a
+    workload costs through FUSE is mostly how many round trips it makes.
+    """
+    name = method.__name__
+
     @functools.wraps(method)
     async def handler(self, *args):
+        self.requests[name] += 1
         try:
             return await method(self, *args)
         except pyfuse3.FUSEError:
@@ -143,6 +151,7 @@ class CowFS(pyfuse3.Operations):
         self.snap_files: dict[int, _SnapFile] = {}
         self.listings: dict[int, _Listing] = {}
         self._next_fh = SNAP_FH_BASE
+        self.requests: collections.Counter[str] = collections.Counter()  # by handler, since mount
 
     # -- helpers --------------------------------------------------------------------
     def _node(self, nodeid: int) -> Node:
@@ -255,6 +264,7 @@ class CowFS(pyfuse3.Operations):
         return libc.readlink_fd(self._node(nodeid).fd)
 
     def forget(self, inode_list):
+        self.requests["forget"] += 1
         for nodeid, count in inode_list:
             try:
                 if nodeid >= VIRTUAL_BASE:
@@ -463,6 +473,7 @@ class CowFS(pyfuse3.Operations):
         return written
 
     async def flush(self, fh):
+        self.requests["flush"] += 1
         # Nothing is buffered here (writes go straight to the backing file), and
         # with the writeback cache the kernel writes dirty pages back, and reports
         # their errors to close(), before it would send FLUSH.  ENOSYS tells it

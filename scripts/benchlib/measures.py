@@ -321,6 +321,7 @@ def measure_c(ctx):
     native = {op: Variant("native") for op in C_STEPS}
     cow = {op: Variant("cowfs") for op in C_STEPS}
     seen = {"native": {}, "cowfs": {}}
+    requests = {}  # op -> [FUSE requests the daemon answered during it]
     with ctx.cowfs.mounted(ws) as error:
         if error:
             for v in cow.values():
@@ -331,10 +332,19 @@ def measure_c(ctx):
                        show_traceback=True)
             if not error:
                 log(f"C: repetition {rep + 1}/{ctx.cfg.c_reps}: cowfs")
-                agent_work(ws / f"run-{rep}", tarball, nfiles, cow, seen["cowfs"])
+                agent_work(ws / f"run-{rep}", tarball, nfiles, cow, seen["cowfs"],
+                           requests=(lambda: fuse_requests(ctx, ws), requests))
     compare_fingerprints(seen, cow)
     rows = c_rows(native, cow)
     rows[0].notes.update({"stdlib files": nfiles, "git status repo files": ctx.cfg.c_repo_files})
+    for row in rows:
+        op = row.key.removeprefix("C/")
+        if requests.get(op):
+            n = statistics.median(requests[op])
+            files, what = ((ctx.cfg.c_repo_files, "repository file") if op == "git status"
+                           else (nfiles, "stdlib file"))
+            passes = " (both passes)" if op == C_REREAD else ""
+            row.notes["FUSE requests (cowfs)"] = f"{n:,.0f}{passes}: {n / files:.1f} per {what}"
     for row in rows:
         fingerprints = seen["native"].get(row.key.removeprefix("C/"), {None}) - {None}
         if fingerprints:
@@ -342,14 +352,29 @@ def measure_c(ctx):
     return rows
 
 
-def agent_work(work, tarball, nfiles, variants, seen, show_traceback=False):
+def agent_work(work, tarball, nfiles, variants, seen, show_traceback=False, requests=None):
+    """Run every C step in *work*; with *requests* = (counter, per-op lists), also
+    record how many FUSE requests each step cost (read outside the timed part)."""
     for op, step in C_STEPS.items():
+        before = requests[0]() if requests else None
         result = attempt(variants[op], step, work, tarball, nfiles,
                          show_traceback=show_traceback)
         if result is not None:
             ms, fingerprint = result
             variants[op].add(ms)
             seen.setdefault(op, set()).add(fingerprint)
+            after = requests[0]() if requests and before is not None else None
+            if after is not None:
+                requests[1].setdefault(op, []).append(after - before)
+
+
+def fuse_requests(ctx, ws):
+    """How many FUSE requests the daemon of *ws* has answered, or None if it does not say."""
+    try:
+        counts = ctx.cowfs.status_json(ws).get("requests")
+    except CowfsError:
+        return None
+    return sum(counts.values()) if isinstance(counts, dict) else None
 
 
 def compare_fingerprints(seen, cow):

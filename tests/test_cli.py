@@ -1,5 +1,6 @@
 """The command line: bad input gets one line and exit code 2, failures exit 1, --help answers."""
 
+import json
 import subprocess
 import sys
 
@@ -56,3 +57,15 @@ def test_status_and_log_report_the_mount(workspace):
     assert "capture mode: reflink" in status or "capture mode: copy" in status
     log = workspace.cli("log").stdout.splitlines()
     assert log[0].startswith("turn-0") and "first turn" in log[1] and "(open)" in log[2]
+
+
+def test_status_counts_the_fuse_requests(workspace):
+    workspace.mount()
+    before = json.loads(workspace.cli("status", "--json").stdout)["requests"]
+    for i in range(20):
+        (workspace.path / f"f{i}").write_bytes(b"x")
+        (workspace.path / f"f{i}").read_bytes()
+    after = json.loads(workspace.cli("status", "--json").stdout)["requests"]
+    assert after["create"] - before.get("create", 0) == 20
+    assert after["open"] - before.get("open", 0) == 20     # the reads: the creates were closed
+    assert "requests:" in workspace.cli("status").stdout

@@ -106,6 +106,14 @@ def _backing_flags(flags: int) -> int:
     return flags | os.O_CLOEXEC
 
 
+def _only_times_already_set(attr, fields, fd: int) -> bool:
+    """A setattr of mtime (and ctime, which no one can set) to the mtime the object has."""
+    if (fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid
+            or fields.update_atime):
+        return False
+    return not fields.update_mtime or attr.st_mtime_ns == os.stat(fd).st_mtime_ns
+
+
 class _Listing:
     """An open directory: its names, read once so offsets stay valid while it changes."""
     __slots__ = ("nodeid", "names")
@@ -228,6 +236,11 @@ class CowFS(pyfuse3.Operations):
         if nodeid >= VIRTUAL_BASE:
             raise _erofs()
         node = self._node(nodeid)
+        if _only_times_already_set(attr, fields, node.fd):
+            # With the writeback cache the kernel flushes its cached mtime and ctime
+            # after every unlink, rename or link of a file: mostly the mtime it has.
+            # Not a change: nothing to capture, nothing to count.
+            return _entry(os.stat(node.fd), nodeid, LIVE_TIMEOUT)
         if ctx.pid != self.refresher_tid or nodeid not in self.refreshing:
             if fields.update_size:
                 with self.inodes.pinned(node):
@@ -326,6 +339,7 @@ class CowFS(pyfuse3.Operations):
         node = self._node(nodeid)
         parent = self._live_parent(new_parent_id, new_name)
         self._before_entry_change(new_parent_id, parent, new_name)
+        self.capture.before_attr_change(node.ino, node.fd)      # its link count
         os.link(libc.proc_path(node.fd), new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
         st = os.stat(new_name, dir_fd=parent.fd, follow_symlinks=False)
         return _entry(st, self.inodes.remember(parent, new_name, st), LIVE_TIMEOUT)
@@ -341,6 +355,17 @@ class CowFS(pyfuse3.Operations):
             return await self.capture.before_last_unlink(st.st_ino, fd, writers)
         return not self.capture.is_born(st.st_ino)
 
+    def _before_link_count_change(self, st) -> None:
+        """Record the attributes of a file that keeps other names when one goes.
+
+        Its link count changes: a rollback must then hand the kernel fresh
+        attributes of it, and it does so for the objects whose attributes it restores.
+        """
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            node = self.inodes.get(self.inodes.nodeid(st.st_ino))
+            if node is not None:
+                self.capture.before_attr_change(node.ino, node.fd)
+
     @fuse_op
     async def unlink(self, parent_id, name, ctx):
         parent = self._live_parent(parent_id, name)
@@ -349,6 +374,7 @@ class CowFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         keep = await self._prepare_removal(st)
         self._before_entry_change(parent_id, parent, name)
+        self._before_link_count_change(st)
         if keep and st.st_nlink == 1:
             self.store.keep_by_rename(parent.fd, name, st.st_ino)
         else:
@@ -394,6 +420,8 @@ class CowFS(pyfuse3.Operations):
             keep = await self._prepare_removal(victim)
         self._before_entry_change(old_parent_id, old_parent, old_name)
         self._before_entry_change(new_parent_id, new_parent, new_name)
+        if replaces:
+            self._before_link_count_change(victim)
         if not (keep and (stat.S_ISDIR(victim.st_mode) or victim.st_nlink == 1)):
             libc.renameat2(old_parent.fd, old_name, new_parent.fd, new_name, flags)
             return

@@ -591,6 +591,28 @@ def test_rollback_refreshes_the_kernels_size_of_a_hard_linked_file(workspace):
     assert read(p / "a") == b"XY" and read(p / "b") == b"XY"
 
 
+def test_rollback_refreshes_the_kernels_link_count(workspace):
+    """Removing or adding one name of a hard-linked file changes the others' st_nlink.
+
+    The kernel caches st_nlink; after a rollback that puts the name back (or
+    takes it away) it must see the restored count through every name.
+    """
+    p = workspace.path
+    write(p / "f", b"hi")
+    (p / "d").mkdir()
+    os.link(p / "f", p / "d" / "g")
+    workspace.mount()
+    assert os.stat(p / "f").st_nlink == 2
+    os.unlink(p / "d" / "g")
+    assert os.stat(p / "f").st_nlink == 1
+    rollback(workspace, 0)
+    assert os.stat(p / "f").st_nlink == 2 and os.stat(p / "d" / "g").st_nlink == 2
+    os.link(p / "f", p / "h")
+    assert os.stat(p / "f").st_nlink == 3
+    rollback(workspace, 0)
+    assert os.stat(p / "f").st_nlink == 2 and not (p / "h").exists()
+
+
 @pytest.mark.parametrize("backing", ["xfs"], indirect=True)
 def test_more_known_inodes_than_descriptors(workspace):
     """The daemon may hold 1,024 descriptors here; the kernel learns 3,000 inodes."""

@@ -476,9 +476,24 @@ class CowFS(pyfuse3.Operations):
             with self.inodes.pinned(node):
                 await self.capture.before_content_change(node.ino, node.fd,
                                                          ahead=not flags & os.O_TRUNC)
+        if flags & os.O_TRUNC and ctx.uid != 0:
+            self._drop_setid_bits(node)
         fd = os.open(libc.proc_path(node.fd), _backing_flags(flags))
         self._opened(fd, node, flags)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    def _drop_setid_bits(self, node: Node) -> None:
+        """What truncation by a caller without CAP_FSETID does natively (uid 0 stands for it).
+
+        The daemon truncates as root, which the backing filesystem lets keep
+        S_ISUID and S_ISGID; the kernel clears them itself on write() and
+        truncate(), but leaves it to us on an O_TRUNC open.
+        """
+        mode = os.stat(node.fd).st_mode
+        drop = mode & stat.S_ISUID | (mode & stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if drop:
+            self.capture.before_attr_change(node.ino, node.fd)
+            os.chmod(libc.proc_path(node.fd), stat.S_IMODE(mode) & ~drop)
 
     @fuse_op
     async def read(self, fh, off, size):

@@ -467,6 +467,32 @@ def test_objects_created_belong_to_the_caller(mounted):
     assert r.returncode != 0 and "Permission denied" in r.stderr
 
 
+def test_unprivileged_changes_clear_setuid_and_setgid_as_natively(workspace):
+    """A write, truncate or O_TRUNC open by a user without CAP_FSETID drops S_ISUID
+    (and S_ISGID of a group-executable file), as it does on the backing filesystem itself.
+
+    The daemon does the backing operations as root, which keeps the bits; the
+    O_TRUNC open used to leave them (found by comparing with native XFS).
+    """
+    p = workspace.path
+    native = p.parent / "native"
+    native.mkdir()
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"]
+    changes = {"append": "printf X >> '{f}'", "truncate": "truncate -s 1 '{f}'",
+               "open O_TRUNC": ": > '{f}'"}
+    for d in (p, native):
+        for name in changes:
+            write(d / name, b"#!/bin/sh\n")
+            os.chmod(d / name, 0o6777)
+    workspace.mount()
+    for name, command in changes.items():
+        for d in (native, p):
+            subprocess.run([*as_nobody, command.format(f=d / name)], check=True)
+        want = stat.S_IMODE(os.stat(native / name).st_mode)
+        assert want == 0o777, name
+        assert stat.S_IMODE(os.stat(p / name).st_mode) == want, name
+
+
 @pytest.mark.parametrize("backing", ["ext4"], indirect=True)
 def test_long_capture_does_not_freeze_the_mount(workspace):
     """Capturing a 1 GiB file by copy (ext4 cannot clone) runs off the request thread."""

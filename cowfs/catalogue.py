@@ -110,6 +110,17 @@ class Catalogue:
 
     @contextmanager
     def transaction(self):
+        """All or nothing. Inside a `batch` it is a savepoint, so it nests."""
+        if self.db.in_transaction:
+            self.db.execute("SAVEPOINT part")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK TO part")
+                raise
+            finally:
+                self.db.execute("RELEASE part")
+            return
         self.db.execute("BEGIN")
         try:
             yield
@@ -117,6 +128,21 @@ class Catalogue:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    @contextmanager
+    def batch(self):
+        """Many records, one commit (a commit per statement costs more than the statement).
+
+        Not all or nothing: after an error, what was recorded so far is still
+        committed. Each record is a pre-image taken before its change, and the
+        caller's in-memory state (capture's `*_done` sets) already counts it.
+        The caller must not change what the records guard until this returns.
+        """
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()

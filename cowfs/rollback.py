@@ -62,9 +62,7 @@ class Rollback:
             for ino in self._detached_dirs - attached:
                 if self.store.kept(ino):
                     self._drop_shared_names(ino, self._fd(ino))
-            by_kind = sorted(objects, key=lambda i: self._is_dir(i))   # directories last
-            for ino in by_kind:
-                self._restore(ino, self.catalogue.attrs_after(ino, target))
+            self._restore_all(objects, target)
             self._find_live_paths()
         finally:
             for fd in self._fds.values():
@@ -238,25 +236,51 @@ class Rollback:
         self._before_entry_change(parent_ino, parent_fd, name)
         return parent_fd, name
 
-    def _restore(self, ino: int, record: AttrRecord | None) -> None:
+    def _restore_all(self, objects: list[int], target: int) -> None:
+        """Restore every changed object of the tree, directories last.
+
+        Every pre-image is recorded first, in one commit, and only then is
+        anything restored: record before mutate still holds, and 1,000 files
+        cost one commit instead of three each (most of a rollback's time).
+        Restoring one object changes no other object's state, so recording
+        them all up front records what each restore changes.
+        """
+        plans = []
+        for ino in objects:
+            plan = self._plan_restore(ino, self.catalogue.attrs_after(ino, target))
+            if plan is not None:
+                plans.append(plan)
+        plans.sort(key=lambda p: stat.S_ISDIR(p[2].st_mode))     # directories last
+        with self.catalogue.batch():
+            for ino, fd, st, record in plans:
+                if record.content is not None and stat.S_ISREG(st.st_mode):
+                    self.capture.capture_content_now(ino, fd)
+                else:
+                    self.capture.before_attr_change(ino, fd)
+        for ino, fd, st, record in plans:
+            self._restore(ino, fd, st, record)
+
+    def _plan_restore(self, ino: int, record: AttrRecord | None
+                      ) -> tuple[int, int, os.stat_result, AttrRecord] | None:
         if record is None:
-            return
+            return None
         try:
             fd = self._fd(ino)
             st = os.stat(fd)
         except OSError:
-            return
+            return None
         if self._only_in_store(ino, st):
-            return      # not in the tree of the target turn: its state does not matter
+            return None     # not in the tree of the target turn: its state does not matter
         self.result.objects.add(ino)
         if stat.S_ISREG(st.st_mode):
             self.result.restored[ino] = st.st_size
+        return ino, fd, st, record
+
+    def _restore(self, ino: int, fd: int, st: os.stat_result, record: AttrRecord) -> None:
+        """Make *ino* what *record* says (its pre-image is recorded already)."""
         path = libc.proc_path(fd)
         if record.content is not None and stat.S_ISREG(st.st_mode):
-            self.capture.capture_content_now(ino, fd)
             self._restore_content(path, record.content)
-        else:
-            self.capture.before_attr_change(ino, fd)
         is_link = stat.S_ISLNK(st.st_mode)
         if (st.st_uid, st.st_gid) != (record.uid, record.gid):
             libc.chown_fd(fd, record.uid, record.gid)

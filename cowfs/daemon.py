@@ -31,6 +31,8 @@ from .store import STORE_NAME, Store, StoreBusy
 log = logging.getLogger("cowfs")
 
 ALIVE_INTERVAL = 10.0
+# Scheduler rounds a rollback waits for the FORGETs of the files whose entries it dropped.
+FORGET_ROUNDS = 8
 
 
 class MountError(Exception):
@@ -334,13 +336,55 @@ class Daemon:
         return rel if same and not rel.startswith(STORE_NAME + b"/") else None
 
     async def _invalidate(self, result) -> None:
+        """Make the kernel drop what the rollback changed.
+
+        Restored files lose their entries too, although their names did not
+        change: the kernel evicts a FUSE inode with its last entry (the daemon
+        sees the FORGET), and a new one takes size and mtime from the daemon.
+        So only the files it still knows afterwards (other names, open, watched)
+        need the CLI's refresh through the mount, which costs round trips.
+        """
         inodes = self.fs.inodes
-        for parent, name in result.entries:
-            nodeid = inodes.nodeid(parent)
-            if inodes.get(nodeid) is not None:
-                pyfuse3.invalidate_entry_async(nodeid, name, ignore_enoent=True)
+        changed = [(inodes.nodeid(parent), name) for parent, name in result.entries
+                   if inodes.get(inodes.nodeid(parent)) is not None]
+        files = self._entries_of_restored_files(result)
+        # Synchronously (in a thread), so the kernel has forgotten them before the CLI returns.
+        await trio.to_thread.run_sync(_invalidate_entries, changed + [e for _, *e in files])
+        if files:
+            await self._take_forgets([nodeid for nodeid, _, _ in files])
         known = [inodes.nodeid(i) for i in result.objects if inodes.get(inodes.nodeid(i)) is not None]
         await trio.to_thread.run_sync(_invalidate_inodes, known)
+
+    def _entries_of_restored_files(self, result) -> list[tuple[int, int, bytes]]:
+        """(nodeid, parent nodeid, name) of each restored file the kernel knows, by its live path."""
+        inodes, names = self.fs.inodes, []
+        for ino, path in result.files.items():
+            if inodes.get(inodes.nodeid(ino)) is None:
+                continue
+            dir_path, _, name = path.rpartition(b"/")
+            try:
+                parent = inodes.nodeid(os.stat(dir_path or b".", dir_fd=self.root_fd).st_ino)
+            except OSError:
+                continue
+            if inodes.get(parent) is not None:
+                names.append((inodes.nodeid(ino), parent, name))
+        return names
+
+    async def _take_forgets(self, nodeids: list[int]) -> None:
+        """Let the FUSE loop read the FORGETs that invalidating entries queued.
+
+        The kernel queues them before the invalidation returns and hands them
+        out before other requests; a few scheduler rounds read them. Any not
+        read by then only cost a refresh that was not needed.
+        """
+        inodes = self.fs.inodes
+        left = len(nodeids)
+        for _ in range(FORGET_ROUNDS):
+            await trio.sleep(0)
+            now = sum(inodes.get(n) is not None for n in nodeids)
+            if now == 0 or now == left < len(nodeids):
+                break   # all read, or the rest stays known
+            left = now
 
     # -- shut-down ---------------------------------------------------------------------
     def finish(self, unmount: bool) -> int | None:
@@ -368,6 +412,15 @@ class Daemon:
 
 class RequestError(Exception):
     pass
+
+
+def _invalidate_entries(names: list[tuple[int, bytes]]) -> None:
+    for parent, name in names:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOSYS):
+                log.warning("invalidate_entry(%d, %r): %s", parent, name, e)
 
 
 def _invalidate_inodes(nodeids: list[int]) -> None:

@@ -272,8 +272,17 @@ class Catalogue:
             result[(parent, name)] = ino
         return result
 
-    def changed_objects_after(self, turn: int) -> list[int]:
-        return [r[0] for r in self.db.execute("SELECT DISTINCT ino FROM attrs WHERE turn>?", (turn,))]
+    def changed_objects_after(self, turn: int) -> dict[int, AttrRecord]:
+        """Every object changed after *turn*, with its state at the end of *turn* (as attrs_after)."""
+        rows: dict[int, tuple] = {}
+        content: dict[int, str] = {}
+        for ino, *row, name in self.db.execute(
+                "SELECT ino, turn, mode, uid, gid, size, mtime_ns, content FROM attrs WHERE turn>? "
+                "ORDER BY turn DESC", (turn,)):
+            rows[ino] = row
+            if name is not None:
+                content[ino] = name
+        return {ino: AttrRecord(*row, content=content.get(ino)) for ino, row in rows.items()}
 
     def location_after(self, ino: int, turn: int) -> tuple[int, bytes] | None:
         """(parent, name) that held *ino* at the end of *turn*, if that entry changed since."""

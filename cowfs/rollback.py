@@ -62,7 +62,7 @@ class Rollback:
             for ino in self._detached_dirs - attached:
                 if self.store.kept(ino):
                     self._drop_shared_names(ino, self._fd(ino))
-            self._restore_all(objects, target)
+            self._restore_all(objects)
             self._find_live_paths()
         finally:
             for fd in self._fds.values():
@@ -117,32 +117,34 @@ class Rollback:
         self.result.objects.add(parent)
 
     def _find_live_paths(self) -> None:
-        """A path in the live tree for each regular file touched (callers refresh the kernel's view)."""
+        """A path in the live tree for each regular file restored (callers refresh the kernel's view)."""
         for ino in self.result.restored:
             try:
-                if stat.S_ISREG(os.stat(self._fd(ino)).st_mode):
-                    path = self._live_path(ino)
-                    if path is not None:
-                        self.result.files[ino] = path
+                path = self._live_path(ino)
             except OSError:
                 continue
+            if path is not None:
+                self.result.files[ino] = path
 
     def _live_path(self, ino: int) -> bytes | None:
         """Where *ino* is in the tree now: the name its descriptor was opened by, if still
-        right, else any entry that ever held it and holds it again."""
+        right (nearly always: a file restored in place), else any entry that ever held it
+        and holds it again."""
         own = self._relative(os.readlink(libc.proc_path(self._fd(ino))))
-        candidates = [] if own is None else [(self.store.root_fd, own, own)]
+        if own is not None and self._holds(self.store.root_fd, own, ino):
+            return own
         for parent, name in self.catalogue.holders_after(ino, -1):
             dir_path = self._relative(os.readlink(libc.proc_path(self._fd(parent))) + b"/")
-            if dir_path is not None:
-                candidates.append((self._fd(parent), name, dir_path + name))
-        for dir_fd, name, path in candidates:
-            try:
-                if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == ino:
-                    return path
-            except OSError:
-                continue
+            if dir_path is not None and self._holds(self._fd(parent), name, ino):
+                return dir_path + name
         return None
+
+    @staticmethod
+    def _holds(dir_fd: int, name: bytes, ino: int) -> bool:
+        try:
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == ino
+        except OSError:
+            return False
 
     def _in_tree(self, dir_ino: int) -> bool:
         """Directory *dir_ino* is in the live tree (a directory's descriptor knows its path)."""
@@ -236,7 +238,7 @@ class Rollback:
         self._before_entry_change(parent_ino, parent_fd, name)
         return parent_fd, name
 
-    def _restore_all(self, objects: list[int], target: int) -> None:
+    def _restore_all(self, objects: dict[int, AttrRecord]) -> None:
         """Restore every changed object of the tree, directories last.
 
         Every pre-image is recorded first, in one commit, and only then is
@@ -246,8 +248,8 @@ class Rollback:
         them all up front records what each restore changes.
         """
         plans = []
-        for ino in objects:
-            plan = self._plan_restore(ino, self.catalogue.attrs_after(ino, target))
+        for ino, record in objects.items():
+            plan = self._plan_restore(ino, record)
             if plan is not None:
                 plans.append(plan)
         plans.sort(key=lambda p: stat.S_ISDIR(p[2].st_mode))     # directories last
@@ -260,10 +262,8 @@ class Rollback:
         for ino, fd, st, record in plans:
             self._restore(ino, fd, st, record)
 
-    def _plan_restore(self, ino: int, record: AttrRecord | None
+    def _plan_restore(self, ino: int, record: AttrRecord
                       ) -> tuple[int, int, os.stat_result, AttrRecord] | None:
-        if record is None:
-            return None
         try:
             fd = self._fd(ino)
             st = os.stat(fd)

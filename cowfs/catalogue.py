@@ -264,6 +264,14 @@ class Catalogue:
         return dict(self.db.execute("SELECT name, value FROM xattrs WHERE ino=? AND turn=?", (ino, turn)))
 
     # -- whole-layer queries (rollback, export) -------------------------------
+    def xattrs_after(self, turn: int) -> dict[tuple[int, int], dict[bytes, bytes]]:
+        """The extended attributes of every attrs row after *turn*, by (ino, turn) (as xattrs_at)."""
+        result: dict[tuple[int, int], dict[bytes, bytes]] = {}
+        for ino, t, name, value in self.db.execute(
+                "SELECT ino, turn, name, value FROM xattrs WHERE turn>?", (turn,)):
+            result.setdefault((ino, t), {})[name] = value
+        return result
+
     def changed_entries_after(self, turn: int) -> dict[tuple[int, bytes], int | None]:
         """Every entry changed after *turn*, with its state at the end of *turn*."""
         result: dict[tuple[int, bytes], int | None] = {}

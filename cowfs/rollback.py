@@ -62,7 +62,7 @@ class Rollback:
             for ino in self._detached_dirs - attached:
                 if self.store.kept(ino):
                     self._drop_shared_names(ino, self._fd(ino))
-            self._restore_all(objects)
+            self._restore_all(objects, self.catalogue.xattrs_after(target))
             self._find_live_paths()
         finally:
             for fd in self._fds.values():
@@ -111,8 +111,9 @@ class Rollback:
             return None
 
     def _before_entry_change(self, parent: int, dir_fd: int, name: bytes) -> None:
-        self.capture.before_entry_change(parent, dir_fd, name)
-        self.capture.before_attr_change(parent, dir_fd)
+        with self.catalogue.batch():    # one commit, not one per record
+            self.capture.before_entry_change(parent, dir_fd, name)
+            self.capture.before_attr_change(parent, dir_fd)
         self.result.entries.add((parent, name))
         self.result.objects.add(parent)
 
@@ -238,7 +239,7 @@ class Rollback:
         self._before_entry_change(parent_ino, parent_fd, name)
         return parent_fd, name
 
-    def _restore_all(self, objects: dict[int, AttrRecord]) -> None:
+    def _restore_all(self, objects: dict[int, AttrRecord], xattrs: dict) -> None:
         """Restore every changed object of the tree, directories last.
 
         Every pre-image is recorded first, in one commit, and only then is
@@ -260,7 +261,7 @@ class Rollback:
                 else:
                     self.capture.before_attr_change(ino, fd)
         for ino, fd, st, record in plans:
-            self._restore(ino, fd, st, record)
+            self._restore(fd, st, record, xattrs.get((ino, record.turn), {}))
 
     def _plan_restore(self, ino: int, record: AttrRecord
                       ) -> tuple[int, int, os.stat_result, AttrRecord] | None:
@@ -276,40 +277,51 @@ class Rollback:
             self.result.restored[ino] = st.st_size
         return ino, fd, st, record
 
-    def _restore(self, ino: int, fd: int, st: os.stat_result, record: AttrRecord) -> None:
-        """Make *ino* what *record* says (its pre-image is recorded already)."""
+    def _restore(self, fd: int, st: os.stat_result, record: AttrRecord,
+                 xattrs: dict[bytes, bytes]) -> None:
+        """Make the object open as *fd* what *record* says (its pre-image is recorded already)."""
         path = libc.proc_path(fd)
-        if record.content is not None and stat.S_ISREG(st.st_mode):
-            self._restore_content(path, record.content)
-        is_link = stat.S_ISLNK(st.st_mode)
+        if record.content is None or not stat.S_ISREG(st.st_mode):
+            self._restore_attrs(fd, path, st, record, xattrs)
+            return
+        # The descriptor that restores the content serves the calls after it too:
+        # cheaper than resolving a /proc path for each.
+        target = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            self._restore_content(target, record.content)
+            self._restore_attrs(fd, target, st, record, xattrs)
+        finally:
+            os.close(target)
+
+    def _restore_attrs(self, fd: int, target: int | bytes, st: os.stat_result, record: AttrRecord,
+                       xattrs: dict[bytes, bytes]) -> None:
+        """Owner, mode, xattrs and mtime, through *target*: a descriptor or a path to the object."""
         if (st.st_uid, st.st_gid) != (record.uid, record.gid):
             libc.chown_fd(fd, record.uid, record.gid)
-        if not is_link:
-            if stat.S_IMODE(st.st_mode) != stat.S_IMODE(record.mode):
-                os.chmod(path, stat.S_IMODE(record.mode))
-            self._restore_xattrs(ino, path, record.turn)
-            os.utime(path, ns=(os.stat(fd).st_atime_ns, record.mtime_ns))
+        if stat.S_ISLNK(st.st_mode):
+            return
+        if stat.S_IMODE(st.st_mode) != stat.S_IMODE(record.mode):
+            os.chmod(target, stat.S_IMODE(record.mode))
+        self._restore_xattrs(target, xattrs)
+        os.utime(target, ns=(os.stat(fd).st_atime_ns, record.mtime_ns))
 
     def _only_in_store(self, ino: int, st: os.stat_result) -> bool:
         if not self.store.kept(ino):
             return False
         return stat.S_ISDIR(st.st_mode) or st.st_nlink == 1
 
-    def _restore_content(self, path: bytes, content: str) -> None:
+    def _restore_content(self, dst: int, content: str) -> None:
         src = self.store.open_content(content)
-        dst = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             os.ftruncate(dst, 0)
             self.capture.duplicate(src, dst)
         finally:
             os.close(src)
-            os.close(dst)
 
-    def _restore_xattrs(self, ino: int, path: bytes, turn: int) -> None:
-        wanted = self.catalogue.xattrs_at(ino, turn)
-        current = read_xattrs(path)
+    def _restore_xattrs(self, target: int | bytes, wanted: dict[bytes, bytes]) -> None:
+        current = read_xattrs(target)
         for name in current.keys() - wanted.keys():
-            os.removexattr(path, name)
+            os.removexattr(target, name)
         for name, value in wanted.items():
             if current.get(name) != value:
-                os.setxattr(path, name, value)
+                os.setxattr(target, name, value)

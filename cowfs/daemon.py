@@ -14,6 +14,7 @@ import os
 import resource
 import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -261,10 +262,15 @@ class Daemon:
         pending = None
         if self.capture.has_changes() or self._persisted_changes():
             pending = self.capture.seal("changes before rollback")
-        # No await from here to the seal: every other request waits.
-        result = Rollback(self.store, self.capture, self._writers,
-                          os.fsencode(self.opts.workspace)).run(target)
-        turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
+        early = self._drop_entries_early(target)
+        try:
+            # No await from here to the seal: every other request waits.
+            result = Rollback(self.store, self.capture, self._writers,
+                              os.fsencode(self.opts.workspace)).run(target)
+            turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
+        finally:
+            await trio.to_thread.run_sync(early.join)
+        await self._take_forgets(early.nodeids)
         await self._invalidate(result)
         return {"turn": turn, "target": target, "sealed_pending": pending,
                 "entries": len(result.entries), "objects": len(result.objects),
@@ -334,6 +340,24 @@ class Daemon:
         except OSError:
             return None
         return rel if same and not rel.startswith(STORE_NAME + b"/") else None
+
+    def _drop_entries_early(self, target: int) -> "_EntryDropper":
+        """Start dropping the kernel's entries of the files a rollback to *target* may restore.
+
+        A thread does it while the rollback runs (see _invalidate for why files
+        lose their entries): it costs the rollback nothing but a second core.
+        No request is answered meanwhile, so nothing the kernel learns again
+        can predate the rollback; _invalidate deals with any file still known.
+        """
+        inodes, files = self.fs.inodes, []
+        spare = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4    # the thread holds a copy of each
+        for ino, record in self.store.catalogue.changed_objects_after(target).items():
+            node = inodes.get(inodes.nodeid(ino))
+            if node is not None and stat.S_ISREG(record.mode) and len(files) < spare:
+                files.append((inodes.nodeid(ino), os.dup(node.fd)))
+        dropper = _EntryDropper(files, inodes, self.root_fd, os.fsencode(self.opts.workspace))
+        dropper.start()
+        return dropper
 
     async def _invalidate(self, result) -> None:
         """Make the kernel drop what the rollback changed.
@@ -412,6 +436,35 @@ class Daemon:
 
 class RequestError(Exception):
     pass
+
+
+class _EntryDropper(threading.Thread):
+    """Invalidates the kernel's entry of each file by the path its descriptor knows, and closes it."""
+
+    def __init__(self, files: list[tuple[int, int]], inodes, root_fd: int, root_path: bytes):
+        super().__init__(name="rollback-invalidation", daemon=True)
+        self.nodeids = [nodeid for nodeid, _ in files]
+        self.files, self.inodes, self.root_fd = files, inodes, root_fd
+        self.root_prefix = root_path.rstrip(b"/") + b"/"
+
+    def run(self) -> None:
+        for _, fd in self.files:
+            try:
+                self._drop(fd)
+            except OSError:
+                pass    # moved or gone meanwhile: _invalidate finds it if the kernel still knows it
+            except Exception:
+                log.exception("invalidating a restored file's entry failed")
+            finally:
+                os.close(fd)
+
+    def _drop(self, fd: int) -> None:
+        path = os.readlink(libc.proc_path(fd))
+        if not path.startswith(self.root_prefix) or path.endswith(b" (deleted)"):
+            return
+        dir_path, _, name = path[len(self.root_prefix):].rpartition(b"/")
+        parent = os.stat(dir_path or b".", dir_fd=self.root_fd, follow_symlinks=False).st_ino
+        pyfuse3.invalidate_entry(self.inodes.nodeid(parent), name)
 
 
 def _invalidate_entries(names: list[tuple[int, bytes]]) -> None:

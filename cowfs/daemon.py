@@ -262,15 +262,18 @@ class Daemon:
         pending = None
         if self.capture.has_changes() or self._persisted_changes():
             pending = self.capture.seal("changes before rollback")
-        early = self._drop_entries_early(target)
+        rollback = Rollback(self.store, self.capture, self._writers, os.fsencode(self.opts.workspace))
+        objects = self.store.catalogue.changed_objects_after(target)
+        early = self._drop_entries_early(objects)
         try:
             # No await from here to the seal: every other request waits.
-            result = Rollback(self.store, self.capture, self._writers,
-                              os.fsencode(self.opts.workspace)).run(target)
+            result = rollback.run(target, objects)
             turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
         finally:
             await trio.to_thread.run_sync(early.join)
         await self._take_forgets(early.nodeids)
+        inodes = self.fs.inodes
+        rollback.find_live_paths([i for i in result.restored if inodes.get(inodes.nodeid(i)) is not None])
         await self._invalidate(result)
         return {"turn": turn, "target": target, "sealed_pending": pending,
                 "entries": len(result.entries), "objects": len(result.objects),
@@ -341,8 +344,8 @@ class Daemon:
             return None
         return rel if same and not rel.startswith(STORE_NAME + b"/") else None
 
-    def _drop_entries_early(self, target: int) -> "_EntryDropper":
-        """Start dropping the kernel's entries of the files a rollback to *target* may restore.
+    def _drop_entries_early(self, objects: dict) -> "_EntryDropper":
+        """Start dropping the kernel's entries of the files a rollback may restore (*objects*).
 
         A thread does it while the rollback runs (see _invalidate for why files
         lose their entries): it costs the rollback nothing but a second core.
@@ -351,7 +354,7 @@ class Daemon:
         """
         inodes, files = self.fs.inodes, []
         spare = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4    # the thread holds a copy of each
-        for ino, record in self.store.catalogue.changed_objects_after(target).items():
+        for ino, record in objects.items():
             node = inodes.get(inodes.nodeid(ino))
             if node is not None and stat.S_ISREG(record.mode) and len(files) < spare:
                 files.append((inodes.nodeid(ino), os.dup(node.fd)))

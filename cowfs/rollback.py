@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class RollbackResult:
     entries: set[tuple[int, bytes]] = field(default_factory=set)   # (parent ino, name) changed
     objects: set[int] = field(default_factory=set)                 # inos whose content/attrs changed
-    files: dict[int, bytes] = field(default_factory=dict)          # regular file ino -> a live path
+    files: dict[int, bytes] = field(default_factory=dict)          # find_live_paths: ino -> live path
     restored: dict[int, int] = field(default_factory=dict)         # regular file ino -> size before
 
 
@@ -49,9 +49,11 @@ class Rollback:
         self._detached_dirs: set[int] = set()
         self.result = RollbackResult()
 
-    def run(self, target: int) -> RollbackResult:
+    def run(self, target: int, objects: dict[int, AttrRecord] | None = None) -> RollbackResult:
+        """Make the live tree turn *target*. *objects*: changed_objects_after(target), if read already."""
         entries = self.catalogue.changed_entries_after(target)
-        objects = self.catalogue.changed_objects_after(target)
+        if objects is None:
+            objects = self.catalogue.changed_objects_after(target)
         try:
             for (parent, name), ino in entries.items():
                 self._detach(parent, name, ino)
@@ -63,11 +65,14 @@ class Rollback:
                 if self.store.kept(ino):
                     self._drop_shared_names(ino, self._fd(ino))
             self._restore_all(objects, self.catalogue.xattrs_after(target))
-            self._find_live_paths()
         finally:
-            for fd in self._fds.values():
-                os.close(fd)
+            self._close()
         return self.result
+
+    def _close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def _attach_all(self, entries: dict[tuple[int, bytes], int | None]) -> set[int]:
         """Attach every entry's turn-K object whose directory is in the tree, directories first
@@ -117,15 +122,19 @@ class Rollback:
         self.result.entries.add((parent, name))
         self.result.objects.add(parent)
 
-    def _find_live_paths(self) -> None:
-        """A path in the live tree for each regular file restored (callers refresh the kernel's view)."""
-        for ino in self.result.restored:
-            try:
-                path = self._live_path(ino)
-            except OSError:
-                continue
-            if path is not None:
-                self.result.files[ino] = path
+    def find_live_paths(self, inos: list[int]) -> None:
+        """A path in the live tree (in result.files) for each of these restored files, after run:
+        callers refresh the kernel's view of those it still knows (usually none)."""
+        try:
+            for ino in inos:
+                try:
+                    path = self._live_path(ino)
+                except OSError:
+                    continue
+                if path is not None:
+                    self.result.files[ino] = path
+        finally:
+            self._close()
 
     def _live_path(self, ino: int) -> bytes | None:
         """Where *ino* is in the tree now: the name its descriptor was opened by, if still

@@ -14,7 +14,6 @@ import os
 import resource
 import stat
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -262,19 +261,11 @@ class Daemon:
         pending = None
         if self.capture.has_changes() or self._persisted_changes():
             pending = self.capture.seal("changes before rollback")
+        # No await from here to the seal: every other request waits.
         rollback = Rollback(self.store, self.capture, self._writers, os.fsencode(self.opts.workspace))
-        objects = self.store.catalogue.changed_objects_after(target)
-        early = self._drop_entries_early(objects)
-        try:
-            # No await from here to the seal: every other request waits.
-            result = rollback.run(target, objects)
-            turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
-        finally:
-            await trio.to_thread.run_sync(early.join)
-        await self._take_forgets(early.nodeids)
-        inodes = self.fs.inodes
-        rollback.find_live_paths([i for i in result.restored if inodes.get(inodes.nodeid(i)) is not None])
-        await self._invalidate(result)
+        result = rollback.run(target)
+        turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
+        await self._invalidate(rollback, result)
         return {"turn": turn, "target": target, "sealed_pending": pending,
                 "entries": len(result.entries), "objects": len(result.objects),
                 "refresh": self._kernel_refresh_list(result, req.get("pid"))}
@@ -344,25 +335,7 @@ class Daemon:
             return None
         return rel if same and not rel.startswith(STORE_NAME + b"/") else None
 
-    def _drop_entries_early(self, objects: dict) -> "_EntryDropper":
-        """Start dropping the kernel's entries of the files a rollback may restore (*objects*).
-
-        A thread does it while the rollback runs (see _invalidate for why files
-        lose their entries): it costs the rollback nothing but a second core.
-        No request is answered meanwhile, so nothing the kernel learns again
-        can predate the rollback; _invalidate deals with any file still known.
-        """
-        inodes, files = self.fs.inodes, []
-        spare = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4    # the thread holds a copy of each
-        for ino, record in objects.items():
-            node = inodes.get(inodes.nodeid(ino))
-            if node is not None and stat.S_ISREG(record.mode) and len(files) < spare:
-                files.append((inodes.nodeid(ino), os.dup(node.fd)))
-        dropper = _EntryDropper(files, inodes, self.root_fd, os.fsencode(self.opts.workspace))
-        dropper.start()
-        return dropper
-
-    async def _invalidate(self, result) -> None:
+    async def _invalidate(self, rollback: Rollback, result) -> None:
         """Make the kernel drop what the rollback changed.
 
         Restored files lose their entries too, although their names did not
@@ -374,6 +347,7 @@ class Daemon:
         inodes = self.fs.inodes
         changed = [(inodes.nodeid(parent), name) for parent, name in result.entries
                    if inodes.get(inodes.nodeid(parent)) is not None]
+        rollback.find_live_paths([i for i in result.restored if inodes.get(inodes.nodeid(i)) is not None])
         files = self._entries_of_restored_files(result)
         # Synchronously (in a thread), so the kernel has forgotten them before the CLI returns.
         await trio.to_thread.run_sync(_invalidate_entries, changed + [e for _, *e in files])
@@ -439,35 +413,6 @@ class Daemon:
 
 class RequestError(Exception):
     pass
-
-
-class _EntryDropper(threading.Thread):
-    """Invalidates the kernel's entry of each file by the path its descriptor knows, and closes it."""
-
-    def __init__(self, files: list[tuple[int, int]], inodes, root_fd: int, root_path: bytes):
-        super().__init__(name="rollback-invalidation", daemon=True)
-        self.nodeids = [nodeid for nodeid, _ in files]
-        self.files, self.inodes, self.root_fd = files, inodes, root_fd
-        self.root_prefix = root_path.rstrip(b"/") + b"/"
-
-    def run(self) -> None:
-        for _, fd in self.files:
-            try:
-                self._drop(fd)
-            except OSError:
-                pass    # moved or gone meanwhile: _invalidate finds it if the kernel still knows it
-            except Exception:
-                log.exception("invalidating a restored file's entry failed")
-            finally:
-                os.close(fd)
-
-    def _drop(self, fd: int) -> None:
-        path = os.readlink(libc.proc_path(fd))
-        if not path.startswith(self.root_prefix) or path.endswith(b" (deleted)"):
-            return
-        dir_path, _, name = path[len(self.root_prefix):].rpartition(b"/")
-        parent = os.stat(dir_path or b".", dir_fd=self.root_fd, follow_symlinks=False).st_ino
-        pyfuse3.invalidate_entry(self.inodes.nodeid(parent), name)
 
 
 def _invalidate_entries(names: list[tuple[int, bytes]]) -> None:

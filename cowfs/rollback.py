@@ -49,11 +49,9 @@ class Rollback:
         self._detached_dirs: set[int] = set()
         self.result = RollbackResult()
 
-    def run(self, target: int, objects: dict[int, AttrRecord] | None = None) -> RollbackResult:
-        """Make the live tree turn *target*. *objects*: changed_objects_after(target), if read already."""
+    def run(self, target: int) -> RollbackResult:
         entries = self.catalogue.changed_entries_after(target)
-        if objects is None:
-            objects = self.catalogue.changed_objects_after(target)
+        objects = self.catalogue.changed_objects_after(target)
         try:
             for (parent, name), ino in entries.items():
                 self._detach(parent, name, ino)

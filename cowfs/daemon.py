@@ -347,27 +347,42 @@ class Daemon:
         inodes = self.fs.inodes
         changed = [(inodes.nodeid(parent), name) for parent, name in result.entries
                    if inodes.get(inodes.nodeid(parent)) is not None]
-        rollback.find_live_paths([i for i in result.restored if inodes.get(inodes.nodeid(i)) is not None])
-        files = self._entries_of_restored_files(result)
-        # Synchronously (in a thread), so the kernel has forgotten them before the CLI returns.
-        await trio.to_thread.run_sync(_invalidate_entries, changed + [e for _, *e in files])
+        files = self._entries_of_restored_files(rollback, result)
+        names = changed + [e for _, *e in files]
+        # Synchronously, so the kernel has forgotten them before the CLI returns; in two
+        # threads, as the kernel's work per entry is most of it and the GIL is free meanwhile.
+        async with trio.open_nursery() as nursery:
+            for half in (names[0::2], names[1::2]):
+                nursery.start_soon(trio.to_thread.run_sync, _invalidate_entries, half)
         if files:
             await self._take_forgets([nodeid for nodeid, _, _ in files])
         known = [inodes.nodeid(i) for i in result.objects if inodes.get(inodes.nodeid(i)) is not None]
         await trio.to_thread.run_sync(_invalidate_inodes, known)
 
-    def _entries_of_restored_files(self, result) -> list[tuple[int, int, bytes]]:
-        """(nodeid, parent nodeid, name) of each restored file the kernel knows, by its live path."""
-        inodes, names = self.fs.inodes, []
-        for ino, path in result.files.items():
-            if inodes.get(inodes.nodeid(ino)) is None:
+    def _entries_of_restored_files(self, rollback: Rollback, result) -> list[tuple[int, int, bytes]]:
+        """(nodeid, parent nodeid, name) of each restored file the kernel knows, by its live path:
+        the one its node's descriptor knows, else one the rollback finds (result.files)."""
+        inodes, paths, lost = self.fs.inodes, {}, []
+        for ino in result.restored:
+            node = inodes.get(inodes.nodeid(ino))
+            if node is not None:
+                paths[ino] = self._live_path(node)
+                if paths[ino] is None:
+                    lost.append(ino)
+        rollback.find_live_paths(lost)
+        names, parents = [], {}
+        for ino, path in paths.items():
+            path = path or result.files.get(ino)
+            if path is None:
                 continue
             dir_path, _, name = path.rpartition(b"/")
-            try:
-                parent = inodes.nodeid(os.stat(dir_path or b".", dir_fd=self.root_fd).st_ino)
-            except OSError:
-                continue
-            if inodes.get(parent) is not None:
+            if dir_path not in parents:
+                try:
+                    parents[dir_path] = inodes.nodeid(os.stat(dir_path or b".", dir_fd=self.root_fd).st_ino)
+                except OSError:
+                    parents[dir_path] = None
+            parent = parents[dir_path]
+            if parent is not None and inodes.get(parent) is not None:
                 names.append((inodes.nodeid(ino), parent, name))
         return names
 

@@ -110,6 +110,17 @@ class Catalogue:
 
     @contextmanager
     def transaction(self):
+        """All or nothing. Inside a `batch` it is a savepoint, so it nests."""
+        if self.db.in_transaction:
+            self.db.execute("SAVEPOINT part")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK TO part")
+                raise
+            finally:
+                self.db.execute("RELEASE part")
+            return
         self.db.execute("BEGIN")
         try:
             yield
@@ -117,6 +128,21 @@ class Catalogue:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    @contextmanager
+    def batch(self):
+        """Many records, one commit (a commit per statement costs more than the statement).
+
+        Not all or nothing: after an error, what was recorded so far is still
+        committed. Each record is a pre-image taken before its change, and the
+        caller's in-memory state (capture's `*_done` sets) already counts it.
+        The caller must not change what the records guard until this returns.
+        """
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()
@@ -238,6 +264,14 @@ class Catalogue:
         return dict(self.db.execute("SELECT name, value FROM xattrs WHERE ino=? AND turn=?", (ino, turn)))
 
     # -- whole-layer queries (rollback, export) -------------------------------
+    def xattrs_after(self, turn: int) -> dict[tuple[int, int], dict[bytes, bytes]]:
+        """The extended attributes of every attrs row after *turn*, by (ino, turn) (as xattrs_at)."""
+        result: dict[tuple[int, int], dict[bytes, bytes]] = {}
+        for ino, t, name, value in self.db.execute(
+                "SELECT ino, turn, name, value FROM xattrs WHERE turn>?", (turn,)):
+            result.setdefault((ino, t), {})[name] = value
+        return result
+
     def changed_entries_after(self, turn: int) -> dict[tuple[int, bytes], int | None]:
         """Every entry changed after *turn*, with its state at the end of *turn*."""
         result: dict[tuple[int, bytes], int | None] = {}
@@ -246,8 +280,17 @@ class Catalogue:
             result[(parent, name)] = ino
         return result
 
-    def changed_objects_after(self, turn: int) -> list[int]:
-        return [r[0] for r in self.db.execute("SELECT DISTINCT ino FROM attrs WHERE turn>?", (turn,))]
+    def changed_objects_after(self, turn: int) -> dict[int, AttrRecord]:
+        """Every object changed after *turn*, with its state at the end of *turn* (as attrs_after)."""
+        rows: dict[int, tuple] = {}
+        content: dict[int, str] = {}
+        for ino, *row, name in self.db.execute(
+                "SELECT ino, turn, mode, uid, gid, size, mtime_ns, content FROM attrs WHERE turn>? "
+                "ORDER BY turn DESC", (turn,)):
+            rows[ino] = row
+            if name is not None:
+                content[ino] = name
+        return {ino: AttrRecord(*row, content=content.get(ino)) for ino, row in rows.items()}
 
     def location_after(self, ino: int, turn: int) -> tuple[int, bytes] | None:
         """(parent, name) that held *ino* at the end of *turn*, if that entry changed since."""

@@ -229,7 +229,12 @@ def cmd_rollback(args) -> int:
 
 
 def _refresh_kernel_view(mount: control.Mount, targets: list) -> None:
-    """Re-apply restored sizes and mtimes through the mount: the kernel's cache trusts only those."""
+    """Re-apply restored sizes and mtimes through the mount: the kernel's cache trusts only those.
+
+    Only for files the kernel still knows after the rollback (usually none: see
+    Daemon._invalidate); with none, the daemon lets nothing through uncaptured."""
+    if not targets:
+        return
     try:
         for rel, size, atime_ns, mtime_ns in targets:
             path = os.path.join(os.fsencode(mount.mountpoint), os.fsencode(rel))

@@ -31,6 +31,8 @@ from .store import STORE_NAME, Store, StoreBusy
 log = logging.getLogger("cowfs")
 
 ALIVE_INTERVAL = 10.0
+# Scheduler rounds a rollback waits for the FORGETs of the files whose entries it dropped.
+FORGET_ROUNDS = 8
 
 
 class MountError(Exception):
@@ -261,10 +263,10 @@ class Daemon:
         if self.capture.has_changes() or self._persisted_changes():
             pending = self.capture.seal("changes before rollback")
         # No await from here to the seal: every other request waits.
-        result = Rollback(self.store, self.capture, self._writers,
-                          os.fsencode(self.opts.workspace)).run(target)
+        rollback = Rollback(self.store, self.capture, self._writers, os.fsencode(self.opts.workspace))
+        result = rollback.run(target)
         turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
-        await self._invalidate(result)
+        await self._invalidate(rollback, result)
         return {"turn": turn, "target": target, "sealed_pending": pending,
                 "entries": len(result.entries), "objects": len(result.objects),
                 "refresh": self._kernel_refresh_list(result, req.get("pid"))}
@@ -334,14 +336,72 @@ class Daemon:
             return None
         return rel if same and not rel.startswith(STORE_NAME + b"/") else None
 
-    async def _invalidate(self, result) -> None:
+    async def _invalidate(self, rollback: Rollback, result) -> None:
+        """Make the kernel drop what the rollback changed.
+
+        Restored files lose their entries too, although their names did not
+        change: the kernel evicts a FUSE inode with its last entry (the daemon
+        sees the FORGET), and a new one takes size and mtime from the daemon.
+        So only the files it still knows afterwards (other names, open, watched)
+        need the CLI's refresh through the mount, which costs round trips.
+        """
         inodes = self.fs.inodes
-        for parent, name in result.entries:
-            nodeid = inodes.nodeid(parent)
-            if inodes.get(nodeid) is not None:
-                pyfuse3.invalidate_entry_async(nodeid, name, ignore_enoent=True)
+        changed = [(inodes.nodeid(parent), name) for parent, name in result.entries
+                   if inodes.get(inodes.nodeid(parent)) is not None]
+        files = self._entries_of_restored_files(rollback, result)
+        names = changed + [e for _, *e in files]
+        # Synchronously, so the kernel has forgotten them before the CLI returns; in two
+        # threads, as the kernel's work per entry is most of it and the GIL is free meanwhile.
+        async with trio.open_nursery() as nursery:
+            for half in (names[0::2], names[1::2]):
+                nursery.start_soon(trio.to_thread.run_sync, _invalidate_entries, half)
+        if files:
+            await self._take_forgets([nodeid for nodeid, _, _ in files])
         known = [inodes.nodeid(i) for i in result.objects if inodes.get(inodes.nodeid(i)) is not None]
         await trio.to_thread.run_sync(_invalidate_inodes, known)
+
+    def _entries_of_restored_files(self, rollback: Rollback, result) -> list[tuple[int, int, bytes]]:
+        """(nodeid, parent nodeid, name) of each restored file the kernel knows, by its live path:
+        the one its node's descriptor knows, else one the rollback finds (result.files)."""
+        inodes, paths, lost = self.fs.inodes, {}, []
+        for ino in result.restored:
+            node = inodes.get(inodes.nodeid(ino))
+            if node is not None:
+                paths[ino] = self._live_path(node)
+                if paths[ino] is None:
+                    lost.append(ino)
+        rollback.find_live_paths(lost)
+        names, parents = [], {}
+        for ino, path in paths.items():
+            path = path or result.files.get(ino)
+            if path is None:
+                continue
+            dir_path, _, name = path.rpartition(b"/")
+            if dir_path not in parents:
+                try:
+                    parents[dir_path] = inodes.nodeid(os.stat(dir_path or b".", dir_fd=self.root_fd).st_ino)
+                except OSError:
+                    parents[dir_path] = None
+            parent = parents[dir_path]
+            if parent is not None and inodes.get(parent) is not None:
+                names.append((inodes.nodeid(ino), parent, name))
+        return names
+
+    async def _take_forgets(self, nodeids: list[int]) -> None:
+        """Let the FUSE loop read the FORGETs that invalidating entries queued.
+
+        The kernel queues them before the invalidation returns and hands them
+        out before other requests; a few scheduler rounds read them. Any not
+        read by then only cost a refresh that was not needed.
+        """
+        inodes = self.fs.inodes
+        left = len(nodeids)
+        for _ in range(FORGET_ROUNDS):
+            await trio.sleep(0)
+            now = sum(inodes.get(n) is not None for n in nodeids)
+            if now == 0 or now == left < len(nodeids):
+                break   # all read, or the rest stays known
+            left = now
 
     # -- shut-down ---------------------------------------------------------------------
     def finish(self, unmount: bool) -> int | None:
@@ -369,6 +429,15 @@ class Daemon:
 
 class RequestError(Exception):
     pass
+
+
+def _invalidate_entries(names: list[tuple[int, bytes]]) -> None:
+    for parent, name in names:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOSYS):
+                log.warning("invalidate_entry(%d, %r): %s", parent, name, e)
 
 
 def _invalidate_inodes(nodeids: list[int]) -> None:

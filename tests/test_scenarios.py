@@ -639,6 +639,32 @@ def test_rollback_refreshes_the_kernels_link_count(workspace):
     assert os.stat(p / "f").st_nlink == 2 and not (p / "h").exists()
 
 
+def test_rollback_restores_size_and_mtime_of_files_the_kernel_knows(mounted):
+    """The kernel forgets a restored file with its entry, unless something keeps its inode
+    (an open descriptor, a hard link): then the CLI re-applies size and mtime through the mount."""
+    ws, p = mounted, mounted.path
+    write(p / "linked", b"linked v0\n")
+    os.link(p / "linked", p / "other-name")
+    os.utime(p / "README", ns=(1, 1_000_000_000))
+    checkpoint(ws)
+    paths = [p / "README", p / "src" / "app.py", p / "linked"]
+    before = {f: os.stat(f) for f in paths}
+    holder = open(p / "src" / "app.py", "rb")     # keeps its inode alive through the rollback
+    try:
+        for f in paths:
+            write(f, b"a longer version of this file\n")
+            os.stat(f)                             # the kernel caches the new size and mtime
+        rollback(ws, 1)
+        for f in paths:
+            st = os.stat(f)
+            assert (st.st_size, st.st_mtime_ns) == (before[f].st_size, before[f].st_mtime_ns), f
+        assert read(p / "src" / "app.py") == b"print('v0')\n"
+        assert holder.read() == b"print('v0')\n"
+    finally:
+        holder.close()
+    assert read(p / "other-name") == b"linked v0\n"
+
+
 @pytest.mark.parametrize("backing", ["xfs"], indirect=True)
 def test_more_known_inodes_than_descriptors(workspace):
     """The daemon may hold 1,024 descriptors here; the kernel learns 3,000 inodes."""

@@ -218,20 +218,30 @@ class Rollback:
             old_dir_fd, old_name = self._location_of_dir(ino, obj_fd)
             libc.renameat2(old_dir_fd, old_name, dir_fd, name, libc.RENAME_NOREPLACE)
         else:
+            stale = self._name_in_stored_dir(ino, obj_fd)
             os.link(libc.proc_path(obj_fd), name, dst_dir_fd=dir_fd, follow_symlinks=True)
+            if stale is not None:
+                # Its name inside a directory an earlier rollback left in the store
+                # would count in the st_nlink the tree shows (found by the model test).
+                self._before_entry_change(*stale)
+                os.unlink(stale[2], dir_fd=stale[1])
         return True
 
-    def _location_of_dir(self, ino: int, fd: int) -> tuple[int, bytes]:
-        """(parent descriptor, name) of directory *ino* now, recorded as a change if in a directory
-        of the tree's history (not the store's own).
-
-        Found from the path the kernel keeps for a directory's descriptor, opened downwards
-        from the root: walking ".." up to the root would step onto this very mount."""
-        if self.store.kept(ino):
-            return self.store.objects_fd, self.store.object_name(ino)
+    def _name_in_stored_dir(self, ino: int, fd: int) -> tuple[int, int, bytes] | None:
+        """(directory ino, its descriptor, name) of a file's only name if that name is inside
+        a directory in the store; None if it has other names or is elsewhere."""
+        if os.stat(fd).st_nlink != 1 or self.store.kept(ino):
+            return None     # several names, or the store's own (unkept after attaching)
         path = os.readlink(libc.proc_path(fd))
+        if not path.startswith(self.root_prefix + STORE_NAME + b"/"):
+            return None
+        return self._entry_at(path, ino)
+
+    def _entry_at(self, path: bytes, ino: int) -> tuple[int, int, bytes]:
+        """(parent ino, parent descriptor, name) of object *ino* at absolute *path*, the parent
+        opened downwards from the root: walking ".." up to the root would step onto this very mount."""
         if not path.startswith(self.root_prefix):
-            raise OSError(errno.EIO, f"directory {ino} is outside the workspace: {path!r}")
+            raise OSError(errno.EIO, f"object {ino} is outside the workspace: {path!r}")
         parent_rel, _, name = path[len(self.root_prefix):].rpartition(b"/")
         parent_fd = os.open(parent_rel or b".", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                             dir_fd=self.store.root_fd)
@@ -242,7 +252,16 @@ class Rollback:
         else:
             self._fds[parent_ino] = parent_fd
         if os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_ino != ino:
-            raise OSError(errno.EIO, f"directory {ino} is not at {path!r}")
+            raise OSError(errno.EIO, f"object {ino} is not at {path!r}")
+        return parent_ino, parent_fd, name
+
+    def _location_of_dir(self, ino: int, fd: int) -> tuple[int, bytes]:
+        """(parent descriptor, name) of directory *ino* now, recorded as a change if in a directory
+        of the tree's history (not the store's own). Found from the path the kernel keeps for
+        a directory's descriptor."""
+        if self.store.kept(ino):
+            return self.store.objects_fd, self.store.object_name(ino)
+        parent_ino, parent_fd, name = self._entry_at(os.readlink(libc.proc_path(fd)), ino)
         self._before_entry_change(parent_ino, parent_fd, name)
         return parent_fd, name
 

@@ -286,3 +286,31 @@ def test_rollback_twice_after_a_directory_moved_into_a_new_one_does_not_hang(wor
     finally:
         if not _wait_gone(pid, 0):
             os.kill(pid, 9)     # a deadlocked daemon never exits by itself
+
+
+def test_file_attached_from_a_directory_in_the_store_keeps_one_link(workspace):
+    """A rollback that brings back a file whose only name is inside a directory an
+    earlier rollback moved into the store must drop that name.
+
+    Found by test_model (live:b'n\\nl': st_nlink 2, want 1): a FIFO moved into a
+    new directory a/, a rollback moved a/ (with the FIFO as a/b) into the store,
+    and the next rollback linked the FIFO back into the tree, leaving a/b as a
+    second name. The snapshot of the turn that had a/b still shows it.
+    """
+    ws, p = workspace, workspace.path
+    (p / "b").write_bytes(b"x")
+    ws.mount()
+    os.mkfifo(p / "a")
+    os.rename(p / "a", p / "n")
+    ws.cli("rollback", "0")               # turn-1 sealed with n; n leaves the tree
+    ws.cli("rollback", "1")               # n is back (turn-3)
+    os.mkdir(p / "a")
+    os.mkfifo(p / "a" / "a")
+    os.rename(p / "n", p / "a" / "b")
+    ws.cli("rollback", "2")               # turn-4 sealed with a/; a/ goes into the store
+    ws.cli("rollback", "3")               # n is back, from inside the stored a/
+    assert sorted(os.listdir(p)) == ["b", "n"]
+    assert os.lstat(p / "n").st_nlink == 1
+    assert sorted(os.listdir(ws.snapshots / "turn-4" / "a")) == ["a", "b"]
+    ws.umount()
+    assert os.lstat(p / "n").st_nlink == 1

@@ -265,6 +265,7 @@ class Daemon:
         # No await from here to the seal: every other request waits.
         rollback = Rollback(self.store, self.capture, self._writers, os.fsencode(self.opts.workspace))
         result = rollback.run(target)
+        self.fs.epoch += 1      # what readdir knew of the live tree is history now
         turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
         await self._invalidate(rollback, result)
         return {"turn": turn, "target": target, "sealed_pending": pending,

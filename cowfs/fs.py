@@ -43,13 +43,23 @@ SNAP_FH_BASE = 1 << 40
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 
 
+# Handlers that change nothing in the live tree. Every other one ends a
+# filesystem epoch (`open` does when it opens for writing or truncates).
+_READ_ONLY = frozenset({"lookup", "getattr", "readlink", "open", "read", "fsync", "release",
+                        "opendir", "readdir", "releasedir", "fsyncdir", "getxattr", "listxattr",
+                        "statfs"})
+
+
 def fuse_op(method):
     """Turn every failure of a handler into an errno: anything else would end pyfuse3.main().
 
     Also counts the request (`cowfs status --json` shows the counts): what a
-    workload costs through FUSE is mostly how many round trips it makes.
+    workload costs through FUSE is mostly how many round trips it makes. And
+    a handler that may change the live tree ends the epoch when it is done
+    (see `CowFS.epoch`), whether it succeeded or not.
     """
     name = method.__name__
+    mutates = name not in _READ_ONLY
 
     @functools.wraps(method)
     async def handler(self, *args):
@@ -63,6 +73,9 @@ def fuse_op(method):
         except Exception:
             log.exception("internal error in %s%r", method.__name__, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if mutates:
+                self.epoch += 1
     return handler
 
 
@@ -116,11 +129,13 @@ def _only_times_already_set(attr, fields, fd: int) -> bool:
 
 class _Listing:
     """An open directory: its names, read once so offsets stay valid while it changes."""
-    __slots__ = ("nodeid", "names")
+    __slots__ = ("nodeid", "names", "inos", "epoch")
 
     def __init__(self, nodeid: int):
         self.nodeid = nodeid
         self.names: list[bytes] | None = None
+        self.inos: list[int] | None = None     # live directories: each name's d_ino
+        self.epoch = -1                        # ... as of this epoch
 
 
 class _SnapFile:
@@ -160,6 +175,10 @@ class CowFS(pyfuse3.Operations):
         self.listings: dict[int, _Listing] = {}
         self._next_fh = SNAP_FH_BASE
         self.requests: collections.Counter[str] = collections.Counter()  # by handler, since mount
+        # Ends whenever the live tree may have changed (a mutating handler
+        # returned, a rollback ran). Attributes read in the current epoch are
+        # still true, so readdir lists a known object again without a stat.
+        self.epoch = 0
 
     # -- helpers --------------------------------------------------------------------
     def _node(self, nodeid: int) -> Node:
@@ -187,7 +206,8 @@ class CowFS(pyfuse3.Operations):
         if (uid, gid) != (st.st_uid, st.st_gid):
             os.chown(name, uid, gid, dir_fd=parent.fd, follow_symlinks=False)
         self.capture.note_born(st.st_ino)
-        entry = _entry(st, self.inodes.remember(parent, name, st), LIVE_TIMEOUT)
+        self.inodes.remember(parent, name, st.st_ino)
+        entry = _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
         entry.st_uid, entry.st_gid = uid, gid
         return entry
 
@@ -223,7 +243,8 @@ class CowFS(pyfuse3.Operations):
             negative.st_ino = 0
             negative.entry_timeout = LIVE_TIMEOUT
             return negative
-        return _entry(st, self.inodes.remember(parent, name, st), LIVE_TIMEOUT)
+        self.inodes.remember(parent, name, st.st_ino)
+        return _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
 
     @fuse_op
     async def getattr(self, nodeid, ctx=None):
@@ -342,7 +363,8 @@ class CowFS(pyfuse3.Operations):
         self.capture.before_attr_change(node.ino, node.fd)      # its link count
         os.link(libc.proc_path(node.fd), new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
         st = os.stat(new_name, dir_fd=parent.fd, follow_symlinks=False)
-        return _entry(st, self.inodes.remember(parent, new_name, st), LIVE_TIMEOUT)
+        self.inodes.remember(parent, new_name, st.st_ino)
+        return _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
 
     async def _prepare_removal(self, st) -> bool:
         """Await what removing the last name of *st*'s object needs. True: keep it in the store."""
@@ -476,8 +498,10 @@ class CowFS(pyfuse3.Operations):
             with self.inodes.pinned(node):
                 await self.capture.before_content_change(node.ino, node.fd,
                                                          ahead=not flags & os.O_TRUNC)
-        if flags & os.O_TRUNC and ctx.uid != 0:
-            self._drop_setid_bits(node)
+        if flags & os.O_TRUNC:
+            self.epoch += 1     # no await from here on: the truncation is in this epoch's past
+            if ctx.uid != 0:
+                self._drop_setid_bits(node)
         fd = os.open(libc.proc_path(node.fd), _backing_flags(flags))
         self._opened(fd, node, flags)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
@@ -552,39 +576,52 @@ class CowFS(pyfuse3.Operations):
     @fuse_op
     async def readdir(self, fh, start_id, token):
         listing = self.listings[fh]
-        if listing.names is None or start_id == 0:
-            listing.names = self._list(listing.nodeid)
-        names = listing.names
         if listing.nodeid >= VIRTUAL_BASE:
+            if listing.names is None or start_id == 0:
+                listing.names = self._snap_list(listing.nodeid)
             return self._snap_readdir(listing, start_id, token)
-        parent = self._node(listing.nodeid)
-        for i in range(start_id, len(names)):
-            name = names[i]
+        if listing.names is None or start_id == 0:
+            listing.names, listing.inos = self._list(listing.nodeid)
+            listing.epoch = self.epoch
+        parent, epoch = self._node(listing.nodeid), self.epoch
+        # A name's d_ino is only known to be its object while nothing changed since the scan.
+        reuse = listing.epoch == epoch
+        for i in range(start_id, len(listing.names)):
+            name = listing.names[i]
             if name == SNAPDIR:
-                entry = self._snapdir_entry()
-                if not pyfuse3.readdir_reply(token, name, entry, i + 1):
+                if not pyfuse3.readdir_reply(token, name, self._snapdir_entry(), i + 1):
                     return
                 continue
-            try:
-                st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            entry = _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
+            # readdirplus sends every entry's attributes: a stat each, unless this
+            # object was listed in this epoch (nothing changed since).
+            node = self.inodes.get(self.inodes.nodeid(listing.inos[i])) if reuse else None
+            if node is not None and node.entry_epoch == epoch:
+                entry, ino = node.entry, node.ino
+            else:
+                try:
+                    st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                entry, ino = _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT), st.st_ino
             if not pyfuse3.readdir_reply(token, name, entry, i + 1):
                 return
-            self.inodes.remember(parent, name, st)
+            node = self.inodes.remember(parent, name, ino)
+            node.entry, node.entry_epoch = entry, epoch
 
-    def _list(self, nodeid: int) -> list[bytes]:
+    def _list(self, nodeid: int) -> tuple[list[bytes], list[int]]:
+        """The names of a live directory and their inode numbers (as the directory says)."""
+        with os.scandir(libc.proc_path(self._node(nodeid).fd)) as it:
+            listed = [(e.name, e.inode()) for e in it]
+        if nodeid == pyfuse3.ROOT_INODE:
+            listed = [(n, i) for n, i in listed if n != STORE_NAME and n != SNAPDIR]
+            if self.snapdir_visible:
+                listed.append((SNAPDIR, 0))
+        return [n for n, _ in listed], [i for _, i in listed]
+
+    def _snap_list(self, nodeid: int) -> list[bytes]:
         if nodeid == SNAPDIR_ID:
             return [b"turn-%d" % t for t in self.capture.catalogue.sealed_turns()] + [LATEST]
-        if nodeid >= VIRTUAL_BASE:
-            return self.view.names(self._snap_obj(nodeid))
-        names = os.listdir(libc.proc_path(self._node(nodeid).fd))
-        if nodeid == pyfuse3.ROOT_INODE:
-            names = [n for n in names if n != STORE_NAME and n != SNAPDIR]
-            if self.snapdir_visible:
-                names.append(SNAPDIR)
-        return names
+        return self.view.names(self._snap_obj(nodeid))
 
     @fuse_op
     async def releasedir(self, fh):

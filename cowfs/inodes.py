@@ -25,7 +25,8 @@ _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Node:
-    __slots__ = ("_fd", "ino", "lookups", "writers", "pins", "handle", "table")
+    __slots__ = ("_fd", "ino", "lookups", "writers", "pins", "handle", "table",
+                 "entry", "entry_epoch")
 
     def __init__(self, fd: int, ino: int, table: "InodeTable"):
         self._fd = fd         # O_PATH | O_NOFOLLOW descriptor, or -1 while closed
@@ -35,6 +36,8 @@ class Node:
         self.pins = 0         # while > 0 the descriptor stays open (open files, awaited captures)
         self.handle = None    # file handle, kept once the descriptor was closed
         self.table = table
+        self.entry = None     # the attributes last listed (fs.readdir), valid while
+        self.entry_epoch = -1  # ... the filesystem's epoch is still this one
 
     @property
     def fd(self) -> int:
@@ -68,18 +71,24 @@ class InodeTable:
     def get(self, nodeid: int) -> Node | None:
         return self.nodes.get(nodeid)
 
-    def remember(self, parent: Node, name: bytes, st: os.stat_result) -> int:
-        """Count one kernel lookup of entry *name* of *parent*, whose stat is *st*. Returns its nodeid."""
-        nodeid = self.nodeid(st.st_ino)
-        node = self.nodes.get(nodeid)
+    def remember(self, parent: Node, name: bytes, ino: int) -> Node:
+        """Count one kernel lookup of entry *name* of *parent*, whose inode is *ino*."""
+        node = self.nodes.get(self.nodeid(ino))
         if node is None:
-            with self.pinned(parent):
-                self._make_room()
-                fd = os.open(name, _O_PATH, dir_fd=parent.fd)
-            node = self.nodes[nodeid] = Node(fd, st.st_ino, self)
-            self._open[nodeid] = node
+            node = self._add(parent, name, ino)
         node.lookups += 1
-        return nodeid
+        return node
+
+    def _add(self, parent: Node, name: bytes, ino: int) -> Node:
+        parent.pins += 1       # _make_room must not close the descriptor we open by
+        try:
+            self._make_room()
+            fd = os.open(name, _O_PATH, dir_fd=parent.fd)
+        finally:
+            parent.pins -= 1
+        nodeid = self.nodeid(ino)
+        node = self.nodes[nodeid] = self._open[nodeid] = Node(fd, ino, self)
+        return node
 
     def reopen(self, node: Node) -> None:
         self._make_room()

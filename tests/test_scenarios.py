@@ -617,6 +617,37 @@ def test_rollback_refreshes_the_kernels_size_of_a_hard_linked_file(workspace):
     assert read(p / "a") == b"XY" and read(p / "b") == b"XY"
 
 
+def test_listing_again_after_a_change_shows_the_change(mounted):
+    """readdir reuses the attributes it sent in the same epoch; every change ends one.
+
+    The kernel takes the attributes of a readdirplus listing into its cache, so
+    a stale listing after a change would show through a later stat.
+    """
+    p = mounted.path
+    f, g = p / "src" / "app.py", p / "src" / "other"
+    write(g, b"other")
+    changes = [
+        ("chmod", lambda: os.chmod(f, 0o600), lambda st: stat.S_IMODE(st.st_mode) == 0o600),
+        ("chown", lambda: os.chown(f, 1234, 1234), lambda st: (st.st_uid, st.st_gid) == (1234, 1234)),
+        ("utime", lambda: os.utime(f, ns=(5, 7_000_000_000)), lambda st: st.st_mtime_ns == 7_000_000_000),
+        ("link", lambda: os.link(f, p / "src" / "f2"), lambda st: st.st_nlink == 2),
+        ("unlink", lambda: os.unlink(p / "src" / "f2"), lambda st: st.st_nlink == 1),
+        ("rename over", lambda: os.rename(g, f), lambda st: st.st_size == len(b"other")),
+    ]
+    for what, change, shows in changes:
+        os.listdir(p / "src")
+        change()
+        os.listdir(p / "src")
+        assert shows(os.stat(f)), what
+    turn = checkpoint(mounted)
+    mode = stat.S_IMODE(os.stat(f).st_mode)
+    os.chmod(f, 0o640 if mode != 0o640 else 0o600)
+    os.listdir(p / "src")
+    rollback(mounted, turn)
+    os.listdir(p / "src")
+    assert stat.S_IMODE(os.stat(f).st_mode) == mode
+
+
 def test_rollback_refreshes_the_kernels_link_count(workspace):
     """Removing or adding one name of a hard-linked file changes the others' st_nlink.
 

@@ -233,9 +233,12 @@ class Rollback:
         if os.stat(fd).st_nlink != 1 or self.store.kept(ino):
             return None     # several names, or the store's own (unkept after attaching)
         path = os.readlink(libc.proc_path(fd))
-        if not path.startswith(self.root_prefix + STORE_NAME + b"/"):
-            return None
-        return self._entry_at(path, ino)
+        if not path.startswith(self.root_prefix + STORE_NAME + b"/") or path.endswith(b" (deleted)"):
+            return None     # elsewhere, or the kernel's name for it is one since removed
+        try:
+            return self._entry_at(path, ino)
+        except OSError:
+            return None     # moved since: not a name this rollback can tell
 
     def _entry_at(self, path: bytes, ino: int) -> tuple[int, int, bytes]:
         """(parent ino, parent descriptor, name) of object *ino* at absolute *path*, the parent

@@ -266,6 +266,7 @@ class Daemon:
         rollback = Rollback(self.store, self.capture, self._writers, os.fsencode(self.opts.workspace))
         result = rollback.run(target)
         self.fs.epoch += 1      # what readdir knew of the live tree is history now
+        self.fs.generation += 1
         turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
         await self._invalidate(rollback, result)
         return {"turn": turn, "target": target, "sealed_pending": pending,

@@ -176,9 +176,13 @@ class CowFS(pyfuse3.Operations):
         self._next_fh = SNAP_FH_BASE
         self.requests: collections.Counter[str] = collections.Counter()  # by handler, since mount
         # Ends whenever the live tree may have changed (a mutating handler
-        # returned, a rollback ran). Attributes read in the current epoch are
-        # still true, so readdir lists a known object again without a stat.
+        # returned, a rollback ran): a directory scanned in this epoch still
+        # has the names and d_inos it had.
         self.epoch = 0
+        # Ends when a rollback ran. The attributes readdir sent for an object
+        # (Node.entry) stay true in this generation until a handler that changes
+        # that object drops them (_drop_listed).
+        self.generation = 0
 
     # -- helpers --------------------------------------------------------------------
     def _node(self, nodeid: int) -> Node:
@@ -224,6 +228,13 @@ class CowFS(pyfuse3.Operations):
     def _before_entry_change(self, parent_id: int, parent: Node, name: bytes) -> None:
         self.capture.before_entry_change(parent.ino, parent.fd, name)
         self.capture.before_attr_change(parent.ino, parent.fd)
+        parent.entry = None     # its size, mtime and link count change
+
+    def _drop_listed(self, ino: int) -> None:
+        """Forget the attributes readdir sent for object *ino*: they are about to change."""
+        node = self.inodes.get(self.inodes.nodeid(ino))
+        if node is not None:
+            node.entry = None
 
     # -- lookups and attributes ------------------------------------------------------
     @fuse_op
@@ -267,6 +278,7 @@ class CowFS(pyfuse3.Operations):
                 with self.inodes.pinned(node):
                     await self.capture.before_content_change(node.ino, node.fd)
             self.capture.before_attr_change(node.ino, node.fd)
+        node.entry = None       # after the last await: a readdir meanwhile saw the old attributes
         path = libc.proc_path(node.fd)
         if fields.update_size:
             before = os.stat(node.fd)
@@ -361,6 +373,7 @@ class CowFS(pyfuse3.Operations):
         parent = self._live_parent(new_parent_id, new_name)
         self._before_entry_change(new_parent_id, parent, new_name)
         self.capture.before_attr_change(node.ino, node.fd)      # its link count
+        node.entry = None
         os.link(libc.proc_path(node.fd), new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
         st = os.stat(new_name, dir_fd=parent.fd, follow_symlinks=False)
         self.inodes.remember(parent, new_name, st.st_ino)
@@ -397,6 +410,7 @@ class CowFS(pyfuse3.Operations):
         keep = await self._prepare_removal(st)
         self._before_entry_change(parent_id, parent, name)
         self._before_link_count_change(st)
+        self._drop_listed(st.st_ino)
         if keep and st.st_nlink == 1:
             self.store.keep_by_rename(parent.fd, name, st.st_ino)
         else:
@@ -444,6 +458,8 @@ class CowFS(pyfuse3.Operations):
         self._before_entry_change(new_parent_id, new_parent, new_name)
         if replaces:
             self._before_link_count_change(victim)
+            self._drop_listed(victim.st_ino)
+        self._drop_listed(src.st_ino)       # its ctime (a directory's "..", too)
         if not (keep and (stat.S_ISDIR(victim.st_mode) or victim.st_nlink == 1)):
             libc.renameat2(old_parent.fd, old_name, new_parent.fd, new_name, flags)
             return
@@ -500,6 +516,7 @@ class CowFS(pyfuse3.Operations):
                                                          ahead=not flags & os.O_TRUNC)
         if flags & os.O_TRUNC:
             self.epoch += 1     # no await from here on: the truncation is in this epoch's past
+            node.entry = None
             if ctx.uid != 0:
                 self._drop_setid_bits(node)
         fd = os.open(libc.proc_path(node.fd), _backing_flags(flags))
@@ -534,6 +551,7 @@ class CowFS(pyfuse3.Operations):
             self.capture.confirm(node.ino)
         # With the writeback cache the kernel owns mtime and sends it in a setattr,
         # which may arrive before this (queued) write: keep the backing mtime as is.
+        node.entry = None
         st = os.fstat(fh)
         written = os.pwrite(fh, buf, off)
         os.utime(fh, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -583,9 +601,9 @@ class CowFS(pyfuse3.Operations):
         if listing.names is None or start_id == 0:
             listing.names, listing.inos = self._list(listing.nodeid)
             listing.epoch = self.epoch
-        parent, epoch = self._node(listing.nodeid), self.epoch
+        parent, generation = self._node(listing.nodeid), self.generation
         # A name's d_ino is only known to be its object while nothing changed since the scan.
-        reuse = listing.epoch == epoch
+        reuse = listing.epoch == self.epoch
         for i in range(start_id, len(listing.names)):
             name = listing.names[i]
             if name == SNAPDIR:
@@ -593,9 +611,9 @@ class CowFS(pyfuse3.Operations):
                     return
                 continue
             # readdirplus sends every entry's attributes: a stat each, unless this
-            # object was listed in this epoch (nothing changed since).
+            # object was listed before and nothing changed it since.
             node = self.inodes.get(self.inodes.nodeid(listing.inos[i])) if reuse else None
-            if node is not None and node.entry_epoch == epoch:
+            if node is not None and node.entry is not None and node.entry_generation == generation:
                 entry, ino = node.entry, node.ino
             else:
                 try:
@@ -606,7 +624,7 @@ class CowFS(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, entry, i + 1):
                 return
             node = self.inodes.remember(parent, name, ino)
-            node.entry, node.entry_epoch = entry, epoch
+            node.entry, node.entry_generation = entry, generation
 
     def _list(self, nodeid: int) -> tuple[list[bytes], list[int]]:
         """The names of a live directory and their inode numbers (as the directory says)."""
@@ -662,6 +680,7 @@ class CowFS(pyfuse3.Operations):
             raise _erofs()
         node = self._node(nodeid)
         self.capture.before_attr_change(node.ino, node.fd)
+        node.entry = None    # its ctime
         os.setxattr(libc.proc_path(node.fd), name, value)
 
     @fuse_op
@@ -670,6 +689,7 @@ class CowFS(pyfuse3.Operations):
             raise _erofs()
         node = self._node(nodeid)
         self.capture.before_attr_change(node.ino, node.fd)
+        node.entry = None    # its ctime
         os.removexattr(libc.proc_path(node.fd), name)
 
     # -- the `.snapshots` tree ---------------------------------------------------------------

@@ -26,7 +26,7 @@ _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 class Node:
     __slots__ = ("_fd", "ino", "lookups", "writers", "pins", "handle", "table",
-                 "entry", "entry_epoch")
+                 "entry", "entry_generation")
 
     def __init__(self, fd: int, ino: int, table: "InodeTable"):
         self._fd = fd         # O_PATH | O_NOFOLLOW descriptor, or -1 while closed
@@ -36,8 +36,8 @@ class Node:
         self.pins = 0         # while > 0 the descriptor stays open (open files, awaited captures)
         self.handle = None    # file handle, kept once the descriptor was closed
         self.table = table
-        self.entry = None     # the attributes last listed (fs.readdir), valid while
-        self.entry_epoch = -1  # ... the filesystem's epoch is still this one
+        self.entry = None     # the attributes readdir last sent, None once changed since,
+        self.entry_generation = -1  # ... valid only in this generation (CowFS.generation)
 
     @property
     def fd(self) -> int:

@@ -633,12 +633,18 @@ def test_listing_again_after_a_change_shows_the_change(mounted):
         ("link", lambda: os.link(f, p / "src" / "f2"), lambda st: st.st_nlink == 2),
         ("unlink", lambda: os.unlink(p / "src" / "f2"), lambda st: st.st_nlink == 1),
         ("rename over", lambda: os.rename(g, f), lambda st: st.st_size == len(b"other")),
+        ("truncate", lambda: os.truncate(f, 2), lambda st: st.st_size == 2),
     ]
     for what, change, shows in changes:
         os.listdir(p / "src")
         change()
         os.listdir(p / "src")
         assert shows(os.stat(f)), what
+    src_links = os.stat(p / "src").st_nlink
+    os.listdir(p)
+    os.mkdir(p / "src" / "sub")
+    os.listdir(p)
+    assert os.stat(p / "src").st_nlink == src_links + 1
     turn = checkpoint(mounted)
     mode = stat.S_IMODE(os.stat(f).st_mode)
     os.chmod(f, 0o640 if mode != 0o640 else 0o600)

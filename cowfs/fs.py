@@ -44,7 +44,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 
 
 # Handlers that change nothing in the live tree. Every other one ends a
-# filesystem epoch (`open` does when it opens for writing or truncates).
+# filesystem epoch (`open` does when it truncates).
 _READ_ONLY = frozenset({"lookup", "getattr", "readlink", "open", "read", "fsync", "release",
                         "opendir", "readdir", "releasedir", "fsyncdir", "getxattr", "listxattr",
                         "statfs"})

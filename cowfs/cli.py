@@ -218,34 +218,11 @@ def cmd_checkpoint(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    mount = control.find_mount(args.cwd)
-    control.syncfs(mount)
-    reply = control.request(mount, "rollback", turn=args.turn, pid=os.getpid())
-    _refresh_kernel_view(mount, reply.get("refresh", []))
+    reply = control.rollback(args.cwd, args.turn)
     if reply.get("sealed_pending") is not None:
         print(f"sealed pending changes as turn-{reply['sealed_pending']}")
     print(f"rolled back to turn-{reply['target']} (recorded as turn-{reply['turn']})")
     return 0
-
-
-def _refresh_kernel_view(mount: control.Mount, targets: list) -> None:
-    """Re-apply restored sizes and mtimes through the mount: the kernel's cache trusts only those.
-
-    Only for files the kernel still knows after the rollback (usually none: see
-    Daemon._invalidate); with none, the daemon lets nothing through uncaptured."""
-    if not targets:
-        return
-    try:
-        for rel, size, atime_ns, mtime_ns in targets:
-            path = os.path.join(os.fsencode(mount.mountpoint), os.fsencode(rel))
-            try:
-                if size is not None:
-                    os.truncate(path, size)
-                os.utime(path, ns=(atime_ns, mtime_ns))
-            except FileNotFoundError:
-                pass
-    finally:
-        control.request(mount, "rollback_done")
 
 
 def cmd_log(args) -> int:

@@ -14,6 +14,10 @@ import socket
 FSTYPE = "fuse.cowfs"
 CONTROL_XATTR = "user.cowfs.control"
 MAX_MESSAGE = 1 << 20
+# After a rollback the refresher (the client that asked for it) reaches each restored
+# file the kernel still knows at REFRESH_PREFIX + its FUSE inode number in the root,
+# whichever names the kernel knows it by: see Daemon.kernel_refresh_list.
+REFRESH_PREFIX = b".cowfs-refresh-"
 
 
 class ControlError(Exception):
@@ -121,6 +125,55 @@ def checkpoint(path: str, message: str = "") -> int:
     mount = find_mount(path)
     syncfs(mount)
     return request(mount, "checkpoint", message=message)["turn"]
+
+
+def rollback(path: str, turn: int) -> dict:
+    """Make the mount containing *path* exactly sealed turn *turn*; return the daemon's reply
+    (`turn`: the rollback's own turn, `target`, `sealed_pending`: the turn pending changes were
+    sealed as first, or None)."""
+    import threading
+    mount = find_mount(path)
+    syncfs(mount)
+    reply = request(mount, "rollback", turn=turn, tid=threading.get_native_id())
+    refresh_kernel_view(mount, reply.get("refresh", []))
+    return reply
+
+
+def refresh_kernel_view(mount: Mount, targets: list) -> None:
+    """Tell the kernel the size, mode and mtime of each restored file it still knows.
+
+    With the writeback cache only a setattr through the mount changes what the
+    kernel caches for a regular file. Each target is reached by its reserved
+    name in the mount's root, which resolves (for this thread only, while the
+    daemon expects it) to the inode the kernel caches, whatever names the
+    kernel knows the file by. See Daemon.kernel_refresh_list.
+    """
+    if not targets:
+        return
+    try:
+        for nodeid, size, mode, atime_ns, mtime_ns in targets:
+            path = os.path.join(os.fsencode(mount.mountpoint), REFRESH_PREFIX + b"%d" % nodeid)
+            try:
+                _set_kernel_attrs(path, size, mode, atime_ns, mtime_ns)
+            except FileNotFoundError:
+                pass    # forgotten meanwhile: the next lookup takes the daemon's attributes
+    finally:
+        request(mount, "rollback_done")
+
+
+def _set_kernel_attrs(path: bytes, size: int, mode: int, atime_ns: int, mtime_ns: int) -> None:
+    if os.stat(path).st_size != size:
+        try:
+            os.truncate(path, size)
+        except PermissionError:
+            # A read-only file: the owner may make it writable for a moment (the
+            # daemon passes the refresher's setattrs through uncaptured).
+            os.chmod(path, mode | 0o200)
+            try:
+                os.truncate(path, size)
+            finally:
+                os.chmod(path, mode)
+    os.utime(path, ns=(atime_ns, mtime_ns))
 
 
 def read_message(sock: socket.socket) -> dict | None:

@@ -22,7 +22,7 @@ import trio
 
 from . import libc
 from .capture import Capture
-from .control import MAX_MESSAGE
+from .control import MAX_MESSAGE, REFRESH_PREFIX
 from .fs import SNAPDIR, CowFS
 from .gitexport import DEFAULT_BRANCH, ExportError, ExportRunner, TargetError
 from .rollback import Rollback
@@ -268,14 +268,10 @@ class Daemon:
         self.fs.epoch += 1      # what readdir knew of the live tree is history now
         self.fs.generation += 1
         turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
-        await self._invalidate(rollback, result)
+        await self._invalidate(result)
         return {"turn": turn, "target": target, "sealed_pending": pending,
                 "entries": len(result.entries), "objects": len(result.objects),
-                "refresh": self._kernel_refresh_list(result, req.get("pid"))}
-
-    async def _op_rollback_done(self, req: dict) -> dict:
-        self.fs.refreshing = set()
-        return {}
+                "refresh": self.kernel_refresh_list(result, req.get("tid", req.get("pid")))}
 
     async def _op_export_git(self, req: dict) -> dict:
         repo, branch, pid = req.get("repo"), req.get("branch") or DEFAULT_BRANCH, req.get("pid")
@@ -299,30 +295,39 @@ class Daemon:
         node = self.fs.inodes.get(self.fs.inodes.nodeid(ino))
         return node.writers if node is not None else 0
 
-    def _kernel_refresh_list(self, result, pid) -> list:
-        """The restored regular files whose size and mtime the kernel must be told again.
+    def kernel_refresh_list(self, result, tid) -> list:
+        """The restored regular files the kernel still knows, whose size and mtime it must be told.
 
         With the writeback cache the kernel trusts its own size and mtime of a
-        cached regular file and ignores ours: only a setattr through the mount
-        changes them. The daemon cannot make one (its own mount is hidden from
-        it), so the CLI does, and `fs` lets exactly those through uncaptured.
-        Returns [(path relative to the mount, size or None if unchanged, atime_ns, mtime_ns)].
+        cached regular file and ignores ours, and an appending write would land
+        at the size it has: only a setattr through the mount changes them. The
+        daemon cannot make one (it never enters its own mount), so the client
+        that asked for the rollback does, on thread *tid*, through each file's
+        reserved name (REFRESH_PREFIX), and `fs` lets exactly those through
+        uncaptured. Returns [(nodeid, size, mode, atime_ns, mtime_ns)] of the
+        backing files.
         """
-        inodes, targets, refreshing = self.fs.inodes, [], set()
-        for ino, size_before in result.restored.items():
+        inodes, targets = self.fs.inodes, []
+        if not isinstance(tid, int):
+            return targets
+        for ino in result.restored:
             node = inodes.get(inodes.nodeid(ino))
-            if node is None or not isinstance(pid, int):
-                continue
+            if node is None:
+                continue    # forgotten: a new lookup takes everything from the daemon
             st = os.stat(node.fd)
-            path = self._live_path(node) if stat.S_ISREG(st.st_mode) else None
-            path = path or result.files.get(ino)
-            if path is None:
-                continue
-            size = None if st.st_size == size_before else st.st_size
-            targets.append((os.fsdecode(path), size, st.st_atime_ns, st.st_mtime_ns))
-            refreshing.add(inodes.nodeid(ino))
-        self.fs.refreshing, self.fs.refresher_tid = refreshing, pid
+            if stat.S_ISREG(st.st_mode):
+                targets.append((inodes.nodeid(ino), st.st_size, stat.S_IMODE(st.st_mode),
+                                st.st_atime_ns, st.st_mtime_ns))
+        self.fs.refreshing = {t[0] for t in targets}
+        self.fs.refresher_tid = tid
         return targets
+
+    async def _op_rollback_done(self, req: dict) -> dict:
+        """The refresher is done: its reserved names stop resolving, and the kernel drops them."""
+        names = [(pyfuse3.ROOT_INODE, REFRESH_PREFIX + str(n).encode()) for n in self.fs.refreshing]
+        self.fs.refreshing, self.fs.refresher_tid = set(), 0
+        await trio.to_thread.run_sync(_invalidate_entries, names)
+        return {}
 
     def _live_path(self, node) -> bytes | None:
         """The node's path relative to the root, if its descriptor still names it (renames
@@ -338,7 +343,7 @@ class Daemon:
             return None
         return rel if same and not rel.startswith(STORE_NAME + b"/") else None
 
-    async def _invalidate(self, rollback: Rollback, result) -> None:
+    async def _invalidate(self, result) -> None:
         """Make the kernel drop what the rollback changed.
 
         Restored files lose their entries too, although their names did not
@@ -350,7 +355,7 @@ class Daemon:
         inodes = self.fs.inodes
         changed = [(inodes.nodeid(parent), name) for parent, name in result.entries
                    if inodes.get(inodes.nodeid(parent)) is not None]
-        files = self._entries_of_restored_files(rollback, result)
+        files = self._entries_of_restored_files(result)
         names = changed + [e for _, *e in files]
         # Synchronously, so the kernel has forgotten them before the CLI returns; in two
         # threads, as the kernel's work per entry is most of it and the GIL is free meanwhile.
@@ -362,20 +367,17 @@ class Daemon:
         known = [inodes.nodeid(i) for i in result.objects if inodes.get(inodes.nodeid(i)) is not None]
         await trio.to_thread.run_sync(_invalidate_inodes, known)
 
-    def _entries_of_restored_files(self, rollback: Rollback, result) -> list[tuple[int, int, bytes]]:
-        """(nodeid, parent nodeid, name) of each restored file the kernel knows, by its live path:
-        the one its node's descriptor knows, else one the rollback finds (result.files)."""
-        inodes, paths, lost = self.fs.inodes, {}, []
+    def _entries_of_restored_files(self, result) -> list[tuple[int, int, bytes]]:
+        """(nodeid, parent nodeid, name) of each restored file the kernel knows, by the live path
+        its node's descriptor knows. Only an optimisation: a file missed here (the kernel knows it
+        by another name) stays known and is refreshed through the mount instead."""
+        inodes, paths = self.fs.inodes, {}
         for ino in result.restored:
             node = inodes.get(inodes.nodeid(ino))
             if node is not None:
                 paths[ino] = self._live_path(node)
-                if paths[ino] is None:
-                    lost.append(ino)
-        rollback.find_live_paths(lost)
         names, parents = [], {}
         for ino, path in paths.items():
-            path = path or result.files.get(ino)
             if path is None:
                 continue
             dir_path, _, name = path.rpartition(b"/")

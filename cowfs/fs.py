@@ -20,6 +20,7 @@ import trio
 
 from . import libc
 from .capture import Capture
+from .control import REFRESH_PREFIX
 from .inodes import VIRTUAL_BASE, InodeTable, Node
 from .snapshot import SnapObject, SnapshotNodes, SnapshotView
 from .store import STORE_NAME, Store
@@ -167,8 +168,8 @@ class CowFS(pyfuse3.Operations):
         self.daemon_gid = os.getegid()
         self.open_files: dict[int, Node] = {}        # live fh (= descriptor) -> node
         self.writer_fhs: set[int] = set()
-        # After a rollback the CLI re-applies sizes and mtimes through the mount
-        # (see Daemon._kernel_refresh_list): those setattrs are not changes to capture.
+        # After a rollback the refresher re-applies sizes and mtimes through the mount
+        # (see Daemon.kernel_refresh_list): those setattrs are not changes to capture.
         self.refreshing: set[int] = set()
         self.refresher_tid = 0
         self.snap_files: dict[int, _SnapFile] = {}
@@ -246,6 +247,8 @@ class CowFS(pyfuse3.Operations):
                 return self._snapdir_entry()
             if name == STORE_NAME:
                 raise pyfuse3.FUSEError(errno.ENOENT)
+            if name.startswith(REFRESH_PREFIX) and ctx.pid == self.refresher_tid:
+                return self._refresh_lookup(name)
         parent = self._node(parent_id)
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
@@ -256,6 +259,21 @@ class CowFS(pyfuse3.Operations):
             return negative
         self.inodes.remember(parent, name, st.st_ino)
         return _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
+
+    def _refresh_lookup(self, name: bytes) -> pyfuse3.EntryAttributes:
+        """The entry of a restored file by its reserved name, for the refresher only.
+
+        Any name the kernel resolves to the same inode number reaches the inode
+        it caches, so no path of the file (which the rollback may have removed,
+        and which the kernel may know under a name cowfs never recorded) is needed.
+        """
+        tail = name[len(REFRESH_PREFIX):]
+        nodeid = int(tail) if tail.isdigit() else 0
+        if nodeid not in self.refreshing:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        node = self._node(nodeid)
+        node.lookups += 1
+        return _entry(os.stat(node.fd), nodeid, 0)
 
     @fuse_op
     async def getattr(self, nodeid, ctx=None):

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 class RollbackResult:
     entries: set[tuple[int, bytes]] = field(default_factory=set)   # (parent ino, name) changed
     objects: set[int] = field(default_factory=set)                 # inos whose content/attrs changed
-    files: dict[int, bytes] = field(default_factory=dict)          # find_live_paths: ino -> live path
     restored: dict[int, int] = field(default_factory=dict)         # regular file ino -> size before
 
 
@@ -120,40 +119,6 @@ class Rollback:
         self.result.entries.add((parent, name))
         self.result.objects.add(parent)
 
-    def find_live_paths(self, inos: list[int]) -> None:
-        """A path in the live tree (in result.files) for each of these restored files, after run:
-        callers refresh the kernel's view of those it still knows (usually none)."""
-        try:
-            for ino in inos:
-                try:
-                    path = self._live_path(ino)
-                except OSError:
-                    continue
-                if path is not None:
-                    self.result.files[ino] = path
-        finally:
-            self._close()
-
-    def _live_path(self, ino: int) -> bytes | None:
-        """Where *ino* is in the tree now: the name its descriptor was opened by, if still
-        right (nearly always: a file restored in place), else any entry that ever held it
-        and holds it again."""
-        own = self._relative(os.readlink(libc.proc_path(self._fd(ino))))
-        if own is not None and self._holds(self.store.root_fd, own, ino):
-            return own
-        for parent, name in self.catalogue.holders_after(ino, -1):
-            dir_path = self._relative(os.readlink(libc.proc_path(self._fd(parent))) + b"/")
-            if dir_path is not None and self._holds(self._fd(parent), name, ino):
-                return dir_path + name
-        return None
-
-    @staticmethod
-    def _holds(dir_fd: int, name: bytes, ino: int) -> bool:
-        try:
-            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == ino
-        except OSError:
-            return False
-
     def _in_tree(self, dir_ino: int) -> bool:
         """Directory *dir_ino* is in the live tree (a directory's descriptor knows its path)."""
         return self._relative(os.readlink(libc.proc_path(self._fd(dir_ino))) + b"/") is not None
@@ -204,6 +169,7 @@ class Rollback:
                 elif st.st_nlink > 1:
                     self._before_entry_change(dir_ino, dir_fd, name)
                     os.unlink(name, dir_fd=dir_fd)
+                    self.result.objects.add(st.st_ino)     # its link count changed
 
     def _attach(self, parent: int, name: bytes, ino: int) -> bool:
         dir_fd = self._fd(parent)

@@ -4,7 +4,22 @@ Layers, from the disk up (see docs/architecture.md):
   libc, store, catalogue   the on-disk store; nothing about FUSE
   capture, snapshot, rollback   turns and layers; nothing about the CLI
   inodes, fs               the pyfuse3 operations, thin
-  daemon, control, cli     one mount's life, the control channel, the command line
+  daemon, control          one mount's life, the control channel
+  api, errors, cli         the Python API (typed results, errors that know their exit code), the CLI on it
 """
 
 __version__ = "0.1.0"
+
+# The API is imported on first use, so that `cowfs checkpoint` (which imports this
+# package) does not pay for it.
+_API = {"Workspace": "api", "Turn": "api", "Status": "api",
+        "CowfsError": "errors", "BadInput": "errors", "NotMounted": "errors",
+        "UnknownTurn": "errors", "DaemonUnreachable": "errors", "OperationFailed": "errors"}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'cowfs' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f".{_API[name]}", __name__), name)

@@ -180,6 +180,11 @@ class Catalogue:
                                "FROM turns ORDER BY turn").fetchall()
         return [Turn(*row) for row in rows]
 
+    def turn(self, number: int) -> Turn | None:
+        row = self.db.execute("SELECT turn, started, sealed, message, kind, target, changes, bytes "
+                              "FROM turns WHERE turn=?", (number,)).fetchone()
+        return Turn(*row) if row else None
+
     def sealed_turns(self) -> list[int]:
         return [r[0] for r in self.db.execute(
             "SELECT turn FROM turns WHERE sealed IS NOT NULL ORDER BY turn")]

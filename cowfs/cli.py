@@ -13,19 +13,14 @@ import sys
 import time
 
 from . import __version__, control
+from .errors import EXIT_FAILED, BadInput, CowfsError, OperationFailed
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 READY_TIMEOUT = 120.0
 EXIT_TIMEOUT = 60.0
 
 
-class UsageError(Exception):
-    """Bad input: exit 2."""
-
-
-class Failed(Exception):
-    """The operation failed: exit 1."""
+UsageError = BadInput       # exit 2
+Failed = OperationFailed    # exit 1
 
 
 def parse_turn(text: str) -> int:
@@ -329,13 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except UsageError as e:
+    except CowfsError as e:
         print(f"cowfs: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except control.ControlError as e:
-        print(f"cowfs: error: {e}", file=sys.stderr)
-        return EXIT_USAGE if "not inside a cowfs mount" in str(e) else EXIT_FAILED
-    except (Failed, OSError) as e:
+        return e.exit_code
+    except OSError as e:
         print(f"cowfs: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

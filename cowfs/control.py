@@ -11,6 +11,8 @@ import json
 import os
 import socket
 
+from .errors import DaemonUnreachable, NotMounted, OperationFailed, from_reply
+
 FSTYPE = "fuse.cowfs"
 CONTROL_XATTR = "user.cowfs.control"
 MAX_MESSAGE = 1 << 20
@@ -20,8 +22,6 @@ MAX_MESSAGE = 1 << 20
 REFRESH_PREFIX = b".cowfs-refresh-"
 
 
-class ControlError(Exception):
-    """A request failed; the message is meant for the user."""
 
 
 class Mount:
@@ -77,7 +77,7 @@ def find_mount(path: str) -> Mount:
             if best is None or len(m.mountpoint) > len(best.mountpoint):
                 best = m
     if best is None:
-        raise ControlError(f"{path} is not inside a cowfs mount")
+        raise NotMounted(f"{path} is not inside a cowfs mount")
     return best
 
 
@@ -85,25 +85,25 @@ def socket_path(mount: Mount) -> bytes:
     try:
         return os.getxattr(mount.mountpoint, CONTROL_XATTR)
     except OSError as e:
-        raise ControlError(f"cannot reach the cowfs daemon of {mount.mountpoint}: {e.strerror}") from None
+        raise DaemonUnreachable(f"cannot reach the cowfs daemon of {mount.mountpoint}: {e.strerror}") from None
 
 
 def request(mount: Mount, op: str, timeout: float | None = None, **args) -> dict:
-    """Send one request to the daemon of *mount*; return its reply or raise ControlError."""
+    """Send one request to the daemon of *mount*; return its reply, or raise the CowfsError its failure stands for."""
     path = socket_path(mount)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(path)
         except OSError as e:
-            raise ControlError(f"cannot connect to the cowfs daemon of {mount.mountpoint}: "
-                               f"{e.strerror}") from None
+            raise DaemonUnreachable(f"cannot connect to the cowfs daemon of {mount.mountpoint}: "
+                                    f"{e.strerror}") from None
         sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
         reply = read_message(sock)
     if reply is None:
-        raise ControlError("the cowfs daemon closed the connection without answering")
+        raise DaemonUnreachable("the cowfs daemon closed the connection without answering")
     if not reply.get("ok"):
-        raise ControlError(reply.get("error", "unknown error"))
+        raise from_reply(reply)
     return reply
 
 
@@ -184,5 +184,5 @@ def read_message(sock: socket.socket) -> dict | None:
             break
         data += chunk
         if len(data) > MAX_MESSAGE:
-            raise ControlError("control message too large")
+            raise OperationFailed("control message too large")
     return json.loads(data) if data.strip() else None

@@ -23,6 +23,7 @@ import trio
 from . import libc
 from .capture import Capture
 from .control import MAX_MESSAGE, REFRESH_PREFIX
+from .errors import BadInput, CowfsError, OperationFailed, UnknownTurn
 from .fs import SNAPDIR, CowFS
 from .gitexport import DEFAULT_BRANCH, ExportError, ExportRunner, TargetError
 from .rollback import Rollback
@@ -204,8 +205,8 @@ class Daemon:
     async def _reply(self, data: bytes) -> dict:
         try:
             return await self.handle_request(json.loads(data))
-        except RequestError as e:
-            return {"ok": False, "error": str(e)}
+        except CowfsError as e:
+            return {"ok": False, "error": str(e), "kind": e.kind}
         except Exception as e:
             log.exception("control request failed")
             return {"ok": False, "error": f"internal error: {e}"}
@@ -214,7 +215,7 @@ class Daemon:
         op = req.get("op")
         handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
         if handler is None:
-            raise RequestError(f"unknown request {op!r}")
+            raise BadInput(f"unknown request {op!r}")
         sealed_before = self.capture.turn
         reply = {"ok": True, **await handler(req)}
         if self.opts.export_git_on_checkpoint and self.capture.turn != sealed_before:
@@ -248,7 +249,8 @@ class Daemon:
 
     async def _op_checkpoint(self, req: dict) -> dict:
         message = str(req.get("message") or "")
-        return {"turn": self.capture.seal(message)}
+        turn = self.capture.seal(message)
+        return {"turn": turn, "record": self.store.catalogue.turn(turn).__dict__}
 
     async def _op_log(self, req: dict) -> dict:
         return {"turns": [t.__dict__ for t in self.store.catalogue.turns()]}
@@ -256,7 +258,7 @@ class Daemon:
     async def _op_rollback(self, req: dict) -> dict:
         target = req.get("turn")
         if not isinstance(target, int) or not self.store.catalogue.is_sealed(target):
-            raise RequestError(f"turn {target} does not exist (see `cowfs log`)")
+            raise UnknownTurn(f"turn {target} does not exist (see `cowfs log`)")
         while self.capture.captures_in_flight():
             await trio.sleep(0.005)
         pending = None
@@ -277,11 +279,13 @@ class Daemon:
         repo, branch, pid = req.get("repo"), req.get("branch") or DEFAULT_BRANCH, req.get("pid")
         if not (repo is None or isinstance(repo, str) and isinstance(pid, int)) or \
                 not isinstance(branch, str):
-            raise RequestError("export_git takes a repository path (with the caller's pid) and a branch")
+            raise BadInput("export_git takes a repository path (with the caller's pid) and a branch")
         try:
             return (await self.git_export.export(repo, branch, pid)).as_dict()
-        except (TargetError, ExportError) as e:
-            raise RequestError(str(e)) from None
+        except TargetError as e:
+            raise BadInput(str(e)) from None
+        except ExportError as e:
+            raise OperationFailed(str(e)) from None
 
     async def _op_umount(self, req: dict) -> dict:
         return {"sealed": self._seal_pending("unmount"), "pid": os.getpid()}
@@ -429,10 +433,6 @@ class Daemon:
         if self.store is not None:
             self.store.close()
         return sealed
-
-
-class RequestError(Exception):
-    pass
 
 
 def _invalidate_entries(names: list[tuple[int, bytes]]) -> None:

@@ -42,7 +42,7 @@ def test_mount_refuses_what_it_cannot_mount(workspace, tmp_path):
 def test_commands_outside_a_mount_and_bad_turns(workspace, tmp_path):
     assert "not inside a cowfs mount" in one_line_error(cowfs("status", "-C", tmp_path), 2)
     workspace.mount()
-    assert "does not exist" in one_line_error(cowfs("rollback", "-C", workspace.path, "99"), 1)
+    assert "does not exist" in one_line_error(cowfs("rollback", "-C", workspace.path, "99"), 2)
     bad = cowfs("rollback", "-C", workspace.path, "seven")
     assert bad.returncode == 2 and "not a turn" in bad.stderr
     assert cowfs("rollback", "-C", workspace.path, "turn-0").returncode == 0

@@ -85,6 +85,19 @@ class AttrRecord:
     mtime_ns: int
     content: str | None
 
+    def __post_init__(self):
+        if isinstance(self.mtime_ns, bytes):
+            object.__setattr__(self, "mtime_ns", int(self.mtime_ns))
+
+
+_INT64 = range(-(1 << 63), 1 << 63)
+
+
+def _ns_column(ns: int) -> int | bytes:
+    """A time in ns as SQLite can hold it: past 2262 (or before 1677) it does not fit an
+    INTEGER, and as TEXT SQLite would turn it into a lossy REAL; a BLOB it leaves alone."""
+    return ns if ns in _INT64 else str(ns).encode()
+
 
 class Catalogue:
     def __init__(self, path: str):
@@ -207,7 +220,7 @@ class Catalogue:
             self.db.execute(
                 "INSERT OR IGNORE INTO attrs (ino, turn, mode, uid, gid, size, mtime_ns, path) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (ino, turn, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, path))
+                (ino, turn, st.st_mode, st.st_uid, st.st_gid, st.st_size, _ns_column(st.st_mtime_ns), path))
             self.db.executemany("INSERT OR IGNORE INTO xattrs (ino, turn, name, value) VALUES (?, ?, ?, ?)",
                                 [(ino, turn, k, v) for k, v in xattrs.items()])
 

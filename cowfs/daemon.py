@@ -124,7 +124,11 @@ class Daemon:
         catalogue.set_meta("drift", f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {self.drift_note}")
 
     def _setup_logging(self) -> None:
-        handler = logging.FileHandler(os.fsdecode(self.store.path + b"/daemon.log"))
+        # The daemon's umask is 0 (it creates files for their callers): the log is its own, 0600.
+        log_path = self.store.path + b"/daemon.log"
+        os.close(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.chmod(log_path, 0o600)     # a log made by an earlier version was 0666
+        handler = logging.FileHandler(os.fsdecode(log_path))
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger()
         root.addHandler(handler)

@@ -113,8 +113,10 @@ def _backing_flags(flags: int) -> int:
     passthrough_ll does).
     """
     # O_NOFOLLOW was the kernel's business (it resolved the path); here it
-    # would refuse /proc/self/fd/N, which is a symlink.
-    flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_NOFOLLOW)
+    # would refuse /proc/self/fd/N, which is a symlink. O_DIRECT stays the
+    # kernel's too (it sends the caller's I/O uncached): the daemon's own
+    # buffers are not aligned, so the backing file would refuse every read.
+    flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_NOFOLLOW | os.O_DIRECT)
     if flags & os.O_ACCMODE == os.O_WRONLY:
         flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
     return flags | os.O_CLOEXEC

@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 
+
 def test_o_direct_reads_and_writes(workspace):
     workspace.mount()
     p = workspace.path

@@ -168,6 +168,28 @@ class Catalogue:
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    # -- recovery after a crash (drift.py) ------------------------------------
+    def entry_recorded_since(self, parent: int, name: bytes, turn: int) -> bool:
+        return self.db.execute("SELECT 1 FROM entries WHERE parent=? AND name=? AND turn>=? LIMIT 1",
+                               (parent, name, turn)).fetchone() is not None
+
+    def attrs_recorded_since(self, ino: int, turn: int) -> bool:
+        return self.db.execute("SELECT 1 FROM attrs WHERE ino=? AND turn>=? LIMIT 1",
+                               (ino, turn)).fetchone() is not None
+
+    def recount(self, turn: int) -> int:
+        """Make *turn*'s change count at least its number of rows (the count is persisted only now
+        and then; the rows before every change). O(rows of the turn). Returns the count."""
+        rows = sum(self.db.execute(f"SELECT count(*) FROM {table} WHERE turn=?", (turn,)).fetchone()[0]
+                   for table in ("entries", "attrs"))
+        self.db.execute("UPDATE turns SET changes=max(changes, ?) WHERE turn=?", (rows, turn))
+        return self.db.execute("SELECT changes FROM turns WHERE turn=?", (turn,)).fetchone()[0]
+
+    def entry_created_in(self, parent: int, name: bytes, turn: int) -> bool:
+        """Entry (parent, name) held nothing at the start of *turn* (it was created in it)."""
+        return self.db.execute("SELECT 1 FROM entries WHERE parent=? AND name=? AND turn=? "
+                               "AND ino IS NULL", (parent, name, turn)).fetchone() is not None
+
     # -- turns --------------------------------------------------------------
     def open_turn(self) -> int:
         """The number of the open turn, opening a new one after the last sealed turn if needed."""

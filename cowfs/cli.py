@@ -7,6 +7,7 @@ and returns once the mount is live.
 """
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -116,7 +117,10 @@ def cmd_mount(args) -> int:
 
 def _refuse_mounted(path: str) -> None:
     for m in control.cowfs_mounts():
-        if m.mountpoint == path:
+        if m.mountpoint == path and _is_dead(path):
+            _clear_dead_mount(path)
+            print(f"cowfs: cleared the dead mount at {path} (its daemon had stopped)", file=sys.stderr)
+        elif m.mountpoint == path:
             raise UsageError(f"{path} is already mounted")
         if path.startswith(m.mountpoint.rstrip("/") + "/"):
             raise UsageError(f"{path} is inside the cowfs mount {m.mountpoint}")
@@ -135,8 +139,10 @@ def _spawn_daemon(args, workspace: str, mountpoint: str) -> int:
                             stderr=subprocess.DEVNULL)
     os.close(write_end)
     message = _read_ready(read_end, proc)
-    if message == "ok":
+    if message == "ok" or message.startswith("ok "):
         print(f"mounted {mountpoint}" + (f" (workspace {workspace})" if mountpoint != workspace else ""))
+        if message != "ok":
+            print(f"cowfs: {message.removeprefix('ok ')}", file=sys.stderr)
         _warn_stale_cwds(mountpoint, proc.pid)
         return 0
     if message.startswith("error: "):
@@ -178,8 +184,33 @@ def _warn_stale_cwds(mountpoint: str, daemon_pid: int) -> None:
               file=sys.stderr)
 
 
+def _is_dead(mountpoint: str) -> bool:
+    """A FUSE mount whose daemon is gone: the kernel answers ENOTCONN for it. Asked with a
+    getxattr, which the kernel never answers from its cache (a stat of the root would be)."""
+    try:
+        os.getxattr(mountpoint, control.CONTROL_XATTR)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def _clear_dead_mount(mountpoint: str) -> None:
+    """Detach a dead mount (nothing can be flushed through it any more: its daemon is gone).
+    What was written through it is on disk already or was lost with the daemon's process."""
+    import subprocess
+    for argv in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
+        if subprocess.run(argv, capture_output=True).returncode == 0:
+            return
+    raise Failed(f"cannot clear the dead mount at {mountpoint}: try `fusermount3 -u -z {mountpoint}`")
+
+
 def cmd_umount(args) -> int:
     mount = control.find_mount(args.path or args.cwd)
+    if _is_dead(mount.mountpoint):
+        _clear_dead_mount(mount.mountpoint)
+        print(f"cleared the dead mount at {mount.mountpoint} (its daemon had stopped; "
+              "`cowfs mount` recovers its open turn)")
+        return 0
     control.syncfs(mount)
     reply = control.request(mount, "umount")
     import subprocess

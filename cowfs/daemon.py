@@ -22,6 +22,7 @@ import trio
 
 from . import libc
 from .capture import Capture
+from .drift import CrashRecords, find_drift
 from .control import MAX_MESSAGE, REFRESH_PREFIX
 from .errors import BadInput, CowfsError, OperationFailed, UnknownTurn
 from .fs import SNAPDIR, CowFS
@@ -50,39 +51,13 @@ class MountOptions:
     export_git_on_checkpoint: bool = False
 
 
-def find_drift(root_fd: int, since_ns: int, limit: int = 5) -> tuple[int, list[str]]:
-    """Paths under the backing root changed (ctime) after *since_ns*: (count, first few)."""
-    count, examples = 0, []
-    stack = [(os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd), "")]
-    if os.stat(root_fd).st_ctime_ns > since_ns:
-        count, examples = 1, ["."]
-    while stack:
-        dir_fd, prefix = stack.pop()
-        try:
-            with os.scandir(dir_fd) as it:
-                for entry in it:
-                    if not prefix and entry.name == STORE_NAME.decode():
-                        continue
-                    st = entry.stat(follow_symlinks=False)
-                    if st.st_ctime_ns > since_ns:
-                        count += 1
-                        if len(examples) < limit:
-                            examples.append(prefix + entry.name)
-                    if stat.S_ISDIR(st.st_mode):
-                        sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                                      dir_fd=dir_fd)
-                        stack.append((sub, prefix + entry.name + "/"))
-        finally:
-            os.close(dir_fd)
-    return count, examples
-
-
 class Daemon:
     def __init__(self, opts: MountOptions):
         self.opts = opts
         self.root_fd = -1
         self.store: Store | None = None
         self.drift_note = ""
+        self.startup_note = ""     # one line for the user, after "mounted ..."
 
     # -- start-up ------------------------------------------------------------------
     def prepare(self) -> None:
@@ -107,11 +82,24 @@ class Daemon:
         self.capture = Capture(self.store, os.fsencode(self.opts.workspace))
 
     def _check_drift(self) -> None:
+        """Refuse (unless --force) a tree changed behind cowfs's back since it last had it in hand:
+        since the clean unmount, or since the mount of a daemon that died."""
         catalogue = self.store.catalogue
-        since = catalogue.get_meta("unmounted_at") or catalogue.get_meta("alive_at")
-        if since is None:
-            return
-        count, examples = find_drift(self.root_fd, int(since))
+        unmounted = int(catalogue.get_meta("unmounted_at") or 0)
+        mounted = int(catalogue.get_meta("mounted_at") or 0)
+        if not (unmounted or mounted):
+            return      # a new store
+        records = None
+        if mounted > unmounted:
+            first = int(catalogue.get_meta("mounted_turn") or 0)
+            records = CrashRecords(catalogue, first, catalogue.open_turn())
+        drift = find_drift(self.root_fd, max(mounted, unmounted), records)
+        if records is not None:
+            changes = catalogue.recount(records.open_turn)
+            self.startup_note = (f"recovered: the previous daemon stopped without unmounting; its open "
+                                 f"turn-{records.open_turn} is kept ({changes} change(s) recorded)")
+            log.info("%s", self.startup_note)
+        count, examples = drift.count, drift.examples
         if not count:
             return
         shown = ", ".join(repr(p) for p in examples)
@@ -155,7 +143,9 @@ class Daemon:
         except RuntimeError as e:
             raise MountError(f"cannot mount on {self.opts.mountpoint}: {e}") from None
         libc.hide_mount_from_self(self.opts.mountpoint, _paths_the_daemon_needs(self.opts.workspace))
-        self.store.catalogue.set_meta("alive_at", str(time.time_ns()))
+        # Recovery after a crash judges changes since this moment by the rows of turns from this one.
+        self.store.catalogue.set_meta("mounted_at", str(time.time_ns()))
+        self.store.catalogue.set_meta("mounted_turn", str(self.capture.turn))
         log.info("mounted %s on %s (turn %d, capture mode %s)", self.opts.workspace,
                  self.opts.mountpoint, self.capture.turn, self.capture.mode)
 
@@ -180,11 +170,10 @@ class Daemon:
         listener.close()
 
     async def _heartbeat(self) -> None:
-        # After a crash, drift is looked for since the last heartbeat.
+        # After a crash, `cowfs log` shows the open turn's counts as of the last beat.
         while True:
             await trio.sleep(ALIVE_INTERVAL)
             self.capture.flush_counts()
-            self.store.catalogue.set_meta("alive_at", str(time.time_ns()))
 
     async def _accept_loop(self, listener, nursery) -> None:
         while True:
@@ -491,7 +480,7 @@ def run(opts: MountOptions, ready_fd: int | None) -> int:
     async def main():
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.serve)
-            _report(ready_fd, "ok")
+            _report(ready_fd, f"ok {daemon.startup_note}".rstrip())
     try:
         trio.run(main)
     except BaseException:
@@ -511,7 +500,7 @@ def _close_quietly(daemon: Daemon) -> None:
 
 def _report(fd: int | None, message: str) -> None:
     if fd is None:
-        if message != "ok":
+        if message.startswith("error: "):
             print(f"cowfs: {message.removeprefix('error: ')}", flush=True)
         return
     try:

@@ -1,0 +1,81 @@
+"""Changes made behind cowfs's back: what a mount must find before it serves history.
+
+Owns the walk that finds paths changed (by ctime) since cowfs last had the
+tree in hand, and the rule that tells, after a daemon that died, which of
+those changes went through it. A change through the daemon was recorded
+before it reached the disk (record before mutate), so a path whose entry or
+object has a row in a turn of the dead daemon's session is not drift. A path
+below a directory created in the turn that was open at the crash has no
+older state that a sealed snapshot could show wrongly, so it is not either.
+Everything else is drift: the snapshots of earlier turns would be wrong.
+"""
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from .catalogue import Catalogue
+from .store import STORE_NAME
+
+
+@dataclass
+class Drift:
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+    explained: int = 0          # changed since, but recorded by the daemon that died
+
+    def add(self, path: str, limit: int) -> None:
+        self.count += 1
+        if len(self.examples) < limit:
+            self.examples.append(path)
+
+
+class CrashRecords:
+    """What the catalogue recorded in the session of a daemon that died (turns >= *first*)."""
+
+    def __init__(self, catalogue: Catalogue, first: int, open_turn: int):
+        self.catalogue, self.first, self.open_turn = catalogue, first, open_turn
+
+    def explains(self, parent: int | None, name: bytes, st: os.stat_result) -> bool:
+        """The change of entry (parent, name) holding *st* was recorded (parent None: the root)."""
+        return (parent is not None and self.catalogue.entry_recorded_since(parent, name, self.first)
+                or self.catalogue.attrs_recorded_since(st.st_ino, self.first))
+
+    def created_in_open_turn(self, parent: int, name: bytes) -> bool:
+        return self.catalogue.entry_created_in(parent, name, self.open_turn)
+
+
+def find_drift(root_fd: int, since_ns: int, records: CrashRecords | None = None,
+               limit: int = 5) -> Drift:
+    """Paths under the backing root changed after *since_ns* and not explained by *records*."""
+    drift = Drift()
+    root = os.fstat(root_fd)
+    if root.st_ctime_ns > since_ns:
+        _judge(drift, records, None, b"", root, ".", limit)
+    stack = [(os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd), root.st_ino, "")]
+    while stack:
+        dir_fd, dir_ino, prefix = stack.pop()
+        try:
+            with os.scandir(dir_fd) as it:
+                for entry in it:
+                    if not prefix and entry.name == STORE_NAME.decode():
+                        continue
+                    name = os.fsencode(entry.name)
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_ctime_ns > since_ns:
+                        _judge(drift, records, dir_ino, name, st, prefix + entry.name, limit)
+                    if stat.S_ISDIR(st.st_mode) and not (
+                            records and records.created_in_open_turn(dir_ino, name)):
+                        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                        stack.append((sub, st.st_ino, prefix + entry.name + "/"))
+        finally:
+            os.close(dir_fd)
+    return drift
+
+
+def _judge(drift: Drift, records: CrashRecords | None, parent: int | None, name: bytes,
+           st: os.stat_result, path: str, limit: int) -> None:
+    if records is not None and records.explains(parent, name, st):
+        drift.explained += 1
+    else:
+        drift.add(path, limit)

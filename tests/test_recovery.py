@@ -1,0 +1,170 @@
+"""A daemon killed with SIGKILL: the dead mount is cleared, the next plain mount recovers, no turn
+is lost, and only changes made behind cowfs's back count as drift (issue 12)."""
+
+import errno
+import json
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from treeview import tree
+
+
+def daemon_pid(ws) -> int:
+    return json.loads(ws.cli("status", "--json").stdout)["daemon_pid"]
+
+
+def kill_daemon(ws) -> None:
+    """SIGKILL the daemon and wait until the kernel sees its mount dead (its last thread gone)."""
+    os.kill(daemon_pid(ws), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not is_dead(ws.path):
+        assert time.monotonic() < deadline, "the mount still answers 10 s after SIGKILL"
+        time.sleep(0.01)
+
+
+def is_dead(path) -> bool:
+    try:
+        os.getxattr(path, "user.cowfs.control")
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def turns(ws) -> list[dict]:
+    return json.loads(ws.cli("log", "--json").stdout)
+
+
+def test_umount_clears_a_dead_mount_and_mount_recovers_without_force(workspace):
+    ws, p = workspace, workspace.path
+    (p / "old").write_text("turn 0\n")
+    ws.mount()
+    (p / "f").write_text("a\n")
+    (p / "d").mkdir()
+    (p / "d" / "x").write_text("x\n")
+    ws.cli("checkpoint", "-m", "one")
+    sealed = tree(ws.snapshots / "turn-1")
+    # The open turn: changes of every kind, then the daemon dies.
+    with open(p / "f", "a") as f:
+        f.write("b\n")
+    os.rename(p / "d", p / "e")
+    (p / "new").mkdir()
+    (p / "new" / "y").write_text("y\n")
+    os.link(p / "f", p / "h")
+    os.unlink(p / "old")
+    os.chmod(p / "e" / "x", 0o600)
+    live = tree(p)
+    kill_daemon(ws)
+    assert is_dead(p)
+
+    out = ws.umount()
+    assert "cleared the dead mount" in out.stdout and not ws.is_mounted()
+    mounted = ws.mount()                                   # no --force
+    assert "recovered" in mounted.stderr
+    assert tree(p) == live                                 # every completed write is there
+    assert tree(ws.snapshots / "turn-1") == sealed
+    log = turns(ws)
+    assert log[2]["sealed"] is None and log[2]["changes"] > 0   # the crashed turn is kept, open
+    ws.cli("rollback", "1")                                # seals it first, then goes back
+    assert tree(p) == sealed
+    assert tree(ws.snapshots / "turn-2") == live           # ... and the crashed turn is a turn
+    ws.cli("rollback", "2")
+    assert tree(p) == live
+
+
+def test_mount_over_a_dead_mount_clears_it(workspace):
+    ws, p = workspace, workspace.path
+    ws.mount()
+    (p / "f").write_text("a\n")
+    kill_daemon(ws)
+    out = ws.mount()
+    assert "cleared the dead mount" in out.stderr and "recovered" in out.stderr
+    assert (p / "f").read_text() == "a\n"
+
+
+def test_a_change_behind_cowfs_back_after_a_crash_is_still_drift(workspace):
+    ws, p = workspace, workspace.path
+    (p / "f").write_text("a\n")
+    (p / "g").write_text("g\n")
+    ws.mount()
+    (p / "f").write_text("through cowfs\n")
+    kill_daemon(ws)
+    ws.umount()
+    time.sleep(0.01)
+    (p / "g").write_text("behind its back\n")               # nothing recorded this
+    refused = ws.mount(check=False)
+    assert refused.returncode == 2 and "'g'" in refused.stderr and "'f'" not in refused.stderr
+    assert not ws.is_mounted()
+    ws.mount("--force")
+
+
+@pytest.mark.parametrize("backing", ["xfs"], indirect=True)
+def test_random_kills_during_a_workload(workspace):
+    """Kill the daemon at a random moment of a workload, recover, check every turn, many rounds."""
+    rounds = int(os.environ.get("COWFS_CRASH_ROUNDS", "3"))
+    ws, p = workspace, workspace.path
+    rng = random.Random(int(os.environ.get("COWFS_CRASH_SEED", str(random.randrange(1 << 30)))))
+    manifests: dict[int, dict] = {}
+    ws.mount()
+    manifests[0] = tree(ws.snapshots / "turn-0")
+    for round_no in range(rounds):
+        killer = threading.Timer(rng.uniform(0.05, 0.6), lambda: kill_daemon_quietly(ws))
+        killer.start()
+        completed = _workload(ws, p, rng, manifests)
+        killer.join()
+        ws.umount()                                       # clears the dead mount
+        ws.mount()                                        # recovers, no --force
+        for turn, manifest in manifests.items():
+            assert tree(ws.snapshots / f"turn-{turn}") == manifest, (round_no, turn)
+        now = tree(p)
+        for path, value in completed.items():             # every write that returned is there
+            assert now.get(path) == value, (round_no, path)
+        last = max(manifests)
+        ws.cli("rollback", str(last))
+        assert tree(p) == manifests[last]
+        for t in turns(ws):
+            if t["sealed"] is not None and t["number"] not in manifests:
+                manifests[t["number"]] = tree(ws.snapshots / f"turn-{t['number']}")
+
+
+def kill_daemon_quietly(ws) -> None:
+    try:
+        kill_daemon(ws)
+    except Exception:
+        pass
+
+
+def _workload(ws, p, rng, manifests) -> dict:
+    """Random changes and checkpoints until the mount dies; returns {path: tree value} of the files
+    whose last write returned (the one in flight at the kill may or may not have happened)."""
+    completed: dict = {}
+    names = [f"f{i}" for i in range(8)]
+    try:
+        while True:
+            name = other = rng.choice(names)
+            op = rng.random()
+            if op < 0.5:
+                data = os.urandom(rng.randrange(1, 20000))
+                with open(p / name, "wb") as f:
+                    f.write(data)
+                completed[name.encode()] = ("file", data, 0o644)
+            elif op < 0.65 and (p / name).exists():
+                os.unlink(p / name)
+                completed.pop(name.encode(), None)
+            elif op < 0.8 and (p / name).exists():
+                other = rng.choice(names)
+                os.rename(p / name, p / other)
+                if name != other:
+                    completed[other.encode()] = completed.pop(name.encode(), None)
+            else:
+                turn = int(ws.cli("checkpoint").stdout.strip().removeprefix("turn-"))
+                manifests[turn] = tree(ws.snapshots / f"turn-{turn}")
+    except Exception:
+        # The op in flight when the daemon died: its paths may hold either state.
+        for n in (name, other):
+            completed.pop(n.encode(), None)
+        return {k: v for k, v in completed.items() if v is not None}

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("umount", help="seal pending changes as a turn and unmount",
                        description="Seal pending changes as a turn, unmount, and stop the daemon.")
     p.add_argument("path", nargs="?", metavar="PATH", help="the mount (default: -C or .)")
+    p.add_argument("--lazy", action="store_true",
+                   help="if processes still use the mount, detach it now; the daemon serves them "
+                        "until the last one leaves, then seals their changes as a last turn and stops")
     _add_c(p)
 
     p = sub.add_parser("checkpoint", help="end the current turn; prints the sealed turn",
@@ -214,15 +217,73 @@ def cmd_umount(args) -> int:
     control.syncfs(mount)
     reply = control.request(mount, "umount")
     import subprocess
-    result = subprocess.run(["fusermount3", "-u", mount.mountpoint], capture_output=True, text=True)
+    argv = ["fusermount3", "-u", *(["-z"] if args.lazy else []), mount.mountpoint]
+    result = subprocess.run(argv, capture_output=True, text=True)
     if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown"
-        raise Failed(f"cannot unmount {mount.mountpoint}: {reason}")
-    _wait_exit(reply["pid"])
+        raise Failed(_why_not_unmounted(mount.mountpoint, result.stderr, reply["pid"]))
     if reply.get("sealed") is not None:
         print(f"sealed turn-{reply['sealed']}")
+    if args.lazy:
+        print(f"detached {mount.mountpoint}; the daemon serves the processes still inside it and "
+              "seals their changes as a last turn when the last one leaves")
+        return 0
+    _wait_exit(reply["pid"])
     print(f"unmounted {mount.mountpoint}")
     return 0
+
+
+def _why_not_unmounted(mountpoint: str, stderr: str, daemon_pid: int) -> str:
+    holders = _processes_inside(mountpoint, {os.getpid(), daemon_pid})
+    if not holders:
+        reason = stderr.strip().splitlines()[-1] if stderr.strip() else "unknown"
+        return f"cannot unmount {mountpoint}: {reason}"
+    shown = "; ".join(f"pid {pid} ({comm}) {what}" for pid, comm, what in holders[:5])
+    more = f" and {len(holders) - 5} more" if len(holders) > 5 else ""
+    return (f"cannot unmount {mountpoint}: in use by {shown}{more}; pending changes were sealed. "
+            "Stop them, or `cowfs umount --lazy` to detach now")
+
+
+def _processes_inside(mountpoint: str, exclude: set[int]) -> list[tuple[int, str, str]]:
+    """(pid, command, what it holds) of each process with its cwd, root or an open file inside
+    (the daemon's own descriptors name the directory underneath by the same path: excluded)."""
+    inside = mountpoint.rstrip("/") + "/"
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) in exclude:
+            continue
+        what = _held_inside(int(pid), mountpoint, inside)
+        if what:
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                continue
+            found.append((int(pid), comm, what))
+    return found
+
+
+def _held_inside(pid: int, mountpoint: str, inside: str) -> str | None:
+    def within(link: str) -> bool:
+        return link == mountpoint or link.startswith(inside)
+    for name in ("cwd", "root"):
+        try:
+            link = os.readlink(f"/proc/{pid}/{name}")
+        except OSError:
+            continue
+        if within(link):
+            return f"has its {'working directory' if name == 'cwd' else 'root'} at {link}"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if within(link):
+            return f"has {link} open"
+    return None
 
 
 def _wait_exit(pid: int) -> None:

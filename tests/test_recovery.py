@@ -168,3 +168,44 @@ def _workload(ws, p, rng, manifests) -> dict:
         for n in (name, other):
             completed.pop(n.encode(), None)
         return {k: v for k, v in completed.items() if v is not None}
+
+
+def test_umount_of_a_busy_mount_names_the_holders_and_lazy_detaches(workspace):
+    import subprocess
+    ws, p = workspace, workspace.path
+    ws.mount()
+    (p / "f").write_text("a\n")
+    shell = subprocess.Popen(["sh", "-c", "echo more >> f; read line; echo late > g"], cwd=p,
+                             stdin=subprocess.PIPE)
+    try:
+        time.sleep(0.3)
+        busy = ws.umount(check=False)
+        assert busy.returncode == 1 and len(busy.stderr.strip().splitlines()) == 1
+        assert f"pid {shell.pid} (sh) has its working directory at {p}" in busy.stderr
+        assert "--lazy" in busy.stderr and ws.is_mounted()
+        lazy = ws.cli("umount", "--lazy")
+        assert "detached" in lazy.stdout and not ws.is_mounted()
+        shell.communicate(b"go\n", timeout=30)             # still served after the detach
+        assert shell.returncode == 0
+    finally:
+        shell.kill()
+    deadline = time.monotonic() + 10
+    while not (p / ".cowfs" / "lock").exists() or _daemon_alive(p):
+        assert time.monotonic() < deadline, "the daemon did not stop after its last user left"
+        time.sleep(0.05)
+    assert (p / "g").read_text() == "late\n"                # the backing tree, unmounted
+    ws.mount()
+    log = turns(ws)
+    assert log[-2]["message"] == "unmount" and log[-2]["sealed"] is not None
+    assert (ws.snapshots / f"turn-{log[-2]['number']}" / "g").read_text() == "late\n"
+
+
+def _daemon_alive(p) -> bool:
+    import fcntl
+    with open(p / ".cowfs" / "lock", "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False

@@ -739,3 +739,24 @@ def test_rollback_refreshes_the_size_of_a_file_whose_rows_name_old_places(mounte
     assert os.stat(p / "src" / "n\nl").st_size == 46
     assert read(p / "src" / "n\nl") == b"x" * 46
     assert not (p / "again").exists()
+
+
+def test_checkpoint_after_a_failed_writeback_seals_the_turn(tiny_ext4):
+    """A write-back error (ENOSPC) is reported by syncfs too; it is its writer's, not the turn's."""
+    from conftest import Workspace
+    ws = Workspace(tiny_ext4 / "ws")
+    try:
+        ws.mount()
+        write(ws.path / "kept", b"kept\n")
+        fill_disk(tiny_ext4 / "filler")
+        fd = os.open(ws.path / "lost", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"x" * (4 << 20))
+        with pytest.raises(OSError):
+            os.close(fd)
+        os.unlink(tiny_ext4 / "filler")
+        turn = checkpoint(ws)
+        assert read(ws.snapshots / f"turn-{turn}" / "kept") == b"kept\n"
+        write(ws.path / "after", b"after\n")                # work goes on
+        assert read(ws.snapshots / f"turn-{checkpoint(ws)}" / "after") == b"after\n"
+    finally:
+        ws.cleanup()

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-git-on-checkpoint", action="store_true",
                    help="after each checkpoint, export the new turns to the store's git repository "
                         "in the background (see export-git)")
+    p.add_argument("--owner", metavar="USER",
+                   help="as root: the user served by the mount's control channel "
+                        "(default: the one sudo ran for)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users reach the mount (as the files' permissions allow); "
+                        "always on as root, else needs user_allow_other in /etc/fuse.conf")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("umount", help="seal pending changes as a turn and unmount",
@@ -113,10 +119,42 @@ def cmd_mount(args) -> int:
     for path in {workspace, mountpoint}:
         _refuse_mounted(path)
     opts = MountOptions(workspace, mountpoint, args.snapdir == "visible", args.force, args.debug,
-                        args.export_git_on_checkpoint)
+                        args.export_git_on_checkpoint, _owner_uid(args.owner), _allow_other(args))
     if args.foreground:
         return run(opts, args.ready_fd)
     return _spawn_daemon(args, workspace, mountpoint)
+
+
+def _owner_uid(owner: str | None) -> int:
+    """Who the control channel serves besides root: --owner, sudo's caller, or ourselves."""
+    import pwd
+    if os.geteuid() != 0:
+        if owner is not None and owner not in (str(os.getuid()), pwd.getpwuid(os.getuid()).pw_name):
+            raise UsageError("--owner needs root (a rootless mount belongs to whoever mounts it)")
+        return os.getuid()
+    if owner is None:
+        return int(os.environ.get("SUDO_UID", "0") or 0)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        if owner.isdigit():
+            return int(owner)
+        raise UsageError(f"--owner {owner}: no such user") from None
+
+
+def _allow_other(args) -> bool:
+    if os.geteuid() == 0:
+        return True     # as before: other users reach files as their permissions allow
+    if not args.allow_other:
+        return False
+    try:
+        with open("/etc/fuse.conf") as f:
+            allowed = any(line.split("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        allowed = False
+    if not allowed:
+        raise UsageError("--allow-other needs user_allow_other in /etc/fuse.conf")
+    return True
 
 
 def _refuse_mounted(path: str) -> None:
@@ -135,6 +173,8 @@ def _spawn_daemon(args, workspace: str, mountpoint: str) -> int:
     argv += ["--force"] if args.force else []
     argv += ["--debug"] if args.debug else []
     argv += ["--export-git-on-checkpoint"] if args.export_git_on_checkpoint else []
+    argv += ["--owner", args.owner] if args.owner else []
+    argv += ["--allow-other"] if args.allow_other else []
     proc = subprocess.Popen(argv, pass_fds=(write_end,), start_new_session=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -191,7 +231,15 @@ def cmd_umount(args) -> int:
     result = subprocess.run(["fusermount3", "-u", mount.mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown"
-        raise Failed(f"cannot unmount {mount.mountpoint}: {reason}")
+        if os.geteuid() != 0:
+            # The owner of a root mount: fusermount3 refuses them, its root daemon may not.
+            try:
+                control.request(mount, "unmount", timeout=EXIT_TIMEOUT)
+            except control.ControlError:
+                pass    # refused, or the daemon ended with its mount before it answered
+        _wait_exit(reply["pid"])
+        if any(m.mountpoint == mount.mountpoint for m in control.cowfs_mounts()):
+            raise Failed(f"cannot unmount {mount.mountpoint}: {reason}")
     _wait_exit(reply["pid"])
     if reply.get("sealed") is not None:
         print(f"sealed turn-{reply['sealed']}")

@@ -1,10 +1,12 @@
 """The daemon: one mount's life, from opening the workspace to the last seal.
 
 Owns the order of start-up (open the workspace by descriptor *before*
-mounting over it, lock the store, check for changes made while unmounted,
+mounting over it, lock the store, check for changes made while unmounted and
+find the recorded objects in the tree, open every file it will need by name,
 mount, serve) and shut-down (seal pending changes, record a clean unmount),
 and the control-channel requests, which it turns into calls on Capture and
-Rollback. pyfuse3 runs every request on this one trio thread.
+Rollback, served to root and the mount's owner only. pyfuse3 runs every
+request on this one trio thread.
 """
 
 import errno
@@ -12,7 +14,10 @@ import json
 import logging
 import os
 import resource
+import secrets
+import socket
 import stat
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -41,36 +46,55 @@ class MountError(Exception):
 
 @dataclass
 class MountOptions:
+    """Every mode of one mount, decided by the CLI (cli.mount_options)."""
     workspace: str
     mountpoint: str
     snapdir_visible: bool = False
     force: bool = False
     debug: bool = False
     export_git_on_checkpoint: bool = False
+    owner_uid: int = 0          # served by the control channel, with root
+    allow_other: bool = False   # other users may reach the mount (as permissions allow)
+
+    @property
+    def as_root(self) -> bool:
+        """Root mode: a private mount namespace, objects owned by their creators."""
+        return os.geteuid() == 0
 
 
-def find_drift(root_fd: int, since_ns: int, limit: int = 5) -> tuple[int, list[str]]:
-    """Paths under the backing root changed (ctime) after *since_ns*: (count, first few)."""
+def find_drift(root_fd: int, since_ns: int | None, visit=None, limit: int = 5) -> tuple[int, list[str]]:
+    """Paths under the backing root changed (ctime) after *since_ns*: (count, first few).
+
+    *visit(dir_fd, name, st)* sees every entry on the way (the store's own
+    `objects/` included: rollback leaves whole directories there).
+    """
     count, examples = 0, []
-    stack = [(os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd), "")]
-    if os.stat(root_fd).st_ctime_ns > since_ns:
+    if since_ns is not None and os.stat(root_fd).st_ctime_ns > since_ns:
         count, examples = 1, ["."]
+    stack = [(os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd), "")]
+    try:
+        objects = os.open(STORE_NAME + b"/objects", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd)
+        stack.append((objects, None))
+    except OSError:
+        pass
     while stack:
         dir_fd, prefix = stack.pop()
         try:
             with os.scandir(dir_fd) as it:
                 for entry in it:
-                    if not prefix and entry.name == STORE_NAME.decode():
+                    if prefix == "" and entry.name == STORE_NAME.decode():
                         continue
                     st = entry.stat(follow_symlinks=False)
-                    if st.st_ctime_ns > since_ns:
+                    if visit is not None:
+                        visit(dir_fd, os.fsencode(entry.name), st)
+                    if prefix is not None and since_ns is not None and st.st_ctime_ns > since_ns:
                         count += 1
                         if len(examples) < limit:
                             examples.append(prefix + entry.name)
                     if stat.S_ISDIR(st.st_mode):
                         sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
                                       dir_fd=dir_fd)
-                        stack.append((sub, prefix + entry.name + "/"))
+                        stack.append((sub, None if prefix is None else prefix + entry.name + "/"))
         finally:
             os.close(dir_fd)
     return count, examples
@@ -101,16 +125,26 @@ class Daemon:
             self.store = Store(self.root_fd)
         except StoreBusy:
             raise MountError(f"{opts.workspace} is already mounted by another cowfs daemon") from None
+        except OSError as e:
+            raise MountError(f"cannot open the store {opts.workspace}/.cowfs: {e.strerror}") from None
         self._check_drift()
         self._setup_logging()
         self.capture = Capture(self.store, os.fsencode(self.opts.workspace))
+        self.control = _control_socket()
 
     def _check_drift(self) -> None:
+        """Look for changes made while unmounted, and hold the recorded objects of the tree.
+
+        One walk does both: a recorded object in the tree is reached through
+        the descriptor found here (ObjectRef), one in the store by its name.
+        """
         catalogue = self.store.catalogue
         since = catalogue.get_meta("unmounted_at") or catalogue.get_meta("alive_at")
-        if since is None:
+        wanted = catalogue.recorded_objects()
+        if since is None and not wanted:
             return
-        count, examples = find_drift(self.root_fd, int(since))
+        visit = (lambda dir_fd, name, st: self.store.find_recorded(dir_fd, name, st, wanted))
+        count, examples = find_drift(self.root_fd, since and int(since), visit)
         if not count:
             return
         shown = ", ".join(repr(p) for p in examples)
@@ -130,39 +164,42 @@ class Daemon:
         root.setLevel(logging.DEBUG if self.opts.debug else logging.INFO)
 
     def mount(self) -> None:
-        self.control_socket_path = self.store.path + b"/control.sock"
-        try:
-            os.unlink(self.control_socket_path)
-        except FileNotFoundError:
-            pass
-        reachable = b"/proc/%d/fd/%d/control.sock" % (os.getpid(), self.store.fd)
-        self.fs = CowFS(self.root_fd, self.store, self.capture, reachable, self.opts.snapdir_visible)
-        # This process sees the backing directory by its path (its mount is hidden from it).
+        self.fs = CowFS(self.root_fd, self.store, self.capture, self.control.getsockname(),
+                        self.opts.snapdir_visible)
         self.git_export = ExportRunner(
             self.store, os.fsencode(self.opts.workspace), [self.opts.mountpoint, self.opts.workspace],
             self.fs.inodes.root_ino, self.fs.view.root_handle)
-        options = set(pyfuse3.default_options)
-        options |= {"fsname=cowfs", "subtype=cowfs"}
-        if os.geteuid() == 0:
-            options.add("allow_other")
+        self._open_by_name_before_mounting()
         try:
-            pyfuse3.init(self.fs, self.opts.mountpoint, options)
+            pyfuse3.init(self.fs, self.opts.mountpoint, fuse_options(self.opts))
         except RuntimeError as e:
             raise MountError(f"cannot mount on {self.opts.mountpoint}: {e}") from None
-        libc.hide_mount_from_self(self.opts.mountpoint, _paths_the_daemon_needs(self.opts.workspace))
-        self.store.catalogue.set_meta("alive_at", str(time.time_ns()))
+        if self.opts.as_root:
+            # Where the mount is seen: to unmount it for its owner (_op_unmount).
+            self.host_namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            # Belt and braces: nothing this process opens by name can reach its mount.
+            libc.hide_mount_from_self(self.opts.mountpoint,
+                                      _paths_the_daemon_needs(self.opts.workspace))
         log.info("mounted %s on %s (turn %d, capture mode %s)", self.opts.workspace,
                  self.opts.mountpoint, self.capture.turn, self.capture.mode)
 
+    def _open_by_name_before_mounting(self) -> None:
+        """Once mounted, a name under the workspace leads into the daemon's own mount: a
+        request it made there would wait for itself (its one thread serves every request).
+        So every file it opens by name is opened now and kept open: SQLite's WAL and
+        shared-memory files (a write and a checkpoint now also do the first sync, which
+        opens the directory by name), the export's connection, the store's git repository."""
+        catalogue = self.store.catalogue
+        catalogue.set_meta("alive_at", str(time.time_ns()))
+        catalogue.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        try:
+            self.git_export.prepare()
+        except (ExportError, OSError) as e:
+            raise MountError(f"cannot prepare the store's git repository: {e}") from None
+
     # -- serving -------------------------------------------------------------------
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            await listener.bind(self.control_socket_path)
-        finally:
-            os.umask(old_umask)
-        listener.listen(16)
+        listener = trio.socket.from_stdlib_socket(self.control)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept_loop, listener, nursery)
             nursery.start_soon(self._heartbeat)
@@ -186,10 +223,20 @@ class Daemon:
             conn, _ = await listener.accept()
             nursery.start_soon(self._handle_connection, conn)
 
+    def _may_command(self, conn) -> bool:
+        """Root and the mount's owner are served; the socket is reachable by anyone."""
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        return uid in (0, self.opts.owner_uid)
+
     async def _handle_connection(self, conn) -> None:
         # One bad client must never take the mount down with it.
         try:
             async with trio.SocketStream(conn) as stream:
+                if not self._may_command(conn):
+                    await stream.send_all(json.dumps({"ok": False, "error": "permission denied",
+                                                      "denied": True}).encode() + b"\n")
+                    return
                 data = b""
                 while not data.endswith(b"\n") and len(data) < MAX_MESSAGE:
                     chunk = await stream.receive_some(65536)
@@ -289,6 +336,19 @@ class Daemon:
 
     async def _op_umount(self, req: dict) -> dict:
         return {"sealed": self._seal_pending("unmount"), "pid": os.getpid()}
+
+    async def _op_unmount(self, req: dict) -> dict:
+        """Unmount for an owner who cannot (fusermount3 unmounts only its caller's mounts)."""
+        if not self.opts.as_root:
+            raise RequestError("only a root daemon unmounts on request; use fusermount3 -u")
+        argv = ["nsenter", f"--mount=/proc/self/fd/{self.host_namespace}", "--",
+                "fusermount3", "-u", self.opts.mountpoint]
+        result = await trio.run_process(argv, check=False, capture_stderr=True,
+                                        pass_fds=(self.host_namespace,), cwd="/")
+        if result.returncode:
+            lines = result.stderr.decode(errors="replace").strip().splitlines()
+            raise RequestError(lines[-1] if lines else "fusermount3 failed")
+        return {"pid": os.getpid()}
 
     def _seal_pending(self, message: str) -> int | None:
         if self.capture.has_changes() or self._persisted_changes():
@@ -419,10 +479,8 @@ class Daemon:
             self.fs.view.close()
             self.store.catalogue.set_meta("unmounted_at", str(time.time_ns()))
             self.store.catalogue.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            try:
-                os.unlink(self.control_socket_path)
-            except OSError:
-                pass
+            self.git_export.close()
+            self.control.close()
             log.info("unmounted %s; sealed %s", self.opts.mountpoint, sealed)
         if self.store is not None:
             self.store.close()
@@ -449,6 +507,22 @@ def _invalidate_inodes(nodeids: list[int]) -> None:
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOSYS):
                 log.warning("invalidate_inode(%d): %s", nodeid, e)
+
+
+def fuse_options(opts: MountOptions) -> set[str]:
+    options = set(pyfuse3.default_options) | {"fsname=cowfs", "subtype=cowfs"}
+    if opts.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def _control_socket() -> socket.socket:
+    """The control socket, in the abstract namespace: no path reaches the store from outside
+    (the mount hides it), and SO_PEERCRED, not a file mode, decides who is served."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.bind(b"\0cowfs-%d-%s" % (os.getpid(), secrets.token_hex(8).encode()))
+    sock.listen(16)
+    return sock
 
 
 def _paths_the_daemon_needs(workspace: str) -> list[str]:

@@ -21,6 +21,11 @@ Fixtures
 ``workspace_factory`` (function) ``make(name="ws") -> Workspace`` for tests
                            that need several workspaces; each one is unmounted
                            at teardown.
+``test_users`` (session)   ``(TEST_USER, OTHER_USER)``, created with useradd if
+                           absent: cowfs runs rootless as the first
+                           (``Workspace(path, user=TEST_USER)`` runs every
+                           command through ``runuser -u``); the second is a
+                           third party that must be kept out.
 
 Anything mounted under a test's backing directory is unmounted when the test
 ends, whatever happened; a session-finish hook sweeps leftover mounts and loop
@@ -174,6 +179,40 @@ def run(argv, *, check=True, timeout=None, input=None, env=None, cwd=None):
     if check and rc != 0:
         raise CommandError(rc, argv, stdout, stderr)
     return subprocess.CompletedProcess(argv, rc, stdout, stderr)
+
+
+# --------------------------------------------------------------------------
+# unprivileged users
+
+TEST_USER = "cowfs-test"     # runs cowfs rootless
+OTHER_USER = "cowfs-other"   # anyone else
+
+
+def ensure_user(name: str) -> None:
+    import pwd
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+
+
+def as_user(user: str) -> list[str]:
+    """The argv prefix running a command as *user* (from root, with this environment)."""
+    return ["runuser", "-u", user, "--"]
+
+
+def chown_tree(path, user: str) -> None:
+    """Hand *path* and everything under it not yet owned by *user* to *user*: only what
+    needs it, so that a remount sees no change made while unmounted."""
+    run(["find", path, "-xdev", "!", "-user", user, "-exec", "chown", "-h", f"{user}:{user}",
+         "{}", "+"])
+
+
+@pytest.fixture(scope="session")
+def test_users():
+    for name in (TEST_USER, OTHER_USER):
+        ensure_user(name)
+    return TEST_USER, OTHER_USER
 
 
 # --------------------------------------------------------------------------
@@ -477,12 +516,13 @@ class Workspace:
     shows argv, exit code and stderr.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, user: str | None = None):
         self.path = Path(path)
         self.path.mkdir(exist_ok=True)
+        self.user = user        # cowfs runs as this user (rootless); None: as root
         # The argv prefix of every cowfs command; tests of the fixtures
         # replace it with a stub.
-        self.cowfs_cmd = [sys.executable, "-m", "cowfs"]
+        self.cowfs_cmd = [*(as_user(user) if user else []), sys.executable, "-m", "cowfs"]
 
     def __repr__(self):
         return f"Workspace({str(self.path)!r}, mounted={self.is_mounted()})"
@@ -508,6 +548,8 @@ class Workspace:
 
     def mount(self, *extra_args, check=True, timeout=None, env=None):
         """Mount cowfs over ws.path; returns once the mount is live."""
+        if self.user and not self.is_mounted():
+            chown_tree(self.path, self.user)    # what root wrote there before mounting
         cp = run([*self.cowfs_cmd, "mount", self.path, *extra_args],
                  check=check, timeout=timeout, env=env)
         if cp.returncode == 0 and not self.is_mounted():

@@ -233,17 +233,15 @@ class Daemon:
         # One bad client must never take the mount down with it.
         try:
             async with trio.SocketStream(conn) as stream:
-                if not self._may_command(conn):
-                    await stream.send_all(json.dumps({"ok": False, "error": "permission denied",
-                                                      "denied": True}).encode() + b"\n")
-                    return
                 data = b""
                 while not data.endswith(b"\n") and len(data) < MAX_MESSAGE:
                     chunk = await stream.receive_some(65536)
                     if not chunk:
                         return
                     data += chunk
-                reply = await self._reply(data)
+                # Read first: a client still sending when we close would see EPIPE, not this.
+                reply = (await self._reply(data) if self._may_command(conn)
+                         else {"ok": False, "error": "permission denied"})
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             log.warning("control connection failed: %s", e)

@@ -145,3 +145,29 @@ def test_daemon_never_reaches_its_own_mount(user_ws):
     assert len(calls) > 50, "strace saw nothing"
     inside = [c for c in calls if f'"{p}/' in c or f'"{p}"' in c]
     assert inside == []
+
+
+def test_a_format_1_store_is_read_without_its_file_handles(workspace):
+    """Stores made when objects were reached by file handle (format 1, root only) mount
+    again: their rows are found by inode number, the handles are no longer read."""
+    import sqlite3
+    ws, p = workspace, workspace.path
+    (p / "d").mkdir()
+    (p / "d" / "f").write_text("v0\n")
+    ws.mount()
+    (p / "d" / "f").write_text("v1\n")
+    os.rename(p / "d", p / "e")
+    ws.cli("checkpoint")
+    ws.umount()
+    db = sqlite3.connect(ws.store / "catalogue.db")
+    with db:
+        db.execute("UPDATE meta SET value='1' WHERE key='format'")
+        db.execute("UPDATE objects SET handle=x'0102030405060708'")     # a stale handle
+    db.close()
+    ws.mount()
+    assert (ws.snapshots / "turn-0" / "d" / "f").read_text() == "v0\n"
+    assert (p / "e" / "f").read_text() == "v1\n"
+    ws.umount()
+    db = sqlite3.connect(ws.store / "catalogue.db")
+    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == ("2",)
+    db.close()

@@ -87,10 +87,10 @@ class Capture:
             return
         try:
             ino = os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_ino
-            self.catalogue.record_object(ino, libc.handle_at(parent_fd, name))
+            self.store.record_object(ino, dir_fd=parent_fd, name=name)
         except FileNotFoundError:
             ino = None
-        self.catalogue.record_object(parent, libc.handle_of(parent_fd))
+        self.store.record_object(parent, parent_fd)
         self.catalogue.record_entry(self.turn, parent, name, ino)
         self.entries_done.add((parent, name))
         self.changes += 1
@@ -114,7 +114,7 @@ class Capture:
             return False
         st = os.stat(fd)
         xattrs = {} if stat.S_ISLNK(st.st_mode) else read_xattrs(libc.proc_path(fd))
-        self.catalogue.record_object(ino, libc.handle_of(fd))
+        self.store.record_object(ino, fd)
         self.catalogue.record_attrs(ino, self.turn, st, xattrs, self._path_of(fd))
         self.attrs_done.add(ino)
         return True

@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 # Which commit each exported turn became, per target repository and branch.
 # Stores made before the git export get the table at their first export
@@ -99,6 +99,23 @@ def _ns_column(ns: int) -> int | bytes:
     return ns if ns in _INT64 else str(ns).encode()
 
 
+class ObjectRef:
+    """How the store reaches an object again (Store.open_object), without file handles.
+
+    A recorded object is found by its inode number alone: the daemon holds a
+    descriptor of it while it is in the tree, and the store names it
+    `objects/i<INO>` once it left. An object that no row names (a snapshot's
+    live-backed entry) is entry *name* of the object *base* refers to.
+    """
+    __slots__ = ("ino", "base", "name")
+
+    def __init__(self, ino: int, base: "ObjectRef | None" = None, name: bytes | None = None):
+        self.ino, self.base, self.name = ino, base, name
+
+    def __repr__(self):
+        return f"ObjectRef({self.ino}, {self.base!r}, {self.name!r})"
+
+
 class Catalogue:
     def __init__(self, path: str):
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -109,6 +126,10 @@ class Catalogue:
         if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
             self._create()
         version = self.get_meta("format")
+        if version == "1":
+            # Format 1 reached objects by file handle; its rows are read by inode number now.
+            self.set_meta("format", FORMAT_VERSION)
+            version = FORMAT_VERSION
         if version != FORMAT_VERSION:
             raise RuntimeError(f"store format {version!r} is not supported (expected {FORMAT_VERSION})")
 
@@ -229,8 +250,9 @@ class Catalogue:
         return row is not None and row[0] is not None
 
     # -- recording (the capture path) ----------------------------------------
-    def record_object(self, ino: int, handle: bytes) -> None:
-        self.db.execute("INSERT OR IGNORE INTO objects (ino, handle) VALUES (?, ?)", (ino, handle))
+    def record_object(self, ino: int) -> None:
+        # The handle column is kept for format 1 stores and no longer read (see ObjectRef).
+        self.db.execute("INSERT OR IGNORE INTO objects (ino, handle) VALUES (?, x'')", (ino,))
 
     def record_entry(self, turn: int, parent: int, name: bytes, ino: int | None) -> None:
         self.db.execute("INSERT OR IGNORE INTO entries (parent, name, turn, ino) VALUES (?, ?, ?, ?)",
@@ -264,9 +286,13 @@ class Catalogue:
         return entries, attrs, content
 
     # -- resolution (the snapshot path) --------------------------------------
-    def handle(self, ino: int) -> bytes | None:
-        row = self.db.execute("SELECT handle FROM objects WHERE ino=?", (ino,)).fetchone()
-        return row[0] if row else None
+    def ref(self, ino: int) -> "ObjectRef | None":
+        """How to reach recorded object *ino*; None if no row refers to it."""
+        row = self.db.execute("SELECT 1 FROM objects WHERE ino=?", (ino,)).fetchone()
+        return ObjectRef(ino) if row else None
+
+    def recorded_objects(self) -> set[int]:
+        return {ino for (ino,) in self.db.execute("SELECT ino FROM objects")}
 
     def entry_after(self, parent: int, name: bytes, turn: int) -> tuple[bool, int | None]:
         """(found, ino) of the earliest entry pre-image of (parent, name) recorded after *turn*."""

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-git-on-checkpoint", action="store_true",
                    help="after each checkpoint, export the new turns to the store's git repository "
                         "in the background (see export-git)")
+    p.add_argument("--owner", metavar="USER",
+                   help="as root: the user served by the mount's control channel "
+                        "(default: the one sudo ran for)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users reach the mount (as the files' permissions allow); "
+                        "always on as root, else needs user_allow_other in /etc/fuse.conf")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("umount", help="seal pending changes as a turn and unmount",
@@ -112,10 +118,42 @@ def cmd_mount(args) -> int:
     for path in {workspace, mountpoint}:
         _refuse_mounted(path)
     opts = MountOptions(workspace, mountpoint, args.snapdir == "visible", args.force, args.debug,
-                        args.export_git_on_checkpoint)
+                        args.export_git_on_checkpoint, _owner_uid(args.owner), _allow_other(args))
     if args.foreground:
         return run(opts, args.ready_fd)
     return _spawn_daemon(args, workspace, mountpoint)
+
+
+def _owner_uid(owner: str | None) -> int:
+    """Who the control channel serves besides root: --owner, sudo's caller, or ourselves."""
+    import pwd
+    if os.geteuid() != 0:
+        if owner is not None and owner not in (str(os.getuid()), pwd.getpwuid(os.getuid()).pw_name):
+            raise UsageError("--owner needs root (a rootless mount belongs to whoever mounts it)")
+        return os.getuid()
+    if owner is None:
+        return int(os.environ.get("SUDO_UID", "0") or 0)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        if owner.isdigit():
+            return int(owner)
+        raise UsageError(f"--owner {owner}: no such user") from None
+
+
+def _allow_other(args) -> bool:
+    if os.geteuid() == 0:
+        return True     # as before: other users reach files as their permissions allow
+    if not args.allow_other:
+        return False
+    try:
+        with open("/etc/fuse.conf") as f:
+            allowed = any(line.split("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        allowed = False
+    if not allowed:
+        raise UsageError("--allow-other needs user_allow_other in /etc/fuse.conf")
+    return True
 
 
 def _refuse_mounted(path: str) -> None:
@@ -137,6 +175,8 @@ def _spawn_daemon(args, workspace: str, mountpoint: str) -> int:
     argv += ["--force"] if args.force else []
     argv += ["--debug"] if args.debug else []
     argv += ["--export-git-on-checkpoint"] if args.export_git_on_checkpoint else []
+    argv += ["--owner", args.owner] if args.owner else []
+    argv += ["--allow-other"] if args.allow_other else []
     proc = subprocess.Popen(argv, pass_fds=(write_end,), start_new_session=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -220,7 +260,8 @@ def cmd_umount(args) -> int:
     argv = ["fusermount3", "-u", *(["-z"] if args.lazy else []), mount.mountpoint]
     result = subprocess.run(argv, capture_output=True, text=True)
     if result.returncode != 0:
-        raise Failed(_why_not_unmounted(mount.mountpoint, result.stderr, reply["pid"]))
+        if os.geteuid() == 0 or not _unmount_by_daemon(mount, args.lazy):
+            raise Failed(_why_not_unmounted(mount.mountpoint, result.stderr, reply["pid"]))
     if reply.get("sealed") is not None:
         print(f"sealed turn-{reply['sealed']}")
     if args.lazy:
@@ -232,11 +273,22 @@ def cmd_umount(args) -> int:
     return 0
 
 
+def _unmount_by_daemon(mount: control.Mount, lazy: bool) -> bool:
+    """The owner of a root mount: fusermount3 refuses them, their root daemon may not.
+    True if the mount is gone (or detached) afterwards."""
+    try:
+        control.request(mount, "unmount", lazy=lazy, timeout=EXIT_TIMEOUT)
+    except CowfsError:
+        pass    # refused (busy, say), or the daemon ended with its mount before it answered
+    return not any(m.mountpoint == mount.mountpoint for m in control.cowfs_mounts())
+
+
 def _why_not_unmounted(mountpoint: str, stderr: str, daemon_pid: int) -> str:
     holders = _processes_inside(mountpoint, {os.getpid(), daemon_pid})
     if not holders:
         reason = stderr.strip().splitlines()[-1] if stderr.strip() else "unknown"
-        return f"cannot unmount {mountpoint}: {reason}"
+        return (f"cannot unmount {mountpoint}: {reason} (by processes this user cannot see); "
+                "pending changes were sealed. `cowfs umount --lazy` detaches it now")
     shown = "; ".join(f"pid {pid} ({comm}) {what}" for pid, comm, what in holders[:5])
     more = f" and {len(holders) - 5} more" if len(holders) > 5 else ""
     return (f"cannot unmount {mountpoint}: in use by {shown}{more}; pending changes were sealed. "

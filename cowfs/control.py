@@ -3,8 +3,9 @@
 Owns the wire format (one JSON object per line, one request and one reply
 per connection) and how the CLI finds the daemon of a path: the innermost
 cowfs mount containing it (from /proc/self/mountinfo), whose root answers
-the extended attribute `user.cowfs.control` with the socket's path. The
-socket itself lives in the store, mode 0600.
+the extended attribute `user.cowfs.control` with the socket's address. The
+socket is in the abstract namespace (the store is hidden under the mount);
+the daemon serves only root and the mount's owner (SO_PEERCRED).
 """
 
 import json

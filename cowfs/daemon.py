@@ -1,10 +1,12 @@
 """The daemon: one mount's life, from opening the workspace to the last seal.
 
 Owns the order of start-up (open the workspace by descriptor *before*
-mounting over it, lock the store, check for changes made while unmounted,
+mounting over it, lock the store, check for changes made while unmounted and
+find the recorded objects in the tree, open every file it will need by name,
 mount, serve) and shut-down (seal pending changes, record a clean unmount),
 and the control-channel requests, which it turns into calls on Capture and
-Rollback. pyfuse3 runs every request on this one trio thread.
+Rollback, served to root and the mount's owner only. pyfuse3 runs every
+request on this one trio thread.
 """
 
 import errno
@@ -12,7 +14,10 @@ import json
 import logging
 import os
 import resource
+import secrets
+import socket
 import stat
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -43,12 +48,20 @@ class MountError(Exception):
 
 @dataclass
 class MountOptions:
+    """Every mode of one mount, decided by the CLI (cli.mount_options)."""
     workspace: str
     mountpoint: str
     snapdir_visible: bool = False
     force: bool = False
     debug: bool = False
     export_git_on_checkpoint: bool = False
+    owner_uid: int = 0          # served by the control channel, with root
+    allow_other: bool = False   # other users may reach the mount (as permissions allow)
+
+    @property
+    def as_root(self) -> bool:
+        """Root mode: a private mount namespace, objects owned by their creators."""
+        return os.geteuid() == 0
 
 
 class Daemon:
@@ -77,23 +90,30 @@ class Daemon:
             self.store = Store(self.root_fd)
         except StoreBusy:
             raise MountError(f"{opts.workspace} is already mounted by another cowfs daemon") from None
+        except OSError as e:
+            raise MountError(f"cannot open the store {opts.workspace}/.cowfs: {e.strerror}") from None
         self._check_drift()
         self._setup_logging()
         self.capture = Capture(self.store, os.fsencode(self.opts.workspace))
+        self.control = _control_socket()
 
     def _check_drift(self) -> None:
-        """Refuse (unless --force) a tree changed behind cowfs's back since it last had it in hand:
-        since the clean unmount, or since the mount of a daemon that died."""
+        """Refuse (unless --force) a tree changed behind cowfs's back since it last had it in
+        hand: since the clean unmount, or since the mount of a daemon that died. The same walk
+        holds the recorded objects of the tree: one in the tree is reached through the
+        descriptor found here (ObjectRef), one in the store by its name."""
         catalogue = self.store.catalogue
         unmounted = int(catalogue.get_meta("unmounted_at") or 0)
         mounted = int(catalogue.get_meta("mounted_at") or 0)
-        if not (unmounted or mounted):
+        wanted = catalogue.recorded_objects()
+        if not (unmounted or mounted or wanted):
             return      # a new store
         records = None
         if mounted > unmounted:
             first = int(catalogue.get_meta("mounted_turn") or 0)
             records = CrashRecords(catalogue, first, catalogue.open_turn())
-        drift = find_drift(self.root_fd, max(mounted, unmounted), records)
+        visit = (lambda dir_fd, name, st: self.store.find_recorded(dir_fd, name, st, wanted))
+        drift = find_drift(self.root_fd, max(mounted, unmounted) or None, records, visit)
         if records is not None:
             changes = catalogue.recount(records.open_turn)
             self.startup_note = (f"recovered: the previous daemon stopped without unmounting; its open "
@@ -123,41 +143,45 @@ class Daemon:
         root.setLevel(logging.DEBUG if self.opts.debug else logging.INFO)
 
     def mount(self) -> None:
-        self.control_socket_path = self.store.path + b"/control.sock"
-        try:
-            os.unlink(self.control_socket_path)
-        except FileNotFoundError:
-            pass
-        reachable = b"/proc/%d/fd/%d/control.sock" % (os.getpid(), self.store.fd)
-        self.fs = CowFS(self.root_fd, self.store, self.capture, reachable, self.opts.snapdir_visible)
-        # This process sees the backing directory by its path (its mount is hidden from it).
+        self.fs = CowFS(self.root_fd, self.store, self.capture, self.control.getsockname(),
+                        self.opts.snapdir_visible)
         self.git_export = ExportRunner(
             self.store, os.fsencode(self.opts.workspace), [self.opts.mountpoint, self.opts.workspace],
             self.fs.inodes.root_ino, self.fs.view.root_handle)
-        options = set(pyfuse3.default_options)
-        options |= {"fsname=cowfs", "subtype=cowfs"}
-        if os.geteuid() == 0:
-            options.add("allow_other")
-        try:
-            pyfuse3.init(self.fs, self.opts.mountpoint, options)
-        except RuntimeError as e:
-            raise MountError(f"cannot mount on {self.opts.mountpoint}: {e}") from None
-        libc.hide_mount_from_self(self.opts.mountpoint, _paths_the_daemon_needs(self.opts.workspace))
+        self._open_by_name_before_mounting()
         # Recovery after a crash judges changes since this moment by the rows of turns from this one.
         self.store.catalogue.set_meta("mounted_at", str(time.time_ns()))
         self.store.catalogue.set_meta("mounted_turn", str(self.capture.turn))
+        try:
+            pyfuse3.init(self.fs, self.opts.mountpoint, fuse_options(self.opts))
+        except RuntimeError as e:
+            raise MountError(f"cannot mount on {self.opts.mountpoint}: {e}") from None
+        if self.opts.as_root:
+            # Where the mount is seen: to unmount it for its owner (_op_unmount).
+            self.host_namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            # Belt and braces: nothing this process opens by name can reach its mount.
+            libc.hide_mount_from_self(self.opts.mountpoint,
+                                      _paths_the_daemon_needs(self.opts.workspace))
         log.info("mounted %s on %s (turn %d, capture mode %s)", self.opts.workspace,
                  self.opts.mountpoint, self.capture.turn, self.capture.mode)
 
+    def _open_by_name_before_mounting(self) -> None:
+        """Once mounted, a name under the workspace leads into the daemon's own mount: a
+        request it made there would wait for itself (its one thread serves every request).
+        So every file it opens by name is opened now and kept open: SQLite's WAL and
+        shared-memory files (a write and a checkpoint now also do the first sync, which
+        opens the directory by name), the export's connection, the store's git repository."""
+        catalogue = self.store.catalogue
+        catalogue.set_meta("alive_at", str(time.time_ns()))
+        catalogue.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        try:
+            self.git_export.prepare()
+        except (ExportError, OSError) as e:
+            raise MountError(f"cannot prepare the store's git repository: {e}") from None
+
     # -- serving -------------------------------------------------------------------
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            await listener.bind(self.control_socket_path)
-        finally:
-            os.umask(old_umask)
-        listener.listen(16)
+        listener = trio.socket.from_stdlib_socket(self.control)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept_loop, listener, nursery)
             nursery.start_soon(self._heartbeat)
@@ -180,6 +204,12 @@ class Daemon:
             conn, _ = await listener.accept()
             nursery.start_soon(self._handle_connection, conn)
 
+    def _may_command(self, conn) -> bool:
+        """Root and the mount's owner are served; the socket is reachable by anyone."""
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        return uid in (0, self.opts.owner_uid)
+
     async def _handle_connection(self, conn) -> None:
         # One bad client must never take the mount down with it.
         try:
@@ -190,7 +220,9 @@ class Daemon:
                     if not chunk:
                         return
                     data += chunk
-                reply = await self._reply(data)
+                # Read first: a client still sending when we close would see EPIPE, not this.
+                reply = (await self._reply(data) if self._may_command(conn)
+                         else {"ok": False, "error": "permission denied"})
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             log.warning("control connection failed: %s", e)
@@ -282,6 +314,19 @@ class Daemon:
 
     async def _op_umount(self, req: dict) -> dict:
         return {"sealed": self._seal_pending("unmount"), "pid": os.getpid()}
+
+    async def _op_unmount(self, req: dict) -> dict:
+        """Unmount for an owner who cannot (fusermount3 unmounts only its caller's mounts)."""
+        if not self.opts.as_root:
+            raise BadInput("only a root daemon unmounts on request; use fusermount3 -u")
+        argv = ["nsenter", f"--mount=/proc/self/fd/{self.host_namespace}", "--",
+                "fusermount3", "-u", *(["-z"] if req.get("lazy") else []), self.opts.mountpoint]
+        result = await trio.run_process(argv, check=False, capture_stderr=True,
+                                        pass_fds=(self.host_namespace,), cwd="/")
+        if result.returncode:
+            lines = result.stderr.decode(errors="replace").strip().splitlines()
+            raise OperationFailed(lines[-1] if lines else "fusermount3 failed")
+        return {"pid": os.getpid()}
 
     def _seal_pending(self, message: str) -> int | None:
         if self.capture.has_changes() or self._persisted_changes():
@@ -418,10 +463,8 @@ class Daemon:
             self.fs.view.close()
             self.store.catalogue.set_meta("unmounted_at", str(time.time_ns()))
             self.store.catalogue.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            try:
-                os.unlink(self.control_socket_path)
-            except OSError:
-                pass
+            self.git_export.close()
+            self.control.close()
             log.info("unmounted %s; sealed %s", self.opts.mountpoint, sealed)
         if self.store is not None:
             self.store.close()
@@ -444,6 +487,22 @@ def _invalidate_inodes(nodeids: list[int]) -> None:
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOSYS):
                 log.warning("invalidate_inode(%d): %s", nodeid, e)
+
+
+def fuse_options(opts: MountOptions) -> set[str]:
+    options = set(pyfuse3.default_options) | {"fsname=cowfs", "subtype=cowfs"}
+    if opts.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def _control_socket() -> socket.socket:
+    """The control socket, in the abstract namespace: no path reaches the store from outside
+    (the mount hides it), and SO_PEERCRED, not a file mode, decides who is served."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.bind(b"\0cowfs-%d-%s" % (os.getpid(), secrets.token_hex(8).encode()))
+    sock.listen(16)
+    return sock
 
 
 def _paths_the_daemon_needs(workspace: str) -> list[str]:

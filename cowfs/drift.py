@@ -45,29 +45,47 @@ class CrashRecords:
         return self.catalogue.entry_created_in(parent, name, self.open_turn)
 
 
-def find_drift(root_fd: int, since_ns: int, records: CrashRecords | None = None,
-               limit: int = 5) -> Drift:
-    """Paths under the backing root changed after *since_ns* and not explained by *records*."""
+def find_drift(root_fd: int, since_ns: int | None, records: CrashRecords | None = None,
+               visit=None, limit: int = 5) -> Drift:
+    """Paths under the backing root changed after *since_ns* (None: do not look) and not
+    explained by *records*.
+
+    *visit(dir_fd, name, st)* sees every entry on the way, the store's own `objects/`
+    included (rollback leaves whole directories there): the mount takes its descriptors
+    of recorded objects in the same walk.
+    """
     drift = Drift()
     root = os.fstat(root_fd)
-    if root.st_ctime_ns > since_ns:
+    if since_ns is not None and root.st_ctime_ns > since_ns:
         _judge(drift, records, None, b"", root, ".", limit)
-    stack = [(os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd), root.st_ino, "")]
+    # (descriptor, its inode, path prefix or None for the store's objects, below a new directory)
+    stack = [(os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd), root.st_ino, "", False)]
+    try:
+        objects = os.open(STORE_NAME + b"/objects", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd)
+        stack.append((objects, 0, None, False))
+    except OSError:
+        pass
     while stack:
-        dir_fd, dir_ino, prefix = stack.pop()
+        dir_fd, dir_ino, prefix, new = stack.pop()
         try:
             with os.scandir(dir_fd) as it:
                 for entry in it:
-                    if not prefix and entry.name == STORE_NAME.decode():
+                    if prefix == "" and entry.name == STORE_NAME.decode():
                         continue
-                    name = os.fsencode(entry.name)
-                    st = entry.stat(follow_symlinks=False)
-                    if st.st_ctime_ns > since_ns:
+                    name, st = os.fsencode(entry.name), entry.stat(follow_symlinks=False)
+                    if visit is not None:
+                        visit(dir_fd, name, st)
+                    judged = prefix is not None and since_ns is not None and st.st_ctime_ns > since_ns
+                    if judged and new:
+                        drift.explained += 1
+                    elif judged:
                         _judge(drift, records, dir_ino, name, st, prefix + entry.name, limit)
-                    if stat.S_ISDIR(st.st_mode) and not (
-                            records and records.created_in_open_turn(dir_ino, name)):
+                    if stat.S_ISDIR(st.st_mode):
                         sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-                        stack.append((sub, st.st_ino, prefix + entry.name + "/"))
+                        below_new = new or bool(records and prefix is not None
+                                                and records.created_in_open_turn(dir_ino, name))
+                        stack.append((sub, st.st_ino, None if prefix is None else prefix + entry.name + "/",
+                                      below_new))
         finally:
             os.close(dir_fd)
     return drift

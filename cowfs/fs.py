@@ -23,7 +23,7 @@ from .capture import Capture
 from .control import REFRESH_PREFIX
 from .inodes import VIRTUAL_BASE, InodeTable, Node
 from .snapshot import SnapObject, SnapshotNodes, SnapshotView
-from .store import STORE_NAME, Store
+from .store import STORE_NAME, ObjectRef, Store
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ def fuse_op(method):
     @functools.wraps(method)
     async def handler(self, *args):
         self.requests[name] += 1
+        if args and type(args[-1]) is pyfuse3.RequestContext and self.is_own(args[-1].pid):
+            # From a worker thread of ours (from the main one it could never be served).
+            self.requests["from_daemon"] += 1
+            log.error("%s%r came from the daemon itself", name, args[:2])
         try:
             return await method(self, *args)
         except pyfuse3.FUSEError:
@@ -160,9 +164,9 @@ class CowFS(pyfuse3.Operations):
         super().__init__()
         self.store = store
         self.capture = capture
-        self.inodes = InodeTable(root_fd, store.mount_fd)
+        self.inodes = InodeTable(root_fd, store)
         self.root_fd = root_fd
-        self.view = SnapshotView(store, self.inodes.root_ino, libc.handle_of(root_fd))
+        self.view = SnapshotView(store, self.inodes.root_ino, ObjectRef(self.inodes.root_ino))
         self.snap_nodes = SnapshotNodes(VIRTUAL_BASE + 16)
         self.control_path = control_path
         self.snapdir_visible = snapdir_visible
@@ -178,6 +182,7 @@ class CowFS(pyfuse3.Operations):
         self.listings: dict[int, _Listing] = {}
         self._next_fh = SNAP_FH_BASE
         self.requests: collections.Counter[str] = collections.Counter()  # by handler, since mount
+        self._own_tids: dict[int, bool] = {}    # caller thread -> one of ours (see is_own)
         # Ends whenever the live tree may have changed (a mutating handler
         # returned, a rollback ran): a directory scanned in this epoch still
         # has the names and d_inos it had.
@@ -201,6 +206,15 @@ class CowFS(pyfuse3.Operations):
         if nodeid == pyfuse3.ROOT_INODE and name in (SNAPDIR, STORE_NAME):
             raise pyfuse3.FUSEError(errno.EPERM)
         return self._node(nodeid)
+
+    def is_own(self, tid: int) -> bool:
+        """Whether thread *tid* (a request's caller) is one of the daemon's (cached)."""
+        own = self._own_tids.get(tid)
+        if own is None:
+            if len(self._own_tids) > 4096:
+                self._own_tids.clear()
+            own = self._own_tids[tid] = os.path.exists(f"/proc/self/task/{tid}")
+        return own
 
     def _new_fh(self) -> int:
         self._next_fh += 1
@@ -482,8 +496,12 @@ class CowFS(pyfuse3.Operations):
         self._drop_listed(src.st_ino)       # its ctime (a directory's "..", too)
         if not (keep and (stat.S_ISDIR(victim.st_mode) or victim.st_nlink == 1)):
             libc.renameat2(old_parent.fd, old_name, new_parent.fd, new_name, flags)
-            return
-        self._rename_keeping_victim(old_parent.fd, old_name, new_parent.fd, new_name, victim)
+        else:
+            self._rename_keeping_victim(old_parent.fd, old_name, new_parent.fd, new_name, victim)
+        # Where to reopen them by once their descriptors are closed (inodes.py).
+        self.inodes.moved(src.st_ino, new_parent, new_name)
+        if victim is not None and flags & pyfuse3.RENAME_EXCHANGE:
+            self.inodes.moved(victim.st_ino, old_parent, old_name)
 
     def _check_rename_over(self, src, victim, dir_fd: int, name: bytes) -> None:
         """The errors rename(2) would give, checked before the victim is moved away."""
@@ -503,6 +521,7 @@ class CowFS(pyfuse3.Operations):
             except OSError:
                 libc.renameat2(self.store.objects_fd, self.store.object_name(victim.st_ino),
                                new_dir, new_name, libc.RENAME_NOREPLACE)
+                self.store.hold_at(new_dir, new_name, victim.st_ino)
                 raise
             return
         # A second name in the store keeps the victim alive; the rename itself stays atomic.

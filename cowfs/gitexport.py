@@ -36,7 +36,7 @@ import trio
 from . import libc
 from .catalogue import Catalogue
 from .snapshot import SnapObject, SnapshotView
-from .store import STORE_NAME, Store
+from .store import STORE_NAME, ObjectRef, Store
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +207,10 @@ def named_target(git_dir: str, branch: str, forbidden: list[str], pid: int) -> T
         st = os.stat(f"/proc/{pid}/root{git_dir}")
     except OSError as e:
         raise TargetError(f"cannot reach {git_dir} from the cowfs daemon: {e.strerror}") from None
+    if os.stat(namespace).st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+        # A rootless daemon shares the CLI's namespace (and could not nsenter anyway).
+        os.close(namespace)
+        namespace = None
     owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid != 0 else None
     target = Target(os.fsencode(git_dir), os.fsencode(git_dir), branch, git_dir, namespace, owner)
     try:
@@ -214,7 +218,8 @@ def named_target(git_dir: str, branch: str, forbidden: list[str], pid: int) -> T
             raise TargetError(f"{git_dir} is not a git repository")
         _refuse_checked_out(target)
     except BaseException:
-        os.close(namespace)
+        if namespace is not None:
+            os.close(namespace)
         raise
     return target
 
@@ -227,13 +232,19 @@ def _refuse_checked_out(target: Target) -> None:
                           "export to another --branch")
 
 
-def default_target(store_path: bytes, branch: str) -> Target:
-    """The bare repository inside the store, created on first use."""
+def default_target(store_path: bytes, branch: str, shown: bytes) -> Target:
+    """The bare repository inside the store (ExportRunner.prepare created it)."""
     check_branch(branch)
+    git_dir = store_path.rstrip(b"/") + b"/" + DEFAULT_REPO
+    return Target(git_dir, DEFAULT_KEY, branch, os.fsdecode(shown.rstrip(b"/") + b"/" + DEFAULT_REPO))
+
+
+def create_default_repo(store_path: bytes) -> None:
+    """The store's bare repository, made before mounting: `git init` resolves the real path of
+    the directory it makes, which under the mount would be hidden (and the daemon's own)."""
     git_dir = store_path.rstrip(b"/") + b"/" + DEFAULT_REPO
     if not os.path.isdir(git_dir):
         git(None, "init", "--quiet", "--bare", git_dir)
-    return Target(git_dir, DEFAULT_KEY, branch, os.fsdecode(git_dir))
 
 
 # -- fast-import syntax ---------------------------------------------------------------------
@@ -315,7 +326,7 @@ class TurnTrees:
         place = self.catalogue.location_after(ino, turn)
         if place is not None:
             parent, name = place
-            parent_handle = self.catalogue.handle(parent)
+            parent_handle = self.catalogue.ref(parent)
         elif live is not None:
             parent, parent_handle, name = live
         else:
@@ -365,7 +376,7 @@ class TurnTrees:
             parent = os.fstat(parent_fd).st_ino
             if st.st_ino != ino or st.st_dev != self.dev or parent == self.objects_ino:
                 return None   # moved meanwhile (its row says where it was), or detached itself
-            return parent, libc.handle_of(parent_fd), name
+            return parent, ObjectRef(parent, self.view.root_handle, parent_path or b"."), name
         except OSError:
             return None
         finally:
@@ -506,7 +517,7 @@ class TurnDiff:
 
     def _entry(self, changes: TurnChanges, turn: int, parent: int, name: bytes,
                before: int | None) -> None:
-        handle = self.catalogue.handle(parent)
+        handle = self.catalogue.ref(parent)
         if before is not None:
             old_dir = self.trees.dir_path(turn - 1, parent, handle)
             if old_dir is not None and not _under_dot_git(_join(old_dir, name)):
@@ -530,7 +541,7 @@ class TurnDiff:
         for ino, mode_before, content_changed, hint in self.catalogue.object_changes(turn):
             if not stat.S_ISREG(mode_before):
                 continue      # directories, symlinks, FIFOs: nothing git sees changes in place
-            handle = self.catalogue.handle(ino)
+            handle = self.catalogue.ref(ino)
             st = os.stat(self.view.object_fd(ino, handle))
             mode = self.view.attrs(turn, ino, st).mode
             if not content_changed and _git_mode(mode) == _git_mode(mode_before):
@@ -561,7 +572,7 @@ class TurnDiff:
             return None       # hard links: finding the other names takes a walk
         names = set()
         for parent, name in self.catalogue.holders_after(ino, turn):
-            path = self.trees.entry_path(turn, parent, self.catalogue.handle(parent), name, ino)
+            path = self.trees.entry_path(turn, parent, self.catalogue.ref(parent), name, ino)
             if path is not None:
                 names.add(path)
         if now == 0:
@@ -774,21 +785,20 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def export_in_thread(store: Store, root_path: bytes, root_ino: int, root_handle: bytes,
-                     target: Target, stop: threading.Event | None = None) -> ExportResult:
-    """Run one export with a catalogue connection and a snapshot view of its own.
+def export_in_thread(store: Store, catalogue: Catalogue, root_path: bytes, root_ino: int,
+                     root_handle: ObjectRef, target: Target,
+                     stop: threading.Event | None = None) -> ExportResult:
+    """Run one export with *catalogue*, a connection of its own, and a snapshot view of its own.
 
     The daemon's connection and descriptor cache belong to its trio thread;
     sharing them across threads would interleave their statements.
     """
-    catalogue = Catalogue(os.fsdecode(store.path + b"/catalogue.db"))
     view = SnapshotView(store, root_ino, root_handle)
     view.catalogue = catalogue
     try:
         return Exporter(store, catalogue, view, root_path, stop).run(target)
     finally:
         view.close()
-        catalogue.close()
 
 
 class ExportRunner:
@@ -796,10 +806,14 @@ class ExportRunner:
     kept after each seal (`--export-git-on-checkpoint`) off the checkpoint's path."""
 
     def __init__(self, store: Store, root_path: bytes, forbidden: list[str], root_ino: int,
-                 root_handle: bytes):
+                 root_handle: ObjectRef):
+        """Made before mounting: it opens by name what it needs (see `prepare`)."""
         self.store = store
-        self.root_path = root_path        # the backing directory, as this process sees it
-        self.store_dir = root_path.rstrip(b"/") + b"/" + STORE_NAME   # for git: it cannot use our fds
+        self.root_path = root_path        # the backing directory, as the kernel names our fds
+        # git (a child, same user or root) reaches the store through our descriptor:
+        # the store's own path lies under the mount, where `.cowfs` is hidden.
+        self.store_dir = b"/proc/%d/fd/%d" % (os.getpid(), store.fd)
+        self.catalogue: Catalogue | None = None
         self.forbidden = forbidden        # the mount point and the backing directory
         self.root_ino = root_ino
         self.root_handle = root_handle
@@ -816,14 +830,26 @@ class ExportRunner:
     def _export(self, repo: str | None, branch: str, pid: int | None) -> ExportResult:
         if self._stop.is_set():
             raise ExportStopped("the daemon is shutting down")
-        target = (default_target(self.store_dir, branch) if repo is None
+        target = (default_target(self.store_dir, branch, self.root_path + b"/" + STORE_NAME)
+                  if repo is None
                   else named_target(repo, branch, self.forbidden, pid))
         try:
-            return export_in_thread(self.store, self.root_path, self.root_ino, self.root_handle,
-                                    target, self._stop)
+            return export_in_thread(self.store, self.catalogue, self.root_path, self.root_ino,
+                                    self.root_handle, target, self._stop)
         finally:
             if target.namespace is not None:
                 os.close(target.namespace)
+
+    def prepare(self) -> None:
+        """Before mounting, open by name what exports need later: after it, names in the
+        workspace lead into the daemon's own mount."""
+        create_default_repo(self.store_dir)
+        self.catalogue = Catalogue(os.fsdecode(self.store.path + b"/catalogue.db"))
+        self.catalogue.turns()      # opens its WAL and shared-memory files now
+
+    def close(self) -> None:
+        if self.catalogue is not None:
+            self.catalogue.close()
 
     def sealed(self) -> None:
         """A turn was sealed: wake the mirror task (never waits; several seals make one export)."""

@@ -4,8 +4,10 @@ Owns the mapping from FUSE inode numbers to backing objects. A known object
 is held by an O_PATH descriptor (as libfuse's passthrough_ll does), so that
 renames of it or of any directory above it cost nothing here. The kernel may
 know more inodes than the process may hold descriptors (a `find` over 100,000
-files), so past a budget the oldest descriptors are closed, keeping the
-object's file handle, and reopened by handle when next needed. The FUSE
+files), so past a budget the oldest descriptors are closed and reopened when
+next needed from the entry the node was last known by (its parent's node and
+its name, kept current by lookups and renames), else through the store (a
+recorded object). No file handles: they need CAP_DAC_READ_SEARCH. The FUSE
 inode number is the backing inode number, except for the root.
 """
 
@@ -16,7 +18,7 @@ from contextlib import contextmanager
 
 import pyfuse3
 
-from . import libc
+from .catalogue import ObjectRef
 
 # Inode numbers at and above this are virtual (the `.snapshots` tree).
 VIRTUAL_BASE = 1 << 63
@@ -25,7 +27,7 @@ _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Node:
-    __slots__ = ("_fd", "ino", "lookups", "writers", "pins", "handle", "table",
+    __slots__ = ("_fd", "ino", "lookups", "writers", "pins", "parent", "name", "table",
                  "entry", "entry_generation")
 
     def __init__(self, fd: int, ino: int, table: "InodeTable"):
@@ -34,7 +36,8 @@ class Node:
         self.lookups = 0      # the kernel's lookup count
         self.writers = 0      # open file handles that can write
         self.pins = 0         # while > 0 the descriptor stays open (open files, awaited captures)
-        self.handle = None    # file handle, kept once the descriptor was closed
+        self.parent = 0       # the entry it was last known by: parent nodeid and name,
+        self.name = b""       # ... to reopen it by once the descriptor was closed
         self.table = table
         self.entry = None     # the attributes readdir last sent, None once changed since,
         self.entry_generation = -1  # ... valid only in this generation (CowFS.generation)
@@ -47,11 +50,11 @@ class Node:
 
 
 class InodeTable:
-    def __init__(self, root_fd: int, mount_fd: int):
+    def __init__(self, root_fd: int, store):
         self.root_ino = os.fstat(root_fd).st_ino
         if self.root_ino == pyfuse3.ROOT_INODE or self.root_ino >= VIRTUAL_BASE:
             raise RuntimeError(f"backing root has unsupported inode number {self.root_ino}")
-        self.mount_fd = mount_fd
+        self.store = store
         root = Node(root_fd, self.root_ino, self)
         root.lookups = root.pins = 1
         self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
@@ -77,7 +80,14 @@ class InodeTable:
         if node is None:
             node = self._add(parent, name, ino)
         node.lookups += 1
+        node.parent, node.name = self.nodeid(parent.ino), name
         return node
+
+    def moved(self, ino: int, parent: Node, name: bytes) -> None:
+        """Object *ino* is now entry *name* of *parent* (a rename)."""
+        node = self.nodes.get(self.nodeid(ino))
+        if node is not None:
+            node.parent, node.name = self.nodeid(parent.ino), name
 
     def _add(self, parent: Node, name: bytes, ino: int) -> Node:
         parent.pins += 1       # _make_room must not close the descriptor we open by
@@ -92,8 +102,21 @@ class InodeTable:
 
     def reopen(self, node: Node) -> None:
         self._make_room()
-        node._fd = libc.open_handle(self.mount_fd, node.handle, _O_PATH)
+        node._fd = self._locate(node)
         self._open[self.nodeid(node.ino)] = node
+
+    def _locate(self, node: Node) -> int:
+        parent = self.nodes.get(node.parent)
+        if parent is not None and parent is not node:
+            try:
+                fd = os.open(node.name, _O_PATH, dir_fd=parent.fd)
+                if os.fstat(fd).st_ino == node.ino:
+                    return fd
+                os.close(fd)
+            except OSError:
+                pass
+        # Moved behind the kernel's back (a rollback), or its last name went into the store.
+        return self.store.open_object(ObjectRef(node.ino))
 
     @contextmanager
     def pinned(self, node: Node):
@@ -112,7 +135,6 @@ class InodeTable:
             if node.pins:
                 self._open.move_to_end(nodeid)
                 continue
-            node.handle = libc.handle_of(node._fd)
             os.close(node._fd)
             node._fd = -1
             del self._open[nodeid]

@@ -1,8 +1,9 @@
 """Linux system calls that the os module does not expose.
 
-Owns the ctypes bindings for file handles (an object's identity that
-survives renames and moves into the store), renameat2, syncfs, FICLONE
-and copy_file_range. Every wrapper raises OSError with the real errno.
+Owns the ctypes bindings for renameat2, syncfs, FICLONE, copy_file_range,
+fchownat(AT_EMPTY_PATH), readlinkat and the private mount namespace of a
+root daemon. No file handles: open_by_handle_at needs CAP_DAC_READ_SEARCH.
+Every wrapper raises OSError with the real errno.
 """
 
 import ctypes
@@ -18,7 +19,6 @@ AT_SYMLINK_FOLLOW = 0x400
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 FICLONE = 0x40049409
-MAX_HANDLE_SZ = 128
 
 
 def _check(result: int, what: str) -> int:
@@ -28,44 +28,8 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-class _FileHandle(ctypes.Structure):
-    _fields_ = [
-        ("handle_bytes", ctypes.c_uint),
-        ("handle_type", ctypes.c_int),
-        ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ),
-    ]
-
-
-_libc.name_to_handle_at.argtypes = [
-    ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_FileHandle),
-    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
-_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.POINTER(_FileHandle), ctypes.c_int]
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _libc.syncfs.argtypes = [ctypes.c_int]
-
-
-def handle_of(fd: int) -> bytes:
-    """The persistent file handle of the object open as *fd* (O_PATH is enough).
-
-    Encoded as 4 bytes of handle type followed by the opaque handle.
-    """
-    fh = _FileHandle()
-    fh.handle_bytes = MAX_HANDLE_SZ
-    mount_id = ctypes.c_int()
-    _check(_libc.name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id),
-                                   AT_EMPTY_PATH), "name_to_handle_at")
-    return fh.handle_type.to_bytes(4, "little", signed=True) + bytes(fh.f_handle[:fh.handle_bytes])
-
-
-def open_handle(mount_fd: int, handle: bytes, flags: int) -> int:
-    """Open the object named by *handle* (from handle_of) on the filesystem of *mount_fd*."""
-    fh = _FileHandle()
-    fh.handle_type = int.from_bytes(handle[:4], "little", signed=True)
-    body = handle[4:]
-    fh.handle_bytes = len(body)
-    ctypes.memmove(fh.f_handle, body, len(body))
-    return _check(_libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC),
-                  "open_by_handle_at")
 
 
 def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int = 0) -> None:
@@ -102,16 +66,6 @@ def proc_path(fd: int, name: bytes | None = None) -> bytes:
 _libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
 _libc.readlinkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
 _libc.readlinkat.restype = ctypes.c_ssize_t
-
-
-def handle_at(dir_fd: int, name: bytes) -> bytes:
-    """The file handle of entry *name* of *dir_fd*, without following a symlink."""
-    fh = _FileHandle()
-    fh.handle_bytes = MAX_HANDLE_SZ
-    mount_id = ctypes.c_int()
-    _check(_libc.name_to_handle_at(dir_fd, name, ctypes.byref(fh), ctypes.byref(mount_id), 0),
-           "name_to_handle_at")
-    return fh.handle_type.to_bytes(4, "little", signed=True) + bytes(fh.f_handle[:fh.handle_bytes])
 
 
 def chown_fd(fd: int, uid: int, gid: int) -> None:

@@ -94,9 +94,9 @@ class Rollback:
     def _fd(self, ino: int) -> int:
         fd = self._fds.get(ino)
         if fd is None:
-            handle = self.catalogue.handle(ino)
+            handle = self.catalogue.ref(ino)
             if handle is None:
-                raise OSError(errno.EIO, f"no handle recorded for object {ino}")
+                raise OSError(errno.EIO, f"no row records object {ino}")
             fd = self._fds[ino] = self.store.open_object(handle)
         return fd
 
@@ -183,9 +183,14 @@ class Rollback:
             # A directory has one name, somewhere in the store after the detach phase.
             old_dir_fd, old_name = self._location_of_dir(ino, obj_fd)
             libc.renameat2(old_dir_fd, old_name, dir_fd, name, libc.RENAME_NOREPLACE)
+            self.store.hold(ino, obj_fd)    # it left its store name
         else:
             stale = self._name_in_stored_dir(ino, obj_fd)
             os.link(libc.proc_path(obj_fd), name, dst_dir_fd=dir_fd, follow_symlinks=True)
+            # Held by its name in the tree: its store name is dropped below, and a
+            # descriptor of a removed name would not tell where the object is now.
+            self.store.release(ino)
+            self.store.hold_at(dir_fd, name, ino)
             if stale is not None:
                 # Its name inside a directory an earlier rollback left in the store
                 # would count in the st_nlink the tree shows (found by the model test).
@@ -281,7 +286,14 @@ class Rollback:
             return
         # The descriptor that restores the content serves the calls after it too:
         # cheaper than resolving a /proc path for each.
-        target = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            target = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except PermissionError:
+            # A read-only file of the daemon's own user (rootless): its owner may
+            # make it writable; _restore_attrs then sets the mode it must have.
+            os.chmod(path, stat.S_IMODE(st.st_mode) | stat.S_IWUSR)
+            st = os.stat(fd)
+            target = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             self._restore_content(target, record.content)
             self._restore_attrs(fd, target, st, record, xattrs)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from . import libc
 from .capture import read_xattrs
-from .store import STORE_NAME, Store
+from .store import STORE_NAME, ObjectRef, Store
 
 
 @dataclass
@@ -38,7 +38,7 @@ class SnapObject:
     """One object of one turn's snapshot, as the kernel knows it."""
     turn: int
     ino: int
-    handle: bytes
+    handle: ObjectRef
     lookups: int = 0
 
 
@@ -49,7 +49,7 @@ def _not_found() -> OSError:
 class SnapshotView:
     FD_CACHE = 256
 
-    def __init__(self, store: Store, root_ino: int, root_handle: bytes):
+    def __init__(self, store: Store, root_ino: int, root_handle: ObjectRef):
         self.store = store
         self.catalogue = store.catalogue
         self.root_ino = root_ino
@@ -57,7 +57,7 @@ class SnapshotView:
         self._fds: OrderedDict[int, int] = OrderedDict()   # ino -> O_PATH fd, LRU
 
     # -- reaching objects -----------------------------------------------------
-    def object_fd(self, ino: int, handle: bytes) -> int:
+    def object_fd(self, ino: int, handle: ObjectRef) -> int:
         """An O_PATH descriptor of object *ino*, cached (callers must not close it)."""
         fd = self._fds.get(ino)
         if fd is not None:
@@ -75,7 +75,7 @@ class SnapshotView:
         self._fds.clear()
 
     # -- resolution ---------------------------------------------------------------
-    def child(self, turn: int, parent: SnapObject, name: bytes) -> tuple[int, bytes, os.stat_result]:
+    def child(self, turn: int, parent: SnapObject, name: bytes) -> tuple[int, ObjectRef, os.stat_result]:
         """(ino, handle, current stat) of entry *name* of *parent* in *turn*'s snapshot.
 
         The live entry is read before the layers are asked: a change records its
@@ -87,7 +87,7 @@ class SnapshotView:
         dir_fd = self.object_fd(parent.ino, parent.handle)
         try:
             live = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            live_handle = libc.handle_at(dir_fd, name)
+            live_handle = ObjectRef(live.st_ino, parent.handle, name)
         except FileNotFoundError:
             live = live_handle = None
         found, ino = self.catalogue.entry_after(parent.ino, name, turn)
@@ -97,9 +97,9 @@ class SnapshotView:
             return live.st_ino, live_handle, live
         if ino is None:
             raise _not_found()
-        handle = self.catalogue.handle(ino)
+        handle = self.catalogue.ref(ino)
         if handle is None:
-            raise OSError(errno.EIO, f"no handle recorded for object {ino}")
+            raise OSError(errno.EIO, f"no row records object {ino}")
         return ino, handle, os.stat(self.object_fd(ino, handle))
 
     def names(self, obj: SnapObject) -> list[bytes]:
@@ -164,7 +164,7 @@ class SnapshotNodes:
         self.nodes: dict[int, SnapObject] = {}
         self._next = first_id
 
-    def ensure(self, turn: int, ino: int, handle: bytes) -> int:
+    def ensure(self, turn: int, ino: int, handle: ObjectRef) -> int:
         """The inode number of *ino* in *turn*'s snapshot, without counting a lookup."""
         nodeid = self._ids.get((turn, ino))
         if nodeid is None:
@@ -173,7 +173,7 @@ class SnapshotNodes:
             self.nodes[nodeid] = SnapObject(turn, ino, handle)
         return nodeid
 
-    def remember(self, turn: int, ino: int, handle: bytes) -> int:
+    def remember(self, turn: int, ino: int, handle: ObjectRef) -> int:
         nodeid = self.ensure(turn, ino, handle)
         self.nodes[nodeid].lookups += 1
         return nodeid

@@ -1,17 +1,18 @@
 """The on-disk store: `.cowfs/` at the root of the backing directory.
 
 Owns the layout of the store and every file operation on it: keeping an
-object alive after it leaves the tree, writing a pre-image copy, reopening
-any recorded object by its file handle. Knows nothing about FUSE or turns.
+object alive after it leaves the tree, writing a pre-image copy, reaching
+any recorded object again without privilege (see ObjectRef: a descriptor
+held while it is in the tree, its store name once it left). Knows nothing
+about FUSE or turns.
 
 Layout (see docs/architecture.md)::
 
     .cowfs/
       .gitignore         "*": git never sees the store
-      catalogue.db       SQLite (WAL): turns, layers, object handles
+      catalogue.db       SQLite (WAL): turns, layers, recorded objects
       objects/i<INO>     objects that left the live tree, kept alive (same inode)
       content/<T>-<INO>  pre-image copies (reflink or plain copy) of content
-      control.sock       the daemon's control socket (0600), while mounted
       lock               flock()ed by the daemon while mounted
       daemon.log
 """
@@ -22,7 +23,9 @@ import os
 import stat
 
 from . import libc
-from .catalogue import Catalogue
+from .catalogue import Catalogue, ObjectRef
+
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 STORE_NAME = b".cowfs"
 OBJECTS = b"objects"
@@ -37,8 +40,12 @@ class Store:
     def __init__(self, root_fd: int):
         """Open (creating if needed) the store under the backing directory open as *root_fd*."""
         self.root_fd = root_fd
-        # open_by_handle_at needs a real (not O_PATH) descriptor on the filesystem.
-        self.mount_fd = os.open(libc.proc_path(root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # ino -> O_PATH descriptor of a recorded object while it may be in the tree:
+        # it follows the object through any rename, of it or of a directory above.
+        self.held: dict[int, int] = {}
+        root = os.fstat(root_fd)
+        self.dev = root.st_dev
+        self.hold(root.st_ino, root_fd)
         try:
             os.mkdir(STORE_NAME, 0o700, dir_fd=root_fd)
         except FileExistsError:
@@ -75,8 +82,9 @@ class Store:
 
     def close(self) -> None:
         self.catalogue.close()
-        for fd in (self.objects_fd, self.content_fd, self.lock_fd, self.fd, self.mount_fd):
+        for fd in (self.objects_fd, self.content_fd, self.lock_fd, self.fd, *self.held.values()):
             os.close(fd)
+        self.held.clear()
 
     # -- keeping objects alive ------------------------------------------------
     @staticmethod
@@ -86,6 +94,7 @@ class Store:
     def keep_by_rename(self, dir_fd: int, name: bytes, ino: int) -> None:
         """Move entry *name* of *dir_fd* (object *ino*) into the store instead of deleting it."""
         libc.renameat2(dir_fd, name, self.objects_fd, self.object_name(ino), libc.RENAME_NOREPLACE)
+        self.release(ino)   # its store name reaches it now (`rm -rf` must not pile up descriptors)
 
     def keep_by_link(self, obj_fd: int, ino: int) -> None:
         """Give object *ino* (open as *obj_fd*, O_PATH) a name in the store, keeping it alive."""
@@ -132,13 +141,79 @@ class Store:
             pass
 
     # -- reaching recorded objects ---------------------------------------------
-    def open_object(self, handle: bytes, flags: int = os.O_PATH | os.O_NOFOLLOW) -> int:
+    def hold(self, ino: int, fd: int) -> None:
+        """Keep a descriptor of object *ino* (open as *fd*) for as long as it may be in the tree."""
+        if ino not in self.held:
+            self.held[ino] = os.dup(fd)
+
+    def hold_at(self, dir_fd: int, name: bytes, ino: int) -> None:
+        if ino not in self.held:
+            fd = os.open(name, _O_PATH, dir_fd=dir_fd)
+            if os.fstat(fd).st_ino == ino:
+                self.held[ino] = fd
+            else:
+                os.close(fd)
+
+    def release(self, ino: int) -> None:
+        fd = self.held.pop(ino, None)
+        if fd is not None:
+            os.close(fd)
+
+    def record_object(self, ino: int, fd: int | None = None, dir_fd: int = -1,
+                      name: bytes = b"") -> None:
+        """Note that a row names object *ino* (open as *fd*, or entry *name* of *dir_fd*)."""
+        self.catalogue.record_object(ino)
+        if ino in self.held:
+            return
+        if fd is not None:
+            self.hold(ino, fd)
+        else:
+            self.hold_at(dir_fd, name, ino)
+
+    def open_object(self, ref: ObjectRef) -> int:
+        """A new O_PATH | O_NOFOLLOW descriptor of the object *ref* refers to."""
+        fd = self._open_held(ref.ino)
+        if fd is None:
+            fd = self._open_at(self.objects_fd, self.object_name(ref.ino), ref.ino)
+        if fd is None and ref.base is not None:
+            base = self.open_object(ref.base)
+            try:
+                fd = self._open_at(base, ref.name, ref.ino)
+            finally:
+                os.close(base)
+        if fd is None:
+            raise OSError(errno.EIO, f"recorded object {ref.ino} is gone from the store")
+        return fd
+
+    def _open_held(self, ino: int) -> int | None:
+        held = self.held.get(ino)
+        if held is None:
+            return None
         try:
-            return libc.open_handle(self.mount_fd, handle, flags)
-        except OSError as e:
-            if e.errno == errno.ESTALE:
-                raise OSError(errno.EIO, "a recorded object is gone from the store") from e
-            raise
+            fd = os.dup(held)
+        except OSError:
+            return None     # released meanwhile (the git export reads from a thread)
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_dev) != (ino, self.dev):
+            os.close(fd)    # ... and its number reused
+            return None
+        return fd
+
+    @staticmethod
+    def _open_at(dir_fd: int, name: bytes, ino: int) -> int | None:
+        try:
+            fd = os.open(name, _O_PATH, dir_fd=dir_fd)
+        except OSError:
+            return None
+        if os.fstat(fd).st_ino != ino:
+            os.close(fd)
+            return None
+        return fd
+
+    def find_recorded(self, dir_fd: int, name: bytes, st: os.stat_result, wanted: set[int]) -> None:
+        """At mount: hold entry *name* of *dir_fd* if it is a recorded object (in *wanted*)."""
+        if st.st_ino in wanted and st.st_dev == self.dev:
+            self.hold_at(dir_fd, name, st.st_ino)
 
     # -- accounting ------------------------------------------------------------
     def allocated_bytes(self) -> int:

@@ -21,6 +21,11 @@ Fixtures
 ``workspace_factory`` (function) ``make(name="ws") -> Workspace`` for tests
                            that need several workspaces; each one is unmounted
                            at teardown.
+``test_users`` (session)   ``(TEST_USER, OTHER_USER)``, created with useradd if
+                           absent: cowfs runs rootless as the first
+                           (``Workspace(path, user=TEST_USER)`` runs every
+                           command through ``runuser -u``); the second is a
+                           third party that must be kept out.
 
 Anything mounted under a test's backing directory is unmounted when the test
 ends, whatever happened; a session-finish hook sweeps leftover mounts and loop
@@ -80,6 +85,32 @@ settings.load_profile(os.environ.get("COWFS_HYPOTHESIS_PROFILE", "ci"))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a slow test (large files, long runs)")
+    config.addinivalue_line("markers", "root_only: root-mode semantics (not run on xfs-rootless)")
+
+
+# The modules whose tests also run with cowfs mounted by TEST_USER (backing
+# "xfs-rootless"); the test process itself stays root. The git export's own
+# tests make their target repositories as root, so a rootless daemon could not
+# write them: tests/test_rootless.py exports as the user instead.
+ROOTLESS_MODULES = {"test_scenarios", "test_model", "test_model_regressions", "test_cli", "test_api",
+                    "test_rollback_stale_size", "test_parity", "test_recovery",
+                    "test_checkpoint_cost"}
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        rootless_run = callspec is not None and \
+            str(callspec.params.get("backing", "")).endswith("-rootless")
+        if rootless_run and (item.module.__name__ not in ROOTLESS_MODULES
+                             or item.get_closest_marker("root_only")):
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 class CowfsTeardownWarning(UserWarning):
@@ -174,6 +205,58 @@ def run(argv, *, check=True, timeout=None, input=None, env=None, cwd=None):
     if check and rc != 0:
         raise CommandError(rc, argv, stdout, stderr)
     return subprocess.CompletedProcess(argv, rc, stdout, stderr)
+
+
+# --------------------------------------------------------------------------
+# unprivileged users
+
+TEST_USER = "cowfs-test"     # runs cowfs rootless
+OTHER_USER = "cowfs-other"   # anyone else
+
+
+def ensure_user(name: str) -> None:
+    import pwd
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+
+
+def as_user(user: str) -> list[str]:
+    """The argv prefix running a command as *user* (from root, with this environment)."""
+    return ["runuser", "-u", user, "--"]
+
+
+def chown_tree(path, user: str) -> None:
+    """Hand *path* and everything under it not yet owned by *user* to *user*: only what
+    needs it, so that a remount sees no change made while unmounted."""
+    run(["find", path, "-xdev", "!", "-user", user, "-exec", "chown", "-h", f"{user}:{user}",
+         "{}", "+"])
+
+
+def rootless(request) -> bool:
+    """Whether this test's workspaces are mounted by TEST_USER (backing "xfs-rootless")."""
+    callspec = getattr(request.node, "callspec", None)
+    return bool(callspec) and str(callspec.params.get("backing", "")).endswith("-rootless")
+
+
+@pytest.fixture(scope="session")
+def users_may_allow_other():
+    """A rootless mount that this (root) test process reaches needs allow_other, which
+    fusermount3 grants users only with user_allow_other in /etc/fuse.conf."""
+    conf = Path("/etc/fuse.conf")
+    text = conf.read_text() if conf.exists() else ""
+    if not any(line.split("#")[0].strip() == "user_allow_other" for line in text.splitlines()):
+        conf.write_text(text + ("" if text.endswith("\n") or not text else "\n")
+                        + "# added by the cowfs tests (rootless mounts root can reach)\n"
+                        + "user_allow_other\n")
+
+
+@pytest.fixture(scope="session")
+def test_users():
+    for name in (TEST_USER, OTHER_USER):
+        ensure_user(name)
+    return TEST_USER, OTHER_USER
 
 
 # --------------------------------------------------------------------------
@@ -445,11 +528,16 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
 
 
-@pytest.fixture(params=["xfs", "ext4"], ids=["xfs", "ext4"])
+@pytest.fixture(params=["xfs", "ext4", "xfs-rootless"], ids=["xfs", "ext4", "xfs-rootless"])
 def backing(request):
-    root = request.getfixturevalue(f"{request.param}_root")
+    fs, _, mode = request.param.partition("-")
+    root = request.getfixturevalue(f"{fs}_root")
     d = Path(tempfile.mkdtemp(prefix=_slug(request.node.name) + "-", dir=root))
     d.chmod(0o755)
+    if mode == "rootless":
+        request.getfixturevalue("test_users")
+        request.getfixturevalue("users_may_allow_other")
+        chown_tree(d, TEST_USER)
     try:
         yield d
     finally:
@@ -477,12 +565,15 @@ class Workspace:
     shows argv, exit code and stderr.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, user: str | None = None, allow_other: bool = False):
         self.path = Path(path)
         self.path.mkdir(exist_ok=True)
+        self.user = user        # cowfs runs as this user (rootless); None: as root
+        # A rootless mount that the tests (root) reach themselves: `mount --allow-other`.
+        self.mount_args = ["--allow-other"] if allow_other else []
         # The argv prefix of every cowfs command; tests of the fixtures
         # replace it with a stub.
-        self.cowfs_cmd = [sys.executable, "-m", "cowfs"]
+        self.cowfs_cmd = [*(as_user(user) if user else []), sys.executable, "-m", "cowfs"]
 
     def __repr__(self):
         return f"Workspace({str(self.path)!r}, mounted={self.is_mounted()})"
@@ -508,7 +599,9 @@ class Workspace:
 
     def mount(self, *extra_args, check=True, timeout=None, env=None):
         """Mount cowfs over ws.path; returns once the mount is live."""
-        cp = run([*self.cowfs_cmd, "mount", self.path, *extra_args],
+        if self.user and not self.is_mounted():
+            chown_tree(self.path, self.user)    # what root wrote there before mounting
+        cp = run([*self.cowfs_cmd, "mount", self.path, *self.mount_args, *extra_args],
                  check=check, timeout=timeout, env=env)
         if cp.returncode == 0 and not self.is_mounted():
             raise CommandError(
@@ -566,11 +659,12 @@ class Workspace:
 
 
 @pytest.fixture
-def workspace_factory(backing):
+def workspace_factory(backing, request):
     made: list[Workspace] = []
+    user = TEST_USER if rootless(request) else None
 
     def make(name="ws") -> Workspace:
-        ws = Workspace(backing / name)
+        ws = Workspace(backing / name, user=user, allow_other=bool(user))
         made.append(ws)
         return ws
 

@@ -175,13 +175,14 @@ def test_umount_of_a_busy_mount_names_the_holders_and_lazy_detaches(workspace):
     ws, p = workspace, workspace.path
     ws.mount()
     (p / "f").write_text("a\n")
-    shell = subprocess.Popen(["sh", "-c", "echo more >> f; read line; echo late > g"], cwd=p,
-                             stdin=subprocess.PIPE)
+    as_owner = ["runuser", "-u", ws.user, "--"] if ws.user else []    # a user sees only their own
+    shell = subprocess.Popen([*as_owner, "sh", "-c", "echo more >> f; read line; echo late > g"],
+                             cwd=p, stdin=subprocess.PIPE)
     try:
         time.sleep(0.3)
         busy = ws.umount(check=False)
         assert busy.returncode == 1 and len(busy.stderr.strip().splitlines()) == 1
-        assert f"pid {shell.pid} (sh) has its working directory at {p}" in busy.stderr
+        assert f"(sh) has its working directory at {p}" in busy.stderr
         assert "--lazy" in busy.stderr and ws.is_mounted()
         lazy = ws.cli("umount", "--lazy")
         assert "detached" in lazy.stdout and not ws.is_mounted()

@@ -454,6 +454,7 @@ def test_errors_are_errnos_and_the_mount_survives(mounted):
         os.fdatasync(f.fileno())
 
 
+@pytest.mark.root_only   # objects owned by others: only a root daemon makes them
 def test_objects_created_belong_to_the_caller(mounted):
     p = mounted.path
     os.chmod(p, 0o777)
@@ -617,6 +618,7 @@ def test_rollback_refreshes_the_kernels_size_of_a_hard_linked_file(workspace):
     assert read(p / "a") == b"XY" and read(p / "b") == b"XY"
 
 
+@pytest.mark.root_only   # objects owned by others: only a root daemon makes them
 def test_listing_again_after_a_change_shows_the_change(mounted):
     """readdir reuses the attributes it sent in the same epoch; every change ends one.
 

@@ -116,6 +116,15 @@ class ObjectRef:
         return f"ObjectRef({self.ino}, {self.base!r}, {self.name!r})"
 
 
+class FormatError(Exception):
+    """The store was written in a format this cowfs does not read (a newer cowfs's)."""
+
+    def __init__(self, version):
+        super().__init__(f"store format {version} (this cowfs reads formats 1 to {FORMAT_VERSION}): "
+                         "it was written by a newer cowfs; use that one")
+        self.version = version
+
+
 class Catalogue:
     def __init__(self, path: str):
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -123,7 +132,8 @@ class Catalogue:
         # NORMAL: a commit reaches the WAL (and so survives a daemon crash)
         # before the change it describes reaches the backing filesystem.
         self.db.execute("PRAGMA synchronous=NORMAL")
-        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
+        self.created = not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
+        if self.created:
             self._create()
         version = self.get_meta("format")
         if version == "1":
@@ -131,7 +141,7 @@ class Catalogue:
             self.set_meta("format", FORMAT_VERSION)
             version = FORMAT_VERSION
         if version != FORMAT_VERSION:
-            raise RuntimeError(f"store format {version!r} is not supported (expected {FORMAT_VERSION})")
+            raise FormatError(version)
 
     def _create(self) -> None:
         now = time.time()
@@ -235,6 +245,9 @@ class Catalogue:
         rows = self.db.execute("SELECT turn, started, sealed, message, kind, target, changes, bytes "
                                "FROM turns ORDER BY turn").fetchall()
         return [Turn(*row) for row in rows]
+
+    def name_initial_turn(self, message: str) -> None:
+        self.db.execute("UPDATE turns SET message=? WHERE turn=0", (message,))
 
     def turn(self, number: int) -> Turn | None:
         row = self.db.execute("SELECT turn, started, sealed, message, kind, target, changes, bytes "

@@ -7,21 +7,16 @@ and returns once the mount is live.
 """
 
 import argparse
-import errno
 import json
 import os
 import sys
 import time
 
 from . import __version__, control
-from .errors import EXIT_FAILED, BadInput, CowfsError, OperationFailed
-
-READY_TIMEOUT = 120.0
-EXIT_TIMEOUT = 60.0
+from .errors import EXIT_FAILED, BadInput, CowfsError
 
 
-UsageError = BadInput       # exit 2
-Failed = OperationFailed    # exit 1
+
 
 
 def parse_turn(text: str) -> int:
@@ -59,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other", action="store_true",
                    help="let other users reach the mount (as the files' permissions allow); "
                         "always on as root, else needs user_allow_other in /etc/fuse.conf")
+    p.add_argument("--initial-message", default="", metavar="MSG",
+                   help="the message of turn 0 when this mount starts the history")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("umount", help="seal pending changes as a turn and unmount",
@@ -108,246 +105,39 @@ def _add_c(p: argparse.ArgumentParser) -> None:
 
 # -- mount / umount ------------------------------------------------------------------------
 def cmd_mount(args) -> int:
-    from .daemon import MountOptions, run
-    workspace = os.path.realpath(args.workspace)
-    if not os.path.isdir(workspace):
-        raise UsageError(f"{args.workspace} is not a directory")
-    mountpoint = os.path.realpath(args.at) if args.at else workspace
-    if args.at and not os.path.isdir(mountpoint):
-        raise UsageError(f"{args.at} is not a directory")
-    for path in {workspace, mountpoint}:
-        _refuse_mounted(path)
-    opts = MountOptions(workspace, mountpoint, args.snapdir == "visible", args.force, args.debug,
-                        args.export_git_on_checkpoint, _owner_uid(args.owner), _allow_other(args))
+    from . import mounting
+    req = mounting.MountRequest(args.workspace, args.at, args.snapdir, args.force, args.debug,
+                                args.export_git_on_checkpoint, args.owner, args.allow_other,
+                                args.initial_message)
     if args.foreground:
-        return run(opts, args.ready_fd)
-    return _spawn_daemon(args, workspace, mountpoint)
-
-
-def _owner_uid(owner: str | None) -> int:
-    """Who the control channel serves besides root: --owner, sudo's caller, or ourselves."""
-    import pwd
-    if os.geteuid() != 0:
-        if owner is not None and owner not in (str(os.getuid()), pwd.getpwuid(os.getuid()).pw_name):
-            raise UsageError("--owner needs root (a rootless mount belongs to whoever mounts it)")
-        return os.getuid()
-    if owner is None:
-        return int(os.environ.get("SUDO_UID", "0") or 0)
-    try:
-        return pwd.getpwnam(owner).pw_uid
-    except KeyError:
-        if owner.isdigit():
-            return int(owner)
-        raise UsageError(f"--owner {owner}: no such user") from None
-
-
-def _allow_other(args) -> bool:
-    if os.geteuid() == 0:
-        return True     # as before: other users reach files as their permissions allow
-    if not args.allow_other:
-        return False
-    try:
-        with open("/etc/fuse.conf") as f:
-            allowed = any(line.split("#")[0].strip() == "user_allow_other" for line in f)
-    except OSError:
-        allowed = False
-    if not allowed:
-        raise UsageError("--allow-other needs user_allow_other in /etc/fuse.conf")
-    return True
-
-
-def _refuse_mounted(path: str) -> None:
-    for m in control.cowfs_mounts():
-        if m.mountpoint == path and _is_dead(path):
-            _clear_dead_mount(path)
-            print(f"cowfs: cleared the dead mount at {path} (its daemon had stopped)", file=sys.stderr)
-        elif m.mountpoint == path:
-            raise UsageError(f"{path} is already mounted")
-        if path.startswith(m.mountpoint.rstrip("/") + "/"):
-            raise UsageError(f"{path} is inside the cowfs mount {m.mountpoint}")
-
-
-def _spawn_daemon(args, workspace: str, mountpoint: str) -> int:
-    import subprocess
-    read_end, write_end = os.pipe()
-    argv = [sys.executable, "-m", "cowfs", "mount", workspace, "--at", mountpoint, "--foreground",
-            "--snapdir", args.snapdir, "--ready-fd", str(write_end)]
-    argv += ["--force"] if args.force else []
-    argv += ["--debug"] if args.debug else []
-    argv += ["--export-git-on-checkpoint"] if args.export_git_on_checkpoint else []
-    argv += ["--owner", args.owner] if args.owner else []
-    argv += ["--allow-other"] if args.allow_other else []
-    proc = subprocess.Popen(argv, pass_fds=(write_end,), start_new_session=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    os.close(write_end)
-    message = _read_ready(read_end, proc)
-    if message == "ok" or message.startswith("ok "):
-        print(f"mounted {mountpoint}" + (f" (workspace {workspace})" if mountpoint != workspace else ""))
-        if message != "ok":
-            print(f"cowfs: {message.removeprefix('ok ')}", file=sys.stderr)
-        _warn_stale_cwds(mountpoint, proc.pid)
-        return 0
-    if message.startswith("error: "):
-        raise UsageError(message.removeprefix("error: "))
-    raise Failed(f"the daemon failed to start ({message or 'no message'}); "
-                 f"see {workspace}/.cowfs/daemon.log")
-
-
-def _read_ready(fd: int, proc) -> str:
-    deadline = time.monotonic() + READY_TIMEOUT
-    data = b""
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        while b"\n" not in data and time.monotonic() < deadline:
-            chunk = f.read(4096)
-            if not chunk:
-                break
-            data += chunk
-    if not data:
-        code = proc.poll()
-        return f"exit code {code}" if code is not None else "timed out"
-    return data.decode(errors="replace").strip()
-
-
-def _warn_stale_cwds(mountpoint: str, daemon_pid: int) -> None:
-    """Processes already inside the mount point still see the directory underneath."""
-    stale = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if int(pid) in (os.getpid(), daemon_pid):
-            continue
-        try:
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            continue
-        if cwd == mountpoint or cwd.startswith(mountpoint.rstrip("/") + "/"):
-            stale.append(pid)
-    if stale:
-        print(f"cowfs: warning: {len(stale)} process(es) (e.g. pid {stale[0]}) were already inside "
-              f"{mountpoint}: they bypass cowfs until they cd there again (cd \"$PWD\")",
-              file=sys.stderr)
-
-
-def _is_dead(mountpoint: str) -> bool:
-    """A FUSE mount whose daemon is gone: the kernel answers ENOTCONN for it. Asked with a
-    getxattr, which the kernel never answers from its cache (a stat of the root would be)."""
-    try:
-        os.getxattr(mountpoint, control.CONTROL_XATTR)
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
-
-
-def _clear_dead_mount(mountpoint: str) -> None:
-    """Detach a dead mount (nothing can be flushed through it any more: its daemon is gone).
-    What was written through it is on disk already or was lost with the daemon's process."""
-    import subprocess
-    for argv in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
-        if subprocess.run(argv, capture_output=True).returncode == 0:
-            return
-    raise Failed(f"cannot clear the dead mount at {mountpoint}: try `fusermount3 -u -z {mountpoint}`")
-
-
-def cmd_umount(args) -> int:
-    mount = control.find_mount(args.path or args.cwd)
-    if _is_dead(mount.mountpoint):
-        _clear_dead_mount(mount.mountpoint)
-        print(f"cleared the dead mount at {mount.mountpoint} (its daemon had stopped; "
-              "`cowfs mount` recovers its open turn)")
-        return 0
-    control.syncfs(mount)
-    reply = control.request(mount, "umount")
-    import subprocess
-    argv = ["fusermount3", "-u", *(["-z"] if args.lazy else []), mount.mountpoint]
-    result = subprocess.run(argv, capture_output=True, text=True)
-    if result.returncode != 0:
-        if os.geteuid() == 0 or not _unmount_by_daemon(mount, args.lazy):
-            raise Failed(_why_not_unmounted(mount.mountpoint, result.stderr, reply["pid"]))
-    if reply.get("sealed") is not None:
-        print(f"sealed turn-{reply['sealed']}")
-    if args.lazy:
-        print(f"detached {mount.mountpoint}; the daemon serves the processes still inside it and "
-              "seals their changes as a last turn when the last one leaves")
-        return 0
-    _wait_exit(reply["pid"])
-    print(f"unmounted {mount.mountpoint}")
+        from .daemon import run
+        return run(mounting.options(req), args.ready_fd)
+    m = mounting.mount(req)
+    print(f"mounted {m.mountpoint}" + (f" (workspace {m.workspace})" if m.mountpoint != m.workspace else ""))
+    for note in m.notes:
+        print(f"cowfs: {note}", file=sys.stderr)
+    if m.stale_cwds:
+        print(f"cowfs: warning: {len(m.stale_cwds)} process(es) (e.g. pid {m.stale_cwds[0]}) were "
+              f"already inside {m.mountpoint}: they bypass cowfs until they cd there again "
+              f"(cd \"$PWD\")", file=sys.stderr)
     return 0
 
 
-def _unmount_by_daemon(mount: control.Mount, lazy: bool) -> bool:
-    """The owner of a root mount: fusermount3 refuses them, their root daemon may not.
-    True if the mount is gone (or detached) afterwards."""
-    try:
-        control.request(mount, "unmount", lazy=lazy, timeout=EXIT_TIMEOUT)
-    except CowfsError:
-        pass    # refused (busy, say), or the daemon ended with its mount before it answered
-    return not any(m.mountpoint == mount.mountpoint for m in control.cowfs_mounts())
-
-
-def _why_not_unmounted(mountpoint: str, stderr: str, daemon_pid: int) -> str:
-    holders = _processes_inside(mountpoint, {os.getpid(), daemon_pid})
-    if not holders:
-        reason = stderr.strip().splitlines()[-1] if stderr.strip() else "unknown"
-        return (f"cannot unmount {mountpoint}: {reason} (by processes this user cannot see); "
-                "pending changes were sealed. `cowfs umount --lazy` detaches it now")
-    shown = "; ".join(f"pid {pid} ({comm}) {what}" for pid, comm, what in holders[:5])
-    more = f" and {len(holders) - 5} more" if len(holders) > 5 else ""
-    return (f"cannot unmount {mountpoint}: in use by {shown}{more}; pending changes were sealed. "
-            "Stop them, or `cowfs umount --lazy` to detach now")
-
-
-def _processes_inside(mountpoint: str, exclude: set[int]) -> list[tuple[int, str, str]]:
-    """(pid, command, what it holds) of each process with its cwd, root or an open file inside
-    (the daemon's own descriptors name the directory underneath by the same path: excluded)."""
-    inside = mountpoint.rstrip("/") + "/"
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if int(pid) in exclude:
-            continue
-        what = _held_inside(int(pid), mountpoint, inside)
-        if what:
-            try:
-                with open(f"/proc/{pid}/comm") as f:
-                    comm = f.read().strip()
-            except OSError:
-                continue
-            found.append((int(pid), comm, what))
-    return found
-
-
-def _held_inside(pid: int, mountpoint: str, inside: str) -> str | None:
-    def within(link: str) -> bool:
-        return link == mountpoint or link.startswith(inside)
-    for name in ("cwd", "root"):
-        try:
-            link = os.readlink(f"/proc/{pid}/{name}")
-        except OSError:
-            continue
-        if within(link):
-            return f"has its {'working directory' if name == 'cwd' else 'root'} at {link}"
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return None
-    for fd in fds:
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if within(link):
-            return f"has {link} open"
-    return None
-
-
-def _wait_exit(pid: int) -> None:
-    deadline = time.monotonic() + EXIT_TIMEOUT
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(") ")[-1].startswith("Z"):
-                    return
-        except OSError:
-            return
-        time.sleep(0.02)
+def cmd_umount(args) -> int:
+    from . import mounting
+    u = mounting.unmount(args.path or args.cwd, args.lazy)
+    if u.cleared_dead:
+        print(f"cleared the dead mount at {u.mountpoint} (its daemon had stopped; "
+              "`cowfs mount` recovers its open turn)")
+        return 0
+    if u.sealed is not None:
+        print(f"sealed turn-{u.sealed}")
+    if u.detached:
+        print(f"detached {u.mountpoint}; the daemon serves the processes still inside it and "
+              "seals their changes as a last turn when the last one leaves")
+    else:
+        print(f"unmounted {u.mountpoint}")
+    return 0
 
 
 # -- commands that talk to the daemon ---------------------------------------------------------
@@ -418,7 +208,7 @@ def cmd_export_git(args) -> int:
             backing = control.request(mount, "status")["backing"]
             repo = resolve_target(args.to, args.branch, [mount.mountpoint, backing])
     except TargetError as e:
-        raise UsageError(str(e)) from None
+        raise BadInput(str(e)) from None
     # The daemon reaches REPO through this process's mount namespace (its own lacks most mounts).
     reply = control.request(mount, "export_git", repo=repo, branch=args.branch, pid=os.getpid())
     _print_export(reply)

@@ -27,8 +27,9 @@ import trio
 
 from . import libc
 from .capture import Capture
-from .drift import CrashRecords, find_drift
+from .catalogue import FormatError
 from .control import MAX_MESSAGE, REFRESH_PREFIX
+from .drift import CrashRecords, find_drift
 from .errors import BadInput, CowfsError, OperationFailed, UnknownTurn
 from .fs import SNAPDIR, CowFS
 from .gitexport import DEFAULT_BRANCH, ExportError, ExportRunner, TargetError
@@ -57,6 +58,7 @@ class MountOptions:
     export_git_on_checkpoint: bool = False
     owner_uid: int = 0          # served by the control channel, with root
     allow_other: bool = False   # other users may reach the mount (as permissions allow)
+    initial_message: str = ""   # turn 0's message, if this mount creates the store
 
     @property
     def as_root(self) -> bool:
@@ -92,6 +94,10 @@ class Daemon:
             raise MountError(f"{opts.workspace} is already mounted by another cowfs daemon") from None
         except OSError as e:
             raise MountError(f"cannot open the store {opts.workspace}/.cowfs: {e.strerror}") from None
+        except FormatError as e:
+            raise MountError(f"{opts.workspace}/.cowfs: {e}") from None
+        if self.store.catalogue.created and opts.initial_message:
+            self.store.catalogue.name_initial_turn(opts.initial_message)
         self._check_drift()
         self._setup_logging()
         self.capture = Capture(self.store, os.fsencode(self.opts.workspace))

@@ -1,0 +1,283 @@
+"""Starting and stopping a mount: what `cowfs mount`/`umount` and `cowfs.mount()` share.
+
+Owns the checks before a daemon starts (a directory, not mounted yet, not
+inside another mount, a dead mount cleared), the options taken from the
+caller (owner, allow_other), the daemon process and its ready pipe, and the
+unmount (busy mounts explained, `--lazy`, the owner of a root mount). It
+returns typed results and raises `cowfs.errors`; printing is the CLI's.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import control
+from .errors import BadInput, CowfsError, OperationFailed
+
+READY_TIMEOUT = 120.0
+EXIT_TIMEOUT = 60.0
+
+
+@dataclass
+class MountRequest:
+    """What the caller asked for (`cowfs mount --help` says what each means)."""
+    workspace: str
+    at: str | None = None
+    snapdir: str = "hidden"
+    force: bool = False
+    debug: bool = False
+    export_git_on_checkpoint: bool = False
+    owner: str | None = None
+    allow_other: bool = False
+    message: str = ""           # for turn 0 of a new store (the compat manager's reason)
+
+
+@dataclass
+class Mounted:
+    workspace: str
+    mountpoint: str
+    daemon_pid: int
+    notes: list[str] = field(default_factory=list)      # one line each: recovered, cleared, ...
+    stale_cwds: list[int] = field(default_factory=list)  # processes already inside: they bypass it
+
+
+@dataclass
+class Unmounted:
+    mountpoint: str
+    sealed: int | None = None   # the turn pending changes were sealed as
+    detached: bool = False      # --lazy: still served until its last user leaves
+    cleared_dead: bool = False  # its daemon had died: only the dead mount was removed
+
+
+def options(req: MountRequest):
+    """The daemon's MountOptions for *req*, after every check that needs no daemon."""
+    from .daemon import MountOptions
+    workspace = os.path.realpath(os.path.expanduser(req.workspace))
+    if not os.path.isdir(workspace):
+        raise BadInput(f"{req.workspace} is not a directory")
+    mountpoint = os.path.realpath(req.at) if req.at else workspace
+    if req.at and not os.path.isdir(mountpoint):
+        raise BadInput(f"{req.at} is not a directory")
+    if req.snapdir not in ("hidden", "visible"):
+        raise BadInput(f"--snapdir {req.snapdir}: expected hidden or visible")
+    return MountOptions(workspace, mountpoint, req.snapdir == "visible", req.force, req.debug,
+                        req.export_git_on_checkpoint, owner_uid(req.owner), allow_other(req.allow_other),
+                        req.message)
+
+
+def owner_uid(owner: str | None) -> int:
+    """Who the control channel serves besides root: --owner, sudo's caller, or ourselves."""
+    import pwd
+    if os.geteuid() != 0:
+        if owner is not None and owner not in (str(os.getuid()), pwd.getpwuid(os.getuid()).pw_name):
+            raise BadInput("--owner needs root (a rootless mount belongs to whoever mounts it)")
+        return os.getuid()
+    if owner is None:
+        return int(os.environ.get("SUDO_UID", "0") or 0)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        if owner.isdigit():
+            return int(owner)
+        raise BadInput(f"--owner {owner}: no such user") from None
+
+
+def allow_other(asked: bool) -> bool:
+    if os.geteuid() == 0:
+        return True     # as before: other users reach files as their permissions allow
+    if not asked:
+        return False
+    try:
+        with open("/etc/fuse.conf") as f:
+            allowed = any(line.split("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        allowed = False
+    if not allowed:
+        raise BadInput("--allow-other needs user_allow_other in /etc/fuse.conf")
+    return True
+
+
+def mount(req: MountRequest) -> Mounted:
+    """Start a daemon for *req*; return once the mount is live (or raise)."""
+    opts = options(req)
+    notes = []
+    for path in {opts.workspace, opts.mountpoint}:
+        notes += refuse_mounted(path)
+    pid, note = _spawn_daemon(req, opts)
+    notes += [note] if note else []
+    return Mounted(opts.workspace, opts.mountpoint, pid, notes, processes_with_cwd_in(opts.mountpoint, pid))
+
+
+def refuse_mounted(path: str) -> list[str]:
+    """Raise if *path* is mounted or inside a mount; clear a dead mount there (and say so)."""
+    notes = []
+    for m in control.cowfs_mounts():
+        if m.mountpoint == path and is_dead(path):
+            clear_dead_mount(path)
+            notes.append(f"cleared the dead mount at {path} (its daemon had stopped)")
+        elif m.mountpoint == path:
+            raise BadInput(f"{path} is already mounted")
+        if path.startswith(m.mountpoint.rstrip("/") + "/"):
+            raise BadInput(f"{path} is inside the cowfs mount {m.mountpoint}")
+    return notes
+
+
+def _spawn_daemon(req: MountRequest, opts) -> tuple[int, str]:
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "cowfs", "mount", opts.workspace, "--at", opts.mountpoint,
+            "--foreground", "--snapdir", req.snapdir, "--ready-fd", str(write_end)]
+    flags = {"--force": req.force, "--debug": req.debug, "--allow-other": req.allow_other,
+             "--export-git-on-checkpoint": req.export_git_on_checkpoint}
+    argv += [flag for flag, on in flags.items() if on]
+    argv += ["--owner", req.owner] if req.owner else []
+    argv += ["--initial-message", req.message] if req.message else []
+    proc = subprocess.Popen(argv, pass_fds=(write_end,), start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    message = _read_ready(read_end, proc)
+    if message == "ok" or message.startswith("ok "):
+        return proc.pid, message.removeprefix("ok").strip()
+    if message.startswith("error: "):
+        raise BadInput(message.removeprefix("error: "))
+    raise OperationFailed(f"the daemon failed to start ({message or 'no message'}); "
+                          f"see {opts.workspace}/.cowfs/daemon.log")
+
+
+def _read_ready(fd: int, proc) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        while b"\n" not in data and time.monotonic() < deadline:
+            chunk = f.read(4096)
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        code = proc.poll()
+        return f"exit code {code}" if code is not None else "timed out"
+    return data.decode(errors="replace").strip()
+
+
+def processes_with_cwd_in(mountpoint: str, daemon_pid: int) -> list[int]:
+    """Processes already inside the mount point: they still see the directory underneath."""
+    return [pid for pid, _, what in processes_inside(mountpoint, {os.getpid(), daemon_pid},
+                                                      fds=False)]
+
+
+# -- dead mounts ---------------------------------------------------------------------------
+def is_dead(mountpoint: str) -> bool:
+    """A FUSE mount whose daemon is gone: the kernel answers ENOTCONN for it. Asked with a
+    getxattr, which the kernel never answers from its cache (a stat of the root would be)."""
+    try:
+        os.getxattr(mountpoint, control.CONTROL_XATTR)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def clear_dead_mount(mountpoint: str) -> None:
+    """Detach a dead mount (nothing can be flushed through it any more: its daemon is gone).
+    What was written through it is on disk already or was lost with the daemon's process."""
+    for argv in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
+        if subprocess.run(argv, capture_output=True).returncode == 0:
+            return
+    raise OperationFailed(f"cannot clear the dead mount at {mountpoint}: "
+                          f"try `fusermount3 -u -z {mountpoint}`")
+
+
+# -- unmounting ----------------------------------------------------------------------------
+def unmount(path: str, lazy: bool = False) -> Unmounted:
+    """Seal pending changes, unmount the mount containing *path*, wait for its daemon to end."""
+    mount = control.find_mount(path)
+    if is_dead(mount.mountpoint):
+        clear_dead_mount(mount.mountpoint)
+        return Unmounted(mount.mountpoint, cleared_dead=True)
+    control.syncfs(mount)
+    reply = control.request(mount, "umount")
+    argv = ["fusermount3", "-u", *(["-z"] if lazy else []), mount.mountpoint]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        if os.geteuid() == 0 or not _unmount_by_daemon(mount, lazy):
+            raise OperationFailed(_why_not_unmounted(mount.mountpoint, result.stderr, reply["pid"]))
+    if not lazy:
+        wait_exit(reply["pid"])
+    return Unmounted(mount.mountpoint, reply.get("sealed"), detached=lazy)
+
+
+def _unmount_by_daemon(mount: control.Mount, lazy: bool) -> bool:
+    """The owner of a root mount: fusermount3 refuses them, their root daemon may not.
+    True if the mount is gone (or detached) afterwards."""
+    try:
+        control.request(mount, "unmount", lazy=lazy, timeout=EXIT_TIMEOUT)
+    except CowfsError:
+        pass    # refused (busy, say), or the daemon ended with its mount before it answered
+    return not any(m.mountpoint == mount.mountpoint for m in control.cowfs_mounts())
+
+
+def _why_not_unmounted(mountpoint: str, stderr: str, daemon_pid: int) -> str:
+    holders = processes_inside(mountpoint, {os.getpid(), daemon_pid})
+    if not holders:
+        reason = stderr.strip().splitlines()[-1] if stderr.strip() else "unknown"
+        return (f"cannot unmount {mountpoint}: {reason} (by processes this user cannot see); "
+                "pending changes were sealed. `cowfs umount --lazy` detaches it now")
+    shown = "; ".join(f"pid {pid} ({comm}) {what}" for pid, comm, what in holders[:5])
+    more = f" and {len(holders) - 5} more" if len(holders) > 5 else ""
+    return (f"cannot unmount {mountpoint}: in use by {shown}{more}; pending changes were sealed. "
+            "Stop them, or `cowfs umount --lazy` to detach now")
+
+
+def processes_inside(mountpoint: str, exclude: set[int], fds: bool = True) -> list[tuple[int, str, str]]:
+    """(pid, command, what it holds) of each process with its cwd, root or (if *fds*) an open
+    file inside (the daemon's own descriptors name the directory underneath by the same path:
+    exclude it)."""
+    inside = mountpoint.rstrip("/") + "/"
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) in exclude:
+            continue
+        what = _held_inside(int(pid), mountpoint, inside, fds)
+        if what:
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                continue
+            found.append((int(pid), comm, what))
+    return found
+
+
+def _held_inside(pid: int, mountpoint: str, inside: str, fds: bool) -> str | None:
+    """What process *pid* holds inside the mount, in words; None if nothing we can see."""
+    links = [(name, f"/proc/{pid}/{name}") for name in ("cwd", "root")]
+    if fds:
+        try:
+            links += [("fd", f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            pass
+    for kind, proc_link in links:
+        try:
+            link = os.readlink(proc_link)
+        except OSError:
+            continue
+        if link == mountpoint or link.startswith(inside):
+            return {"cwd": f"has its working directory at {link}",
+                    "root": f"has its root at {link}"}.get(kind, f"has {link} open")
+    return None
+
+
+def wait_exit(pid: int) -> None:
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[-1].startswith("Z"):
+                    return
+        except OSError:
+            return
+        time.sleep(0.02)

@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 
 # The API is imported on first use, so that `cowfs checkpoint` (which imports this
 # package) does not pay for it.
-_API = {"Workspace": "api", "Turn": "api", "Status": "api",
+_API = {"Workspace": "api", "Turn": "api", "Status": "api", "mount": "api", "mounted": "api",
+        "umount": "api",
         "CowfsError": "errors", "BadInput": "errors", "NotMounted": "errors",
         "UnknownTurn": "errors", "DaemonUnreachable": "errors", "OperationFailed": "errors"}
 __all__ = sorted(_API)

@@ -18,6 +18,7 @@ checkpoint costs well under a millisecond. Errors are the classes of
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +127,74 @@ class Workspace:
 
     def status(self) -> Status:
         return Status.from_reply(self._request("status"))
+
+
+def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hidden",
+          force: bool = False, export_git_on_checkpoint: bool = False, owner: str | None = None,
+          allow_other: bool = False, message: str = "") -> Workspace:
+    """Mount cowfs over *path* (or at *at*) and return the mounted Workspace.
+
+    The first mount of a directory makes its tree turn 0 (named *message*, if
+    given). If this process's working directory is inside the mount, it is
+    entered again, so that relative paths from now on go through the mount
+    (a process that was already inside still sees the directory underneath).
+    Raises BadInput (not a directory, already mounted, changed while unmounted:
+    see *force*) or OperationFailed.
+
+        >>> ws = cowfs.mount("~/proj")
+    """
+    from . import mounting
+    req = mounting.MountRequest(os.fspath(path), at, snapdir, force, False, export_git_on_checkpoint,
+                                owner, allow_other, message)
+    mounted_ = mounting.mount(req)
+    _reenter_cwd(mounted_.mountpoint)
+    return Workspace(mounted_.mountpoint)
+
+
+def umount(path: str | os.PathLike, lazy: bool = False) -> int | None:
+    """Seal pending changes and unmount the mount containing *path*; returns the turn they were
+    sealed as (None if there were none). A busy mount raises OperationFailed naming its holders,
+    unless *lazy* (detach now; the daemon stops when the last of them leaves)."""
+    from . import mounting
+    return mounting.unmount(os.fspath(path), lazy).sealed
+
+
+@contextmanager
+def mounted(path: str | os.PathLike, **options):
+    """Mount for the duration of a `with` block, then unmount (sealing pending changes).
+
+        >>> with cowfs.mounted("/tmp/ws") as ws:
+        ...     Path("/tmp/ws/notes.txt").write_text("hello")
+        ...     ws.checkpoint("wrote notes")
+    """
+    ws = mount(path, **options)
+    try:
+        yield ws
+    finally:
+        cwd = _cwd()
+        if cwd is not None and _inside(cwd, str(ws.path)):
+            os.chdir("/")       # our own working directory would keep the mount busy
+            umount(ws.path)
+            os.chdir(cwd)       # the directory underneath, which is the live tree
+        else:
+            umount(ws.path)
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
+def _inside(path: str, mountpoint: str) -> bool:
+    return path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/")
+
+
+def _reenter_cwd(mountpoint: str) -> None:
+    cwd = _cwd()
+    if cwd is not None and _inside(cwd, mountpoint):
+        os.chdir(cwd)
 
 
 def _turn_number(turn: int | str | Turn) -> int:

@@ -61,3 +61,28 @@ def test_status(workspace):
     assert s.mountpoint == str(workspace.path) and s.open_turn == 1 and s.last_turn == 0
     assert s.capture_mode in ("reflink", "copy") and s.pending_changes >= 1
     assert s.daemon_pid > 0 and os.path.exists(f"/proc/{s.daemon_pid}")
+
+
+@pytest.mark.root_only      # the API mounts as this (root) process; rootless: tests/test_rootless.py
+def test_mount_and_mounted_re_enter_the_working_directory(workspace, monkeypatch):
+    p = workspace.path
+    (p / "old").write_text("old\n")
+    monkeypatch.chdir(p)                                  # a harness started inside its workspace
+    with cowfs.mounted(p, message="session start") as ws:
+        assert ws.turn(0).message == "session start"
+        with open("new", "w") as f:                       # relative: must go through the mount
+            f.write("new\n")
+        one = ws.checkpoint("wrote new")
+        assert (ws.snapshot_path(one) / "new").read_text() == "new\n"
+        assert not (ws.snapshot_path(0) / "new").exists()
+    assert not workspace.is_mounted() and os.getcwd() == str(p)
+    again = cowfs.mount(p)
+    try:
+        assert [t.message for t in again.turns()][:2] == ["session start", "wrote new"]
+        with pytest.raises(cowfs.BadInput):
+            cowfs.mount(p)                                # already mounted
+    finally:
+        os.chdir("/")
+        cowfs.umount(p)
+    with pytest.raises(cowfs.BadInput):
+        cowfs.mount(p / "old")                            # not a directory

@@ -342,6 +342,53 @@ class Catalogue:
     def xattrs_at(self, ino: int, turn: int) -> dict[bytes, bytes]:
         return dict(self.db.execute("SELECT name, value FROM xattrs WHERE ino=? AND turn=?", (ino, turn)))
 
+    # -- retention (retention.py) ----------------------------------------------
+    def oldest_turn(self) -> int:
+        """The oldest turn still kept: turns before it were pruned (0 if none was). Its own layer
+        is needed by no snapshot (the snapshot of turn k reads rows of turns > k)."""
+        return self.db.execute("SELECT min(turn) FROM turns").fetchone()[0]
+
+    def drop_turns_before(self, turn: int) -> list[int]:
+        """Forget the turns before *turn* (their rows are left to `garbage_rows`). Returns them."""
+        gone = [t for (t,) in self.db.execute("SELECT turn FROM turns WHERE turn<?", (turn,))]
+        self.db.execute("DELETE FROM turns WHERE turn<?", (turn,))
+        return gone
+
+    def garbage_rows(self, turn: int, limit: int) -> tuple[list[tuple], list[tuple]]:
+        """Up to *limit* entry rows (parent, name, turn, ino) and attrs rows (ino, turn, content)
+        of turns <= *turn*, which no kept snapshot reads once the turns before *turn* are gone."""
+        entries = self.db.execute("SELECT parent, name, turn, ino FROM entries WHERE turn<=? "
+                                  "LIMIT ?", (turn, limit)).fetchall()
+        attrs = self.db.execute("SELECT ino, turn, content FROM attrs WHERE turn<=? LIMIT ?",
+                                (turn, limit)).fetchall()
+        return entries, attrs
+
+    def delete_rows(self, entries: list[tuple], attrs: list[tuple]) -> None:
+        self.db.executemany("DELETE FROM entries WHERE parent=? AND name=? AND turn=?",
+                            [e[:3] for e in entries])
+        self.db.executemany("DELETE FROM attrs WHERE ino=? AND turn=?", [a[:2] for a in attrs])
+        self.db.executemany("DELETE FROM xattrs WHERE ino=? AND turn=?", [a[:2] for a in attrs])
+
+    def last_turn_naming(self, ino: int) -> int | None:
+        """The newest turn with a row that names object *ino* (as object or as parent)."""
+        return self.db.execute(
+            "SELECT max(t) FROM (SELECT max(turn) AS t FROM entries WHERE ino=? "
+            "UNION ALL SELECT max(turn) FROM entries WHERE parent=? "
+            "UNION ALL SELECT max(turn) FROM attrs WHERE ino=?)", (ino, ino, ino)).fetchone()[0]
+
+    def names_object(self, ino: int) -> bool:
+        """Some row names object *ino* (as object or as parent). O(log rows)."""
+        return any(self.db.execute(query, (ino,)).fetchone() for query in (
+            "SELECT 1 FROM entries WHERE ino=? LIMIT 1", "SELECT 1 FROM entries WHERE parent=? LIMIT 1",
+            "SELECT 1 FROM attrs WHERE ino=? LIMIT 1"))
+
+    def unrecord_object(self, ino: int) -> None:
+        self.db.execute("DELETE FROM objects WHERE ino=?", (ino,))
+
+    def content_recorded(self, ino: int, turn: int, content: str) -> bool:
+        return self.db.execute("SELECT 1 FROM attrs WHERE ino=? AND turn=? AND content=?",
+                               (ino, turn, content)).fetchone() is not None
+
     # -- whole-layer queries (rollback, export) -------------------------------
     def xattrs_after(self, turn: int) -> dict[tuple[int, int], dict[bytes, bytes]]:
         """The extended attributes of every attrs row after *turn*, by (ino, turn) (as xattrs_at)."""

@@ -20,18 +20,18 @@ import stat
 import struct
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
 
-from . import libc
+from . import libc, retention
 from .capture import Capture
 from .catalogue import FormatError
 from .control import MAX_MESSAGE, REFRESH_PREFIX
 from .drift import CrashRecords, find_drift
-from .errors import BadInput, CowfsError, OperationFailed, UnknownTurn
-from .fs import SNAPDIR, CowFS
+from .errors import BadInput, CowfsError, OperationFailed
+from .fs import SNAPDIR, SNAPDIR_ID, CowFS
 from .gitexport import DEFAULT_BRANCH, ExportError, ExportRunner, TargetError
 from .rollback import Rollback
 from .store import STORE_NAME, Store, StoreBusy
@@ -59,6 +59,7 @@ class MountOptions:
     owner_uid: int = 0          # served by the control channel, with root
     allow_other: bool = False   # other users may reach the mount (as permissions allow)
     initial_message: str = ""   # turn 0's message, if this mount creates the store
+    prune_limits: retention.Limits = field(default_factory=retention.Limits)  # after each seal
 
     @property
     def as_root(self) -> bool:
@@ -100,6 +101,7 @@ class Daemon:
             self.store.catalogue.name_initial_turn(opts.initial_message)
         self._check_drift()
         self._setup_logging()
+        retention.recover(self.store)     # what a prune that died left in the store's trash
         self.capture = Capture(self.store, os.fsencode(self.opts.workspace))
         self.control = _control_socket()
 
@@ -155,6 +157,10 @@ class Daemon:
             self.store, os.fsencode(self.opts.workspace), [self.opts.mountpoint, self.opts.workspace],
             self.fs.inodes.root_ino, self.fs.view.root_handle)
         self._open_by_name_before_mounting()
+        self.pruner = retention.Pruner(
+            self.store, self.capture, self.fs.view, self.fs.inodes.root_ino,
+            self.git_export.history_lock, self.git_export.catalogue, self._forget_turns,
+            self.opts.prune_limits)
         # Recovery after a crash judges changes since this moment by the rows of turns from this one.
         self.store.catalogue.set_meta("mounted_at", str(time.time_ns()))
         self.store.catalogue.set_meta("mounted_turn", str(self.capture.turn))
@@ -193,6 +199,8 @@ class Daemon:
             nursery.start_soon(self._heartbeat)
             if self.opts.export_git_on_checkpoint:
                 nursery.start_soon(self.git_export.keep_mirror)
+            if self.opts.prune_limits:
+                nursery.start_soon(self.pruner.keep_limits)
             task_status.started()
             await pyfuse3.main()
             self.git_export.stop()
@@ -251,6 +259,8 @@ class Daemon:
         reply = {"ok": True, **await handler(req)}
         if self.opts.export_git_on_checkpoint and self.capture.turn != sealed_before:
             self.git_export.sealed()    # wakes the mirror task; the reply does not wait for it
+        if self.opts.prune_limits and self.capture.turn != sealed_before:
+            self.pruner.sealed()        # the mount's limits, in the background too
         return reply
 
     # -- control requests ------------------------------------------------------------
@@ -271,6 +281,9 @@ class Daemon:
             "drift": self.store.catalogue.get_meta("drift"),
             "git_mirror": self.git_export.mirror if self.opts.export_git_on_checkpoint else None,
             "requests": dict(self.fs.requests),
+            "oldest_turn": turns[0],
+            "auto_prune": ({**self.opts.prune_limits.as_dict(), "last": self.pruner.last}
+                           if self.opts.prune_limits else None),
         }
 
     def _persisted_changes(self) -> int:
@@ -284,12 +297,11 @@ class Daemon:
         return {"turn": turn, "record": self.store.catalogue.turn(turn).__dict__}
 
     async def _op_log(self, req: dict) -> dict:
-        return {"turns": [t.__dict__ for t in self.store.catalogue.turns()]}
+        turns = self.store.catalogue.turns()
+        return {"turns": [t.__dict__ for t in turns], "oldest_turn": turns[0].number}
 
     async def _op_rollback(self, req: dict) -> dict:
-        target = req.get("turn")
-        if not isinstance(target, int) or not self.store.catalogue.is_sealed(target):
-            raise UnknownTurn(f"turn {target} does not exist (see `cowfs log`)")
+        target = retention.require_sealed(self.store.catalogue, req.get("turn"))
         while self.capture.captures_in_flight():
             await trio.sleep(0.005)
         pending = None
@@ -317,6 +329,21 @@ class Daemon:
             raise BadInput(str(e)) from None
         except ExportError as e:
             raise OperationFailed(str(e)) from None
+
+    async def _op_prune(self, req: dict) -> dict:
+        try:
+            limits = retention.Limits(req.get("keep"), req.get("older_than"), req.get("max_store"))
+        except TypeError:
+            raise BadInput("prune takes keep, older_than (seconds) and max_store (bytes)") from None
+        if not limits:
+            raise BadInput("prune needs a limit: --keep N, --older-than DURATION or --max-store SIZE")
+        return (await self.pruner.prune(limits, dry_run=bool(req.get("dry_run")))).as_dict()
+
+    async def _forget_turns(self, turns: list[int]) -> None:
+        """Pruned turns leave `.snapshots`: the kernel caches a turn's entry for a year."""
+        known = {obj.turn for obj in self.fs.snap_nodes.nodes.values()} & set(turns)
+        names = [(SNAPDIR_ID, b"turn-%d" % t) for t in sorted(known)]
+        await trio.to_thread.run_sync(_invalidate_entries, names)
 
     async def _op_umount(self, req: dict) -> dict:
         return {"sealed": self._seal_pending("unmount"), "pid": os.getpid()}

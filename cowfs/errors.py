@@ -33,6 +33,12 @@ class UnknownTurn(BadInput):
     kind = "unknown_turn"
 
 
+class PrunedTurn(UnknownTurn):
+    """The turn existed but was pruned (`cowfs prune`, or the mount's limits); the message names
+    the oldest turn still kept."""
+    kind = "pruned_turn"
+
+
 class DaemonUnreachable(CowfsError):
     """The mount exists but its daemon does not answer (or refuses this user)."""
     kind = "unreachable"
@@ -44,7 +50,7 @@ class OperationFailed(CowfsError):
 
 
 _BY_KIND = {cls.kind: cls for cls in (BadInput, NotMounted, UnknownTurn, DaemonUnreachable,
-                                      OperationFailed)}
+                                      OperationFailed, PrunedTurn)}
 
 
 def from_reply(reply: dict) -> CowfsError:

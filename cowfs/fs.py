@@ -734,7 +734,7 @@ class CowFS(pyfuse3.Operations):
     # -- the `.snapshots` tree ---------------------------------------------------------------
     def _snap_obj(self, nodeid: int) -> SnapObject:
         obj = self.snap_nodes.nodes.get(nodeid)
-        if obj is None:
+        if obj is None or self.view.pruned(obj.turn):
             raise pyfuse3.FUSEError(errno.ESTALE)
         return obj
 
@@ -832,6 +832,8 @@ class CowFS(pyfuse3.Operations):
 
     def _snap_read(self, fh: int, off: int, size: int) -> bytes:
         snap = self.snap_files[fh]
+        if self.view.pruned(snap.obj.turn):
+            raise pyfuse3.FUSEError(errno.ESTALE)     # its rows are gone: the live file is not it
         if not snap.is_copy and self.view.preimage_name(snap.obj) is not None:
             # The live object was changed in place since open: its pre-image is in the store now.
             os.close(snap.fd)

@@ -620,6 +620,7 @@ class Exporter:
         last = self._last_exported(target)
         turns = {t.number: t for t in self.catalogue.turns() if t.sealed is not None}
         todo = [n for n in sorted(turns) if last is None or n > last[0]]
+        oldest = self.catalogue.oldest_turn()     # its layer was pruned with the turns before it
         result = ExportResult(target.shown, target.branch, [], last)
         if not todo:
             return result
@@ -634,7 +635,7 @@ class Exporter:
             parent = last
             parent_ref = last[1].encode() if last else None   # later: marks, within this stream
             for n in todo:
-                full = parent is None or parent[0] != n - 1
+                full = parent is None or parent[0] != n - 1 or n <= oldest
                 changes = self.diff.whole(n) if full else self.diff.incremental(n)
                 sha = self._commit(proc, errors, target, turns[n], changes, parent_ref)
                 parent_ref = b":%d" % _mark(n)
@@ -821,6 +822,11 @@ class ExportRunner:
         self._lock = trio.Lock()
         self._wanted = trio.Event()
         self._stop = threading.Event()
+
+    @property
+    def history_lock(self) -> trio.Lock:
+        """Held by each export and each prune (retention.py): one of them at a time."""
+        return self._lock
 
     async def export(self, repo: str | None, branch: str, pid: int | None = None) -> ExportResult:
         """Export to the store's repository, or to *repo* as named by the CLI of process *pid*."""

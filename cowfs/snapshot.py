@@ -55,6 +55,7 @@ class SnapshotView:
         self.root_ino = root_ino
         self.root_handle = root_handle
         self._fds: OrderedDict[int, int] = OrderedDict()   # ino -> O_PATH fd, LRU
+        self.oldest_turn = 0        # turns before it were pruned (retention.Pruner keeps it)
 
     # -- reaching objects -----------------------------------------------------
     def object_fd(self, ino: int, handle: ObjectRef) -> int:
@@ -68,6 +69,15 @@ class SnapshotView:
         if len(self._fds) > self.FD_CACHE:
             os.close(self._fds.popitem(last=False)[1])
         return fd
+
+    def evict(self, ino: int) -> None:
+        """Forget object *ino* (pruned: its descriptor must not keep it, or its number, alive)."""
+        fd = self._fds.pop(ino, None)
+        if fd is not None:
+            os.close(fd)
+
+    def pruned(self, turn: int) -> bool:
+        return turn < self.oldest_turn
 
     def close(self) -> None:
         for fd in self._fds.values():

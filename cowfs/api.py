@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import control
-from .errors import UnknownTurn
+from .errors import PrunedTurn, UnknownTurn
 
 SNAPDIR = ".snapshots"
 
@@ -105,11 +105,19 @@ class Workspace:
         return [Turn.from_record(t) for t in self._request("log")["turns"]]
 
     def turn(self, number: int) -> Turn:
-        """Turn *number*; `UnknownTurn` if it does not exist."""
-        for t in self.turns():
-            if t.number == number:
-                return t
+        """Turn *number*; `UnknownTurn` if it does not exist (`PrunedTurn` if it was pruned)."""
+        reply = self._request("log")
+        for t in reply["turns"]:
+            if t["number"] == number:
+                return Turn.from_record(t)
+        self._refuse_pruned(number, reply)
         raise UnknownTurn(f"turn {number} does not exist (see `cowfs log`)")
+
+    def _refuse_pruned(self, number: int, log: dict | None = None) -> None:
+        from .retention import pruned_message
+        oldest = (log or self._request("log")).get("oldest_turn", 0)
+        if 0 <= number < oldest:
+            raise PrunedTurn(pruned_message(number, oldest))
 
     def rollback(self, turn: int) -> Turn:
         """Make the live tree exactly sealed turn *turn*. Pending changes are sealed first as their
@@ -122,20 +130,39 @@ class Workspace:
         number = _turn_number(turn)
         path = self.path / SNAPDIR / f"turn-{number}"
         if not path.is_dir():
+            self._refuse_pruned(number)
             raise UnknownTurn(f"turn {number} does not exist or is not sealed (see `cowfs log`)")
         return path
 
     def status(self) -> Status:
         return Status.from_reply(self._request("status"))
 
+    def prune(self, limits=None, *, keep: int | None = None, older_than: float | str | None = None,
+              max_store: int | str | None = None, dry_run: bool = False):
+        """Free the store of the oldest turns: keep the newest *keep* sealed turns, drop turns
+        sealed more than *older_than* ago (seconds, or "7d"), or the oldest until the store fits
+        in *max_store* (bytes, or "2G"); the strictest wins. Returns a `retention.PruneResult`
+        (`removed` turns, `oldest` kept, `freed_bytes`). `BadInput` for an invalid limit.
+
+            >>> ws.prune(keep=20).oldest
+            981
+        """
+        from .retention import Limits, PruneResult
+        limits = limits or Limits.parse(keep, older_than, max_store)
+        reply = self._request("prune", **limits.as_dict(), dry_run=dry_run)
+        reply.pop("ok", None)
+        return PruneResult(**reply)
+
 
 def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hidden",
           force: bool = False, export_git_on_checkpoint: bool = False, owner: str | None = None,
-          allow_other: bool = False, message: str = "") -> Workspace:
+          allow_other: bool = False, message: str = "", keep: int | None = None,
+          older_than: float | str | None = None, max_store: int | str | None = None) -> Workspace:
     """Mount cowfs over *path* (or at *at*) and return the mounted Workspace.
 
     The first mount of a directory makes its tree turn 0 (named *message*, if
-    given). If this process's working directory is inside the mount, it is
+    given). *keep*, *older_than*, *max_store*: prune limits applied after
+    each checkpoint, in the background (see `Workspace.prune`). If this process's working directory is inside the mount, it is
     entered again, so that relative paths from now on go through the mount
     (a process that was already inside still sees the directory underneath).
     Raises BadInput (not a directory, already mounted, changed while unmounted:
@@ -145,7 +172,8 @@ def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hid
     """
     from . import mounting
     req = mounting.MountRequest(os.fspath(path), at, snapdir, force, False, export_git_on_checkpoint,
-                                owner, allow_other, message)
+                                owner, allow_other, message, keep=keep, older_than=older_than,
+                                max_store=max_store)
     mounted_ = mounting.mount(req)
     _reenter_cwd(mounted_.mountpoint)
     return Workspace(mounted_.mountpoint)

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "always on as root, else needs user_allow_other in /etc/fuse.conf")
     p.add_argument("--initial-message", default="", metavar="MSG",
                    help="the message of turn 0 when this mount starts the history")
+    _add_limits(p, "after each checkpoint, in the background, prune ")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("umount", help="seal pending changes as a turn and unmount",
@@ -95,7 +96,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_c(p)
     p.add_argument("--to", metavar="REPO", help="an existing git repository outside the workspace")
     p.add_argument("--branch", default="cowfs", help="the branch to create or extend (default: cowfs)")
+
+    p = sub.add_parser(
+        "prune", help="free the store of the oldest turns",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Remove the oldest turns and everything only they needed (pre-images,\n"
+                    "objects kept for them); print the turns removed and the bytes freed (from\n"
+                    "the filesystem's free space). The open turn and the newest sealed turn are\n"
+                    "never pruned; turn numbers are never reused. A pruned turn is gone from\n"
+                    ".snapshots and `cowfs log`; asking for it is an error naming the oldest\n"
+                    "turn kept. Several limits: the strictest wins.",
+        epilog="examples:\n  cowfs prune --keep 20            # keep the newest 20 sealed turns\n"
+               "  cowfs prune --older-than 7d --dry-run\n"
+               "  cowfs prune --max-store 2G       # oldest turns first, until the store fits")
+    _add_c(p)
+    _add_limits(p, "prune ")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what would go and about how much it holds; change nothing")
     return parser
+
+
+def _add_limits(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--keep", metavar="N", help=what + "all but the newest N sealed turns")
+    p.add_argument("--older-than", metavar="DURATION",
+                   help=what + "turns sealed longer ago than DURATION (30m, 12h, 7d, 2w)")
+    p.add_argument("--max-store", metavar="SIZE",
+                   help=what + "the oldest turns until pre-images and kept objects fit in SIZE "
+                               "(500M, 2G)")
 
 
 def _add_c(p: argparse.ArgumentParser) -> None:
@@ -108,7 +135,8 @@ def cmd_mount(args) -> int:
     from . import mounting
     req = mounting.MountRequest(args.workspace, args.at, args.snapdir, args.force, args.debug,
                                 args.export_git_on_checkpoint, args.owner, args.allow_other,
-                                args.initial_message)
+                                args.initial_message, keep=args.keep, older_than=args.older_than,
+                                max_store=args.max_store)
     if args.foreground:
         from .daemon import run
         return run(mounting.options(req), args.ready_fd)
@@ -155,10 +183,13 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_log(args) -> int:
-    turns = control.request(control.find_mount(args.cwd), "log")["turns"]
+    reply = control.request(control.find_mount(args.cwd), "log")
+    turns = reply["turns"]
     if args.json:
         print(json.dumps(turns, indent=2))
         return 0
+    if reply.get("oldest_turn"):
+        print(f"(turns before turn-{reply['oldest_turn']} were pruned)")
     for t in turns:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["sealed"] or t["started"]))
         state = "" if t["sealed"] else " (open)"
@@ -241,6 +272,33 @@ def _print_export(reply: dict) -> None:
               + ": left out")
 
 
+def cmd_prune(args) -> int:
+    from .api import Workspace
+    from .retention import Limits
+    limits = Limits.parse(args.keep, args.older_than, args.max_store)   # bad input: nothing sent
+    if not limits:
+        raise BadInput("prune needs a limit: --keep N, --older-than DURATION or --max-store SIZE")
+    r = Workspace(args.cwd).prune(limits, dry_run=args.dry_run).as_dict()
+    removed = r["removed"]
+    span = (f"turn-{removed[0]}" if len(removed) == 1 else
+            f"turn-{removed[0]} .. turn-{removed[-1]}") if removed else ""
+    if args.dry_run:
+        print(f"would prune {len(removed)} turn(s) ({span}); the oldest turn kept would be "
+              f"turn-{r['oldest']}; they hold about {_size(r['freed_bytes'])} "
+              f"(allocated, shared extents counted in full) of the store's {_size(r['store_bytes'])}"
+              if removed else f"nothing to prune: the oldest turn kept is turn-{r['oldest']}")
+        return 0
+    if removed:
+        print(f"pruned {len(removed)} turn(s) ({span}); the oldest turn kept is turn-{r['oldest']}; "
+              f"freed {_size(r['freed_bytes'])}")
+    else:
+        print(f"nothing to prune: the oldest turn kept is turn-{r['oldest']}"
+              + (f" (freed {_size(r['freed_bytes'])} left by an earlier prune)" if r["rows"] else ""))
+    if r.get("note"):
+        print(f"cowfs: note: {r['note']}", file=sys.stderr)
+    return 0
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -251,7 +309,7 @@ def _size(n: int) -> str:
 
 COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "checkpoint": cmd_checkpoint,
             "rollback": cmd_rollback, "log": cmd_log, "status": cmd_status,
-            "export-git": cmd_export_git}
+            "export-git": cmd_export_git, "prune": cmd_prune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,9 @@ class MountRequest:
     owner: str | None = None
     allow_other: bool = False
     message: str = ""           # for turn 0 of a new store (the compat manager's reason)
+    keep: int | str | None = None         # prune limits after each checkpoint (retention.Limits)
+    older_than: float | str | None = None
+    max_store: int | str | None = None
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Unmounted:
 def options(req: MountRequest):
     """The daemon's MountOptions for *req*, after every check that needs no daemon."""
     from .daemon import MountOptions
+    from .retention import Limits
     workspace = os.path.realpath(os.path.expanduser(req.workspace))
     if not os.path.isdir(workspace):
         raise BadInput(f"{req.workspace} is not a directory")
@@ -65,9 +69,10 @@ def options(req: MountRequest):
         raise BadInput(f"{req.at} is not a directory")
     if req.snapdir not in ("hidden", "visible"):
         raise BadInput(f"--snapdir {req.snapdir}: expected hidden or visible")
+    limits = Limits.parse(req.keep, req.older_than, req.max_store)
     return MountOptions(workspace, mountpoint, req.snapdir == "visible", req.force, req.debug,
                         req.export_git_on_checkpoint, owner_uid(req.owner), allow_other(req.allow_other),
-                        req.message)
+                        req.message, prune_limits=limits)
 
 
 def owner_uid(owner: str | None) -> int:
@@ -136,6 +141,10 @@ def _spawn_daemon(req: MountRequest, opts) -> tuple[int, str]:
     argv += [flag for flag, on in flags.items() if on]
     argv += ["--owner", req.owner] if req.owner else []
     argv += ["--initial-message", req.message] if req.message else []
+    limits = opts.prune_limits
+    argv += ["--keep", str(limits.keep)] if limits.keep is not None else []
+    argv += ["--older-than", f"{limits.older_than}s"] if limits.older_than is not None else []
+    argv += ["--max-store", str(limits.max_store)] if limits.max_store is not None else []
     proc = subprocess.Popen(argv, pass_fds=(write_end,), start_new_session=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

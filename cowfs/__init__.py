@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 _API = {"Workspace": "api", "Turn": "api", "Status": "api", "mount": "api", "mounted": "api",
         "umount": "api",
         "CowfsError": "errors", "BadInput": "errors", "NotMounted": "errors",
-        "UnknownTurn": "errors", "DaemonUnreachable": "errors", "OperationFailed": "errors"}
+        "UnknownTurn": "errors", "DaemonUnreachable": "errors", "OperationFailed": "errors",
+        "PrunedTurn": "errors", "PruneResult": "retention"}
 __all__ = sorted(_API)
 
 

@@ -358,20 +358,18 @@ class Pruner:
         usage = None
         if limits.max_store is not None:
             usage = await trio.to_thread.run_sync(measure, self.store, self.worker_catalogue)
-        free_before = self._free_bytes()
         trash = open_trash(self.store)
         try:
-            await trio.to_thread.run_sync(empty_trash, self.store, self.worker_catalogue, trash)
+            freed = await trio.to_thread.run_sync(self._delete, trash)   # what a prune that died left
             turns = self.catalogue.turns()
             oldest = boundary(turns, limits, time.time(), usage)
             removed = self._drop_turns(oldest)
             if removed:
                 await self.forget_turns(removed)
             rows, objects = await self._collect(oldest, trash)
-            await trio.to_thread.run_sync(self._delete, trash)
+            freed += await trio.to_thread.run_sync(self._delete, trash)
         finally:
             os.close(trash)
-        freed = max(0, self._free_bytes() - free_before)
         result = PruneResult(removed, oldest, freed, rows=rows, objects=objects,
                              store_bytes=None if usage is None else usage.total - usage.freed_by(oldest))
         if usage is not None and result.store_bytes > limits.max_store:
@@ -383,6 +381,7 @@ class Pruner:
         return result
 
     def _free_bytes(self) -> int:
+        libc.syncfs(self.store.fd)      # XFS frees unlinked inodes in the background until then
         st = os.fstatvfs(self.store.fd)
         return st.f_bfree * st.f_frsize
 
@@ -440,9 +439,15 @@ class Pruner:
             self.view.evict(ino)
         return len(entries) + len(attrs), len(gone)
 
-    def _delete(self, trash: int) -> None:
+    def _delete(self, trash: int) -> int:
+        """Empty the trash (in a worker thread); the bytes that freed, by the filesystem's free
+        space (so an extent shared by reflinks counts once), measured just around it: anything
+        else writing to the filesystem meanwhile makes the figure smaller."""
+        if not os.listdir(libc.proc_path(trash)):
+            return 0
+        before = self._free_bytes()
         empty_trash(self.store, self.worker_catalogue, trash)
-        libc.syncfs(self.store.fd)      # XFS frees unlinked inodes in the background until then
+        return max(0, self._free_bytes() - before)
 
     # -- the mount's limits --------------------------------------------------------------------
     def sealed(self) -> None:

@@ -340,11 +340,13 @@ class Pruner:
         self._wanted = trio.Event()
         self._batch = 256
 
-    async def prune(self, limits: Limits, dry_run: bool = False) -> PruneResult:
+    async def prune(self, limits: Limits, dry_run: bool = False, measured: bool = True) -> PruneResult:
+        """*measured*: find the bytes freed from the filesystem's free space (two syncfs calls;
+        the background prune after each checkpoint leaves it: freed_bytes is then 0)."""
         async with self.lock:
             if dry_run:
                 return await self._dry_run(limits)
-            return await self._prune(limits)
+            return await self._prune(limits, measured)
 
     async def _dry_run(self, limits: Limits) -> PruneResult:
         usage = await trio.to_thread.run_sync(measure, self.store, self.worker_catalogue)
@@ -354,20 +356,21 @@ class Pruner:
         return PruneResult(removed, oldest, usage.freed_by(oldest), dry_run=True,
                            store_bytes=usage.total)
 
-    async def _prune(self, limits: Limits) -> PruneResult:
+    async def _prune(self, limits: Limits, measured: bool) -> PruneResult:
         usage = None
         if limits.max_store is not None:
             usage = await trio.to_thread.run_sync(measure, self.store, self.worker_catalogue)
         trash = open_trash(self.store)
         try:
-            freed = await trio.to_thread.run_sync(self._delete, trash)   # what a prune that died left
+            # What a prune that died left first, then what this one frees.
+            freed = await trio.to_thread.run_sync(self._delete, trash, measured)
             turns = self.catalogue.turns()
             oldest = boundary(turns, limits, time.time(), usage)
             removed = self._drop_turns(oldest)
             if removed:
                 await self.forget_turns(removed)
             rows, objects = await self._collect(oldest, trash)
-            freed += await trio.to_thread.run_sync(self._delete, trash)
+            freed += await trio.to_thread.run_sync(self._delete, trash, measured)
         finally:
             os.close(trash)
         result = PruneResult(removed, oldest, freed, rows=rows, objects=objects,
@@ -439,11 +442,14 @@ class Pruner:
             self.view.evict(ino)
         return len(entries) + len(attrs), len(gone)
 
-    def _delete(self, trash: int) -> int:
+    def _delete(self, trash: int, measured: bool) -> int:
         """Empty the trash (in a worker thread); the bytes that freed, by the filesystem's free
         space (so an extent shared by reflinks counts once), measured just around it: anything
         else writing to the filesystem meanwhile makes the figure smaller."""
         if not os.listdir(libc.proc_path(trash)):
+            return 0
+        if not measured:
+            empty_trash(self.store, self.worker_catalogue, trash)
             return 0
         before = self._free_bytes()
         empty_trash(self.store, self.worker_catalogue, trash)
@@ -461,7 +467,7 @@ class Pruner:
             await self._wanted.wait()
             self._wanted = trio.Event()
             try:
-                result = await self.prune(self.limits)
+                result = await self.prune(self.limits, measured=False)
             except Exception as e:
                 # A bug here must not take the mount down with it.
                 log.exception("prune after checkpoint failed")
@@ -469,4 +475,4 @@ class Pruner:
                 continue
             if result.removed or self.last is None:
                 self.last = {"removed": len(result.removed), "oldest": result.oldest,
-                             "freed_bytes": result.freed_bytes, "at": time.time()}
+                             "at": time.time()}

@@ -293,7 +293,6 @@ def test_prune_after_crash_recovery_and_a_crash_after_prune(workspace):
     manifests = {}
     for i in range(4):
         (p / "f").write_text(f"v{i}\n" * 1000)
-        (p / f"g{i}").write_text("g\n")
         checkpoint(ws, manifests)
     (p / "pending").write_text("open turn\n")
     kill_daemon(ws)
@@ -302,15 +301,19 @@ def test_prune_after_crash_recovery_and_a_crash_after_prune(workspace):
     ws.cli("prune", "--keep", "2")
     assert_kept_exact(ws, manifests, [3, 4])
     assert (p / "pending").read_text() == "open turn\n"
-    # The prune removed the rows that told this daemon's changes from drift: a crash now must
-    # still recover without --force, and the turns it kept stay exact.
+    # Turns of this session whose rows a prune removes: those rows told the recovery that
+    # these changes went through the daemon. A crash now must still recover without --force.
+    for i in range(5, 9):
+        (p / f"g{i}").write_text(f"turn {i}\n")
+        checkpoint(ws, manifests)
+    ws.cli("prune", "--keep", "2")
     (p / "after").write_text("after the prune\n")
     kill_daemon(ws)
     ws.cli("umount")
     ws.mount()
-    assert_kept_exact(ws, manifests, [3, 4])
+    assert_kept_exact(ws, manifests, [7, 8])
     assert (p / "after").read_text() == "after the prune\n"
-    assert checkpoint(ws, manifests) == 5
+    assert checkpoint(ws, manifests) == 9
 
 
 def test_prune_interrupted_is_finished_at_the_next_mount(workspace):
@@ -318,15 +321,20 @@ def test_prune_interrupted_is_finished_at_the_next_mount(workspace):
     ws, p = workspace, workspace.path
     ws.mount()
     manifests = {0: tree(ws.snapshots / "turn-0", mtimes=True)}
+    (p / "gone").write_text("deleted in turn 2\n")
     for i in range(3):
         (p / "f").write_text(f"v{i}\n")
+        if i == 1:
+            (p / "gone").unlink()                        # into objects/, whole
         checkpoint(ws, manifests)
     ws.umount()
     content = sorted(os.listdir(ws.store / "content"))
-    assert content
+    kept = os.listdir(ws.store / "objects")
+    assert content and len(kept) == 1
     trash = ws.store / "pruned"
     trash.mkdir()
     os.rename(ws.store / "content" / content[0], trash / ("c" + content[0]))  # still needed
+    os.rename(ws.store / "objects" / kept[0], trash / kept[0])                # still needed
     (trash / "c1-999").write_text("garbage")
     (trash / "i424242").mkdir()
     (trash / "i424242" / "junk").write_text("garbage")
@@ -334,6 +342,35 @@ def test_prune_interrupted_is_finished_at_the_next_mount(workspace):
     assert_kept_exact(ws, manifests, [0, 1, 2, 3])
     ws.umount()
     assert os.listdir(trash) == [] and content[0] in os.listdir(ws.store / "content")
+    assert os.listdir(ws.store / "objects") == kept
+
+
+def test_a_directory_a_rollback_left_in_the_store_is_freed_whole(workspace, request):
+    ws, p = workspace, workspace.path
+    ws.mount()
+    manifests = {0: tree(ws.snapshots / "turn-0", mtimes=True)}
+    (p / "d" / "sub").mkdir(parents=True)
+    for i in range(20):
+        (p / "d" / "sub" / f"f{i}").write_bytes(os.urandom(256 << 10))
+    (p / "d" / "top").write_text("v1\n")
+    checkpoint(ws, manifests)
+    (p / "d" / "top").write_text("v2\n")                # a recorded object inside d
+    checkpoint(ws, manifests)
+    ws.cli("rollback", "0")                              # d goes into the store, whole
+    (p / "after").write_text("x\n")
+    checkpoint(ws, manifests)
+    ws.umount()
+    assert len(os.listdir(ws.store / "objects")) == 1
+    ws.mount()
+    free = free_bytes(p.parent)
+    ws.cli("prune", "--keep", "1")
+    if "xfs" in request.node.callspec.id:
+        assert free_bytes(p.parent) - free >= 20 * (256 << 10)
+    assert_kept_exact(ws, manifests, [4])
+    ws.cli("rollback", "4")
+    assert tree(p, mtimes=True) == manifests[4]
+    ws.umount()
+    assert os.listdir(ws.store / "objects") == [] and os.listdir(ws.store / "pruned") == []
 
 
 def test_a_pruned_snapshot_in_use_is_refused_not_replaced(workspace):

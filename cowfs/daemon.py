@@ -343,7 +343,8 @@ class Daemon:
         """Pruned turns leave `.snapshots`: the kernel caches a turn's entry for a year."""
         known = {obj.turn for obj in self.fs.snap_nodes.nodes.values()} & set(turns)
         names = [(SNAPDIR_ID, b"turn-%d" % t) for t in sorted(known)]
-        await trio.to_thread.run_sync(_invalidate_entries, names)
+        if names:
+            await trio.to_thread.run_sync(_invalidate_entries, names)
 
     async def _op_umount(self, req: dict) -> dict:
         return {"sealed": self._seal_pending("unmount"), "pid": os.getpid()}

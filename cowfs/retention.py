@@ -242,7 +242,9 @@ def _to_trash(src_fd: int, name: bytes, trash_fd: int, trash_name: bytes) -> Non
 def empty_trash(store: Store, catalogue: Catalogue, trash_fd: int) -> None:
     """Delete what `pruned/` holds, putting back first whatever a row still needs (after a crash
     in the middle of a batch, its rows are all still there). O(what it deletes)."""
+    pace = _Pace()
     for name in os.listdir(libc.proc_path(trash_fd)):
+        pace()
         try:
             if name.startswith(b"c"):
                 _content_from_trash(store, catalogue, trash_fd, name)
@@ -250,6 +252,20 @@ def empty_trash(store: Store, catalogue: Catalogue, trash_fd: int) -> None:
                 _remove_tree(store, catalogue, trash_fd, name)
         except OSError as e:
             log.warning("prune: cannot remove %r from the store's trash: %s", name, e)
+
+
+class _Pace:
+    """Pauses a worker now and then: deleting at full speed starves the mount's own requests
+    (they wait for the CPU and for the filesystem's log behind thousands of unlinks)."""
+    WORK, REST = 0.02, 0.01
+
+    def __init__(self):
+        self.since = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.since > self.WORK:
+            time.sleep(self.REST)
+            self.since = time.monotonic()
 
 
 def _content_from_trash(store: Store, catalogue: Catalogue, trash_fd: int, name: bytes) -> None:
@@ -321,7 +337,10 @@ class Pruner:
     connection *worker_catalogue*), the rows on the trio thread in short batches, the deleting in
     a worker thread; and the mount's limits applied after each seal, off the checkpoint's path."""
 
-    BATCH_SECONDS = 0.01
+    # A batch of rows takes about BATCH_SECONDS; then the prune rests as long (half the trio
+    # thread at most): a FUSE request needs one scheduler round, and creating one file is
+    # several requests in a row, each of which would otherwise wait for a whole batch.
+    BATCH_SECONDS = 0.005
     MIN_BATCH, MAX_BATCH = 16, 1 << 14
 
     def __init__(self, store: Store, capture, view, root_ino: int, lock: trio.Lock,
@@ -363,14 +382,14 @@ class Pruner:
         trash = open_trash(self.store)
         try:
             # What a prune that died left first, then what this one frees.
-            freed = await trio.to_thread.run_sync(self._delete, trash, measured)
+            freed = await self._delete_in_thread(trash, measured)
             turns = self.catalogue.turns()
             oldest = boundary(turns, limits, time.time(), usage)
             removed = self._drop_turns(oldest)
             if removed:
                 await self.forget_turns(removed)
             rows, objects = await self._collect(oldest, trash)
-            freed += await trio.to_thread.run_sync(self._delete, trash, measured)
+            freed += await self._delete_in_thread(trash, measured)
         finally:
             os.close(trash)
         result = PruneResult(removed, oldest, freed, rows=rows, objects=objects,
@@ -401,7 +420,8 @@ class Pruner:
         return removed
 
     async def _collect(self, oldest: int, trash: int) -> tuple[int, int]:
-        """Remove the rows of turns <= *oldest*, in batches of about BATCH_SECONDS each."""
+        """Remove the rows of turns <= *oldest*, in batches of about BATCH_SECONDS, each followed by
+        as long a rest."""
         rows = objects = 0
         while True:
             start = time.monotonic()
@@ -414,7 +434,7 @@ class Pruner:
                 self._batch = min(self._batch * 2, self.MAX_BATCH)
             elif elapsed > self.BATCH_SECONDS:
                 self._batch = max(self._batch // 2, self.MIN_BATCH)
-            await trio.sleep(0)     # FUSE requests and control requests go on here
+            await trio.sleep(elapsed)   # FUSE requests and control requests go on here
 
     def _collect_batch(self, oldest: int, trash: int, limit: int) -> tuple[int, int]:
         """One batch, with no await: the rows, then the objects no remaining row names. Whatever
@@ -442,12 +462,15 @@ class Pruner:
             self.view.evict(ino)
         return len(entries) + len(attrs), len(gone)
 
+    async def _delete_in_thread(self, trash: int, measured: bool) -> int:
+        if not os.listdir(libc.proc_path(trash)):
+            return 0        # (a small directory: no thread needed to see that)
+        return await trio.to_thread.run_sync(self._delete, trash, measured)
+
     def _delete(self, trash: int, measured: bool) -> int:
         """Empty the trash (in a worker thread); the bytes that freed, by the filesystem's free
         space (so an extent shared by reflinks counts once), measured just around it: anything
         else writing to the filesystem meanwhile makes the figure smaller."""
-        if not os.listdir(libc.proc_path(trash)):
-            return 0
         if not measured:
             empty_trash(self.store, self.worker_catalogue, trash)
             return 0

@@ -212,6 +212,12 @@ def cmd_status(args) -> int:
     print(f"backing dir:  {s['backing']}")
     print(f"current turn: turn-{s['open_turn']} (open, {s['pending_changes']} changes); "
           f"last sealed turn-{s['last_turn']}")
+    if s.get("oldest_turn"):
+        print(f"history:      from turn-{s['oldest_turn']} (the turns before it were pruned)")
+    if s.get("auto_prune"):
+        limits = {k: v for k, v in s["auto_prune"].items() if k != "last" and v is not None}
+        print("auto-prune:   after each checkpoint: " + ", ".join(f"{k.replace('_', '-')} {v}"
+                                                            for k, v in limits.items()))
     print(f"capture mode: {s['capture_mode']}" +
           ("" if s["capture_mode"] == "reflink" else " (this filesystem cannot clone: pre-images are copies)"))
     print(f"store size:   {_size(s['store_bytes'])}")

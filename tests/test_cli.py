@@ -23,7 +23,7 @@ def one_line_error(result, code):
 
 
 @pytest.mark.parametrize("command", ["mount", "umount", "checkpoint", "rollback", "log", "status",
-                                     "export-git"])
+                                     "export-git", "prune"])
 def test_every_command_answers_help(command):
     result = cowfs(command, "--help")
     assert result.returncode == 0 and "usage: cowfs " + command in result.stdout

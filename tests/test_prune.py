@@ -418,3 +418,35 @@ def test_max_store_frees_oldest_first(workspace):
     assert result.removed == [0, 1, 2, 3] and result.store_bytes <= 2.5 * MB, result
     assert_kept_exact(ws, manifests, [4, 5, 6])
     assert cowfs.Workspace(p).prune(max_store="100G").removed == []
+
+
+# -- without a mount: the limits and the plan ---------------------------------------------------
+@pytest.mark.parametrize("text, seconds", [("30m", 1800), ("12h", 43200), ("7d", 604800),
+                                           ("2w", 1209600), ("90s", 90), ("1.5h", 5400)])
+def test_durations(text, seconds):
+    from cowfs.retention import parse_duration
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text, size", [("500M", 500 * MB), ("2G", 2 << 30), ("1.5GiB", 3 << 29),
+                                        ("4096", 4096), ("64k", 64 << 10), ("10MB", 10 * MB)])
+def test_sizes(text, size):
+    from cowfs.retention import parse_size
+    assert parse_size(text) == size
+
+
+def test_plan_keeps_the_newest_sealed_turn_and_takes_the_strictest_limit():
+    from cowfs.catalogue import Turn
+    from cowfs.retention import Limits, Usage, boundary
+    now = 1_000_000.0
+    turns = [Turn(n, now - 1000 + n * 100, now - 1000 + n * 100, "", "turn", None, 0, 0)
+             for n in range(3, 10)] + [Turn(10, now, None, "", "turn", None, 0, 0)]   # 10 is open
+    assert boundary(turns, Limits(keep=3), now, None) == 7
+    assert boundary(turns, Limits(keep=100), now, None) == 3
+    assert boundary(turns, Limits(older_than=250), now, None) == 8     # sealed at now-200 and later
+    assert boundary(turns, Limits(older_than=1), now, None) == 9       # never the newest sealed
+    usage = Usage([(4, 10), (5, 10), (7, 10), (9, 10), (1 << 62, 10)])
+    assert boundary(turns, Limits(max_store=30), now, usage) == 5
+    assert boundary(turns, Limits(max_store=5), now, usage) == 9       # cannot fit: as far as allowed
+    assert boundary(turns, Limits(keep=6, max_store=30), now, usage) == 5
+    assert boundary(turns, Limits(keep=2, max_store=30), now, usage) == 8

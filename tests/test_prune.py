@@ -450,3 +450,77 @@ def test_plan_keeps_the_newest_sealed_turn_and_takes_the_strictest_limit():
     assert boundary(turns, Limits(max_store=5), now, usage) == 9       # cannot fit: as far as allowed
     assert boundary(turns, Limits(keep=6, max_store=30), now, usage) == 5
     assert boundary(turns, Limits(keep=2, max_store=30), now, usage) == 8
+
+
+def _random_step(rng, p) -> None:
+    """One change of ordinary work, chosen by *rng*, on the tree under *p*."""
+    files = sorted(x for x in p.rglob("*") if x.is_file() and not x.is_symlink())
+    dirs = [p] + sorted(x for x in p.rglob("*") if x.is_dir() and not x.is_symlink())
+    where = rng.choice(dirs)
+    kind = rng.choice(["new", "new", "edit", "append", "unlink", "rename", "mkdir", "rmtree",
+                       "link", "chmod", "symlink"])
+    name = where / f"n{rng.randrange(1000)}"
+    if kind == "new" and not name.exists():
+        name.write_bytes(os.urandom(rng.choice([10, 5000, 300_000])))
+    elif kind == "mkdir" and not name.exists():
+        name.mkdir()
+    elif kind == "symlink" and not name.exists():
+        os.symlink(f"target{rng.randrange(3)}", name)
+    elif not files:
+        return
+    elif kind == "edit":
+        rng.choice(files).write_bytes(os.urandom(rng.choice([10, 5000])))
+    elif kind == "append":
+        with open(rng.choice(files), "ab") as f:
+            f.write(b"more\n")
+    elif kind == "unlink":
+        rng.choice(files).unlink()
+    elif kind == "rename" and not name.exists():
+        os.rename(rng.choice(files + dirs[1:]), name)     # into itself: EINVAL
+    elif kind == "rmtree" and len(dirs) > 1:
+        subprocess.run(["rm", "-rf", str(rng.choice(dirs[1:]))], check=True)
+    elif kind == "link" and not name.exists():
+        os.link(rng.choice(files), name)
+    elif kind == "chmod":
+        os.chmod(rng.choice(files), rng.choice([0o600, 0o644, 0o755]))
+
+
+SEEDS = [int(s) for s in os.environ.get("COWFS_PRUNE_SEEDS", "1,2,3").split(",")]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_histories_with_prunes(workspace, seed):
+    """Random work, checkpoints, rollbacks and prunes: every kept snapshot stays its manifest,
+    and a rollback to any kept turn makes the live tree exactly that."""
+    import random
+    rng = random.Random(seed)
+    ws, p = workspace, workspace.path
+    ws.mount()
+    manifests = {0: tree(ws.snapshots / "turn-0", mtimes=True)}
+    for step in range(40):
+        for _ in range(rng.randrange(1, 6)):
+            try:
+                _random_step(rng, p)
+            except OSError as e:
+                assert e.errno in (errno.EINVAL, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR,
+                                   errno.EEXIST, errno.ENOENT), e
+        checkpoint(ws, manifests)
+        kept = sealed_turns(ws)
+        if rng.random() < 0.2:
+            target = rng.choice(kept)
+            ws.cli("rollback", str(target))
+            assert tree(p, mtimes=True) == manifests[target], (seed, step, target)
+            manifests[sealed_turns(ws)[-1]] = tree(ws.snapshots / "latest", mtimes=True)
+        if rng.random() < 0.25:
+            ws.cli("prune", "--keep", str(rng.randrange(1, 6)))
+            kept = sealed_turns(ws)
+            for turn in kept:
+                assert tree(ws.snapshots / f"turn-{turn}", mtimes=True) == manifests[turn], \
+                    (seed, step, turn)
+    if rng.random() < 0.5:
+        ws.umount()
+        ws.mount()
+    kept = sealed_turns(ws)
+    assert_kept_exact(ws, manifests, kept)
+    ws.cli("rollback", str(kept[0]))
+    assert tree(p, mtimes=True) == manifests[kept[0]]

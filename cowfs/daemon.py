@@ -331,10 +331,8 @@ class Daemon:
             raise OperationFailed(str(e)) from None
 
     async def _op_prune(self, req: dict) -> dict:
-        try:
-            limits = retention.Limits(req.get("keep"), req.get("older_than"), req.get("max_store"))
-        except TypeError:
-            raise BadInput("prune takes keep, older_than (seconds) and max_store (bytes)") from None
+        # Limits refuses anything but whole turns, seconds and bytes (BadInput).
+        limits = retention.Limits(req.get("keep"), req.get("older_than"), req.get("max_store"))
         if not limits:
             raise BadInput("prune needs a limit: --keep N, --older-than DURATION or --max-store SIZE")
         return (await self.pruner.prune(limits, dry_run=bool(req.get("dry_run")))).as_dict()

@@ -164,6 +164,7 @@ class CowFS(pyfuse3.Operations):
         super().__init__()
         self.store = store
         self.capture = capture
+        self.writers = capture.writers      # attribution: a dict store per change
         self.inodes = InodeTable(root_fd, store)
         self.root_fd = root_fd
         self.view = SnapshotView(store, self.inodes.root_ino, ObjectRef(self.inodes.root_ino))
@@ -312,6 +313,7 @@ class CowFS(pyfuse3.Operations):
                 with self.inodes.pinned(node):
                     await self.capture.before_content_change(node.ino, node.fd)
             self.capture.before_attr_change(node.ino, node.fd)
+            self.writers.object(node.ino, ctx.pid, ctx.uid)
         node.entry = None       # after the last await: a readdir meanwhile saw the old attributes
         path = libc.proc_path(node.fd)
         if fields.update_size:
@@ -369,6 +371,7 @@ class CowFS(pyfuse3.Operations):
         parent = self._live_parent(parent_id, name)
         self._before_entry_change(parent_id, parent, name)
         make(parent.fd)
+        self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         return self._created(parent, name, ctx)
 
     @fuse_op
@@ -390,6 +393,7 @@ class CowFS(pyfuse3.Operations):
         parent = self._live_parent(parent_id, name)
         self._before_entry_change(parent_id, parent, name)
         fd = os.open(name, _backing_flags(flags) | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd)
+        self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         try:
             entry = self._created(parent, name, ctx)
         except BaseException:
@@ -409,6 +413,7 @@ class CowFS(pyfuse3.Operations):
         self.capture.before_attr_change(node.ino, node.fd)      # its link count
         node.entry = None
         os.link(libc.proc_path(node.fd), new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        self.writers.entry(parent.ino, new_name, ctx.pid, ctx.uid)
         st = os.stat(new_name, dir_fd=parent.fd, follow_symlinks=False)
         self.inodes.remember(parent, new_name, st.st_ino)
         return _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
@@ -445,6 +450,7 @@ class CowFS(pyfuse3.Operations):
         self._before_entry_change(parent_id, parent, name)
         self._before_link_count_change(st)
         self._drop_listed(st.st_ino)
+        self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         if keep and st.st_nlink == 1:
             self.store.keep_by_rename(parent.fd, name, st.st_ino)
         else:
@@ -458,6 +464,7 @@ class CowFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         self._check_empty(parent.fd, name)
         self._before_entry_change(parent_id, parent, name)
+        self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         if self.capture.is_born(st.st_ino):
             os.rmdir(name, dir_fd=parent.fd)
         else:
@@ -494,6 +501,8 @@ class CowFS(pyfuse3.Operations):
             self._before_link_count_change(victim)
             self._drop_listed(victim.st_ino)
         self._drop_listed(src.st_ino)       # its ctime (a directory's "..", too)
+        self.writers.entry(old_parent.ino, old_name, ctx.pid, ctx.uid)
+        self.writers.entry(new_parent.ino, new_name, ctx.pid, ctx.uid)
         if not (keep and (stat.S_ISDIR(victim.st_mode) or victim.st_nlink == 1)):
             libc.renameat2(old_parent.fd, old_name, new_parent.fd, new_name, flags)
         else:
@@ -553,6 +562,8 @@ class CowFS(pyfuse3.Operations):
             with self.inodes.pinned(node):
                 await self.capture.before_content_change(node.ino, node.fd,
                                                          ahead=not flags & os.O_TRUNC)
+        if flags & (_WRITE_FLAGS | os.O_TRUNC):
+            self.writers.object(node.ino, ctx.pid, ctx.uid)     # writes carry no caller
         if flags & os.O_TRUNC:
             self.epoch += 1     # no await from here on: the truncation is in this epoch's past
             node.entry = None
@@ -719,6 +730,7 @@ class CowFS(pyfuse3.Operations):
             raise _erofs()
         node = self._node(nodeid)
         self.capture.before_attr_change(node.ino, node.fd)
+        self.writers.object(node.ino, ctx.pid, ctx.uid)
         node.entry = None    # its ctime
         os.setxattr(libc.proc_path(node.fd), name, value)
 
@@ -728,6 +740,7 @@ class CowFS(pyfuse3.Operations):
             raise _erofs()
         node = self._node(nodeid)
         self.capture.before_attr_change(node.ino, node.fd)
+        self.writers.object(node.ino, ctx.pid, ctx.uid)
         node.entry = None    # its ctime
         os.removexattr(libc.proc_path(node.fd), name)
 

@@ -82,7 +82,8 @@ class Change:
 
     @classmethod
     def from_record(cls, r: dict) -> "Change":
-        process = Process(**r["process"]) if r.get("process") else None
+        p = r.get("process")
+        process = Process(**{**p, "ancestors": tuple(p.get("ancestors", ()))}) if p else None
         return cls(r["kind"], r["path"], r["old_path"], r["old_mode"], r["new_mode"], r["old_size"],
                    r["new_size"], process)
 

@@ -22,7 +22,8 @@ FORMAT_VERSION = "2"
 _WRITERS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS processes (
     turn INTEGER NOT NULL, pid INTEGER NOT NULL, ppid INTEGER NOT NULL, uid INTEGER NOT NULL,
-    comm TEXT NOT NULL, cmdline TEXT NOT NULL, PRIMARY KEY (turn, pid)) WITHOUT ROWID;
+    comm TEXT NOT NULL, cmdline TEXT NOT NULL, ancestors TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (turn, pid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS entry_writers (
     turn INTEGER NOT NULL, parent INTEGER NOT NULL, name BLOB NOT NULL, pid INTEGER NOT NULL,
     PRIMARY KEY (turn, parent, name)) WITHOUT ROWID;
@@ -407,25 +408,26 @@ class Catalogue:
     # -- attribution (attribution.py) ---------------------------------------------------
     def record_writers(self, turn: int, processes, entries: dict, objects: dict) -> None:
         """Who made turn *turn*'s changes: Process records, (parent, name) -> pid, ino -> pid."""
-        self.db.executemany("INSERT OR REPLACE INTO processes VALUES (?, ?, ?, ?, ?, ?)",
-                            [(turn, p.pid, p.ppid, p.uid, p.comm, p.cmdline) for p in processes])
+        self.db.executemany("INSERT OR REPLACE INTO processes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [(turn, p.pid, p.ppid, p.uid, p.comm, p.cmdline,
+                              " ".join(map(str, p.ancestors))) for p in processes])
         self.db.executemany("INSERT OR REPLACE INTO entry_writers VALUES (?, ?, ?, ?)",
                             [(turn, parent, name, pid) for (parent, name), pid in entries.items()])
         self.db.executemany("INSERT OR REPLACE INTO object_writers VALUES (?, ?, ?)",
                             [(turn, ino, pid) for ino, pid in objects.items()])
 
     def entry_writer(self, parent: int, name: bytes, after: int, upto: int) -> tuple | None:
-        """(pid, ppid, uid, comm, cmdline) of the last process to change entry (parent, name)
+        """(pid, ppid, uid, comm, cmdline, ancestors) of the last process to change entry (parent, name)
         in turns after *after* up to *upto*; None if none is recorded."""
         return self.db.execute(
-            "SELECT p.pid, p.ppid, p.uid, p.comm, p.cmdline FROM entry_writers w JOIN processes p "
+            "SELECT p.pid, p.ppid, p.uid, p.comm, p.cmdline, p.ancestors FROM entry_writers w JOIN processes p "
             "ON p.turn = w.turn AND p.pid = w.pid WHERE w.parent=? AND w.name=? AND w.turn>? "
             "AND w.turn<=? ORDER BY w.turn DESC LIMIT 1", (parent, name, after, upto)).fetchone()
 
     def object_writer(self, ino: int, after: int, upto: int) -> tuple | None:
         """As entry_writer, for changes of object *ino* in place."""
         return self.db.execute(
-            "SELECT p.pid, p.ppid, p.uid, p.comm, p.cmdline FROM object_writers w JOIN processes p "
+            "SELECT p.pid, p.ppid, p.uid, p.comm, p.cmdline, p.ancestors FROM object_writers w JOIN processes p "
             "ON p.turn = w.turn AND p.pid = w.pid WHERE w.ino=? AND w.turn>? AND w.turn<=? "
             "ORDER BY w.turn DESC LIMIT 1", (ino, after, upto)).fetchone()
 

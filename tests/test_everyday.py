@@ -119,6 +119,7 @@ def test_log_verbose_names_the_process_of_each_change(workspace):
     assert by["uno"]["kind"] == "R" and by["uno"]["process"]["comm"] == "mv"
     assert by["two"]["kind"] == "M" and by["two"]["process"]["comm"] == "sed"
     assert all(c["process"]["pid"] > 0 and c["process"]["uid"] == 0 for c in by.values())
+    assert all(os.getpid() in c["process"]["ancestors"] for c in by.values())     # run() forked them
     workspace.cli("checkpoint", "-m", "mess")
     workspace.umount()
     workspace.mount()         # kept with the turn, across a remount

@@ -237,7 +237,8 @@ class Workspace:
 
 def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hidden",
           force: bool = False, export_git_on_checkpoint: bool = False, owner: str | None = None,
-          allow_other: bool = False, message: str = "") -> Workspace:
+          allow_other: bool = False, message: str = "",
+          auto_checkpoint: float | None = None) -> Workspace:
     """Mount cowfs over *path* (or at *at*) and return the mounted Workspace.
 
     The first mount of a directory makes its tree turn 0 (named *message*, if
@@ -251,7 +252,7 @@ def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hid
     """
     from . import mounting
     req = mounting.MountRequest(os.fspath(path), at, snapdir, force, False, export_git_on_checkpoint,
-                                owner, allow_other, message)
+                                owner, allow_other, message, auto_checkpoint)
     mounted_ = mounting.mount(req)
     _reenter_cwd(mounted_.mountpoint)
     return Workspace(mounted_.mountpoint)

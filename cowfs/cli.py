@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "always on as root, else needs user_allow_other in /etc/fuse.conf")
     p.add_argument("--initial-message", default="", metavar="MSG",
                    help="the message of turn 0 when this mount starts the history")
+    p.add_argument("--auto-checkpoint", type=float, metavar="SECONDS",
+                   help="seal the open turn after SECONDS without changes following a change "
+                        "(a watcher process does it, as `cowfs checkpoint` would)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("umount", help="seal pending changes as a turn and unmount",
@@ -161,7 +164,7 @@ def cmd_mount(args) -> int:
     from . import mounting
     req = mounting.MountRequest(args.workspace, args.at, args.snapdir, args.force, args.debug,
                                 args.export_git_on_checkpoint, args.owner, args.allow_other,
-                                args.initial_message)
+                                args.initial_message, args.auto_checkpoint)
     if args.foreground:
         from .daemon import run
         return run(mounting.options(req), args.ready_fd)

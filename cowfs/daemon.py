@@ -276,6 +276,7 @@ class Daemon:
             "drift": self.store.catalogue.get_meta("drift"),
             "git_mirror": self.git_export.mirror if self.opts.export_git_on_checkpoint else None,
             "requests": dict(self.fs.requests),
+            "quiet_seconds": time.monotonic() - self.fs.last_change,
         }
 
     def _persisted_changes(self) -> int:

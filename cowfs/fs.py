@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import stat
+import time
 
 import pyfuse3
 import trio
@@ -81,6 +82,7 @@ def fuse_op(method):
         finally:
             if mutates:
                 self.epoch += 1
+                self.last_change = time.monotonic()    # for --auto-checkpoint
     return handler
 
 
@@ -188,6 +190,7 @@ class CowFS(pyfuse3.Operations):
         # returned, a rollback ran): a directory scanned in this epoch still
         # has the names and d_inos it had.
         self.epoch = 0
+        self.last_change = time.monotonic()
         # Ends when a rollback ran. The attributes readdir sent for an object
         # (Node.entry) stay true in this generation until a handler that changes
         # that object drops them (_drop_listed).

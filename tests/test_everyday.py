@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -222,3 +223,23 @@ def test_c_before_the_command_and_help_with_examples(workspace):
     assert cp.stdout == "A\tx\n"
     for command in ("diff", "restore", "run", "log"):
         assert "example" in run([*COWFS, command, "--help"]).stdout
+
+
+def test_auto_checkpoint_seals_after_quiet_seconds(workspace):
+    assert "expected a number of seconds" in one_line_error(
+        workspace.mount("--auto-checkpoint", "0", check=False))
+    assert not workspace.is_mounted()
+    workspace.mount("--auto-checkpoint", "1")
+    data = os.urandom(1 << 20)
+    with open(workspace.path / "big", "wb") as f:    # pages the kernel holds until syncfs
+        f.write(data)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        turns = json.loads(workspace.cli("log", "--json").stdout)
+        if len(turns) >= 3:
+            break
+        time.sleep(0.2)
+    assert turns[1]["sealed"] and turns[1]["message"].startswith("auto-checkpoint after 1s")
+    assert (workspace.path / ".snapshots/turn-1/big").read_bytes() == data
+    time.sleep(3)       # quiet, with nothing pending: no empty turns
+    assert len(json.loads(workspace.cli("log", "--json").stdout)) == 3

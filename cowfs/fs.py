@@ -109,6 +109,28 @@ def _entry(st, nodeid: int, timeout: float) -> pyfuse3.EntryAttributes:
     return e
 
 
+class _umask:
+    """The caller's umask around one creation on the backing filesystem.
+
+    With ACLs enabled the kernel leaves the umask to the filesystem, which is
+    what the backing one does natively: a default ACL of the parent wins over
+    it, otherwise it masks the mode. The daemon's own umask is 0, and the
+    creation syscall runs on the one trio thread, so setting it around the
+    call changes nothing else (content copies in worker threads make files
+    whose mode they set themselves).
+    """
+    __slots__ = ("mask",)
+
+    def __init__(self, ctx):
+        self.mask = ctx.umask
+
+    def __enter__(self):
+        os.umask(self.mask)
+
+    def __exit__(self, *exc):
+        os.umask(0)
+
+
 def _backing_flags(flags: int) -> int:
     """How to open the backing file for a kernel open with *flags*.
 
@@ -160,6 +182,10 @@ class CowFS(pyfuse3.Operations):
     # batches; `cowfs checkpoint` syncfs()es the mount before sealing, so every
     # page written in a turn reaches the capture path within that turn.
     enable_writeback_cache = True
+    # POSIX ACLs: the kernel enforces them (with default_permissions) and asks for them by
+    # getxattr; the backing filesystem keeps them and their mode in step. The caller's umask
+    # then comes with each creation instead of being applied by the kernel (see _umask).
+    enable_acl = True
 
     def __init__(self, root_fd: int, store: Store, capture: Capture, control_path: bytes,
                  snapdir_visible: bool = False):
@@ -373,7 +399,8 @@ class CowFS(pyfuse3.Operations):
         """Create entry *name* with ``make(dir_fd)``, its pre-image recorded first."""
         parent = self._live_parent(parent_id, name)
         self._before_entry_change(parent_id, parent, name)
-        make(parent.fd)
+        with _umask(ctx):
+            make(parent.fd)
         self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         return self._created(parent, name, ctx)
 
@@ -395,7 +422,8 @@ class CowFS(pyfuse3.Operations):
     async def create(self, parent_id, name, mode, flags, ctx):
         parent = self._live_parent(parent_id, name)
         self._before_entry_change(parent_id, parent, name)
-        fd = os.open(name, _backing_flags(flags) | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd)
+        with _umask(ctx):
+            fd = os.open(name, _backing_flags(flags) | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd)
         self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         try:
             entry = self._created(parent, name, ctx)

@@ -42,6 +42,8 @@ SNAPSHOT_TIMEOUT = 365 * 86400.0
 # File handles of `.snapshots` files live above every possible descriptor number.
 SNAP_FH_BASE = 1 << 40
 
+_DOTS = (b".", b"..")
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 
 
@@ -687,8 +689,9 @@ class CowFS(pyfuse3.Operations):
         reuse = listing.epoch == self.epoch
         for i in range(start_id, len(listing.names)):
             name = listing.names[i]
-            if name == SNAPDIR:
-                if not pyfuse3.readdir_reply(token, name, self._snapdir_entry(), i + 1):
+            if name == SNAPDIR or name in _DOTS:
+                entry = self._snapdir_entry() if name == SNAPDIR else self._dot_entry(parent, name)
+                if not pyfuse3.readdir_reply(token, name, entry, i + 1):
                     return
                 continue
             # readdirplus sends every entry's attributes: a stat each, unless this
@@ -707,10 +710,29 @@ class CowFS(pyfuse3.Operations):
             node = self.inodes.remember(parent, name, ino)
             node.entry, node.entry_generation = entry, generation
 
+    def _dot_entry(self, node: Node, name: bytes) -> pyfuse3.EntryAttributes:
+        """The entry of "." or ".." of live directory *node* (readdir_reply counts no lookup).
+
+        ".." is found downwards from the root, by the path the kernel keeps for the
+        directory's descriptor: walking ".." up from a child of the root would step
+        onto this very mount (and wait for itself)."""
+        if name == b"." or node.ino == self.inodes.root_ino:
+            return _entry(os.stat(node.fd), self.inodes.nodeid(node.ino), LIVE_TIMEOUT)
+        path = os.readlink(libc.proc_path(node.fd))
+        prefix = self.capture.root_prefix
+        parent = path[len(prefix):].rpartition(b"/")[0] \
+            if path.startswith(prefix) else b""
+        try:
+            st = os.stat(parent or b".", dir_fd=self.root_fd)
+        except OSError:     # removed or moved meanwhile: "." stands in, as for the root
+            st = os.stat(node.fd)
+        return _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
+
     def _list(self, nodeid: int) -> tuple[list[bytes], list[int]]:
-        """The names of a live directory and their inode numbers (as the directory says)."""
+        """The names of a live directory and their inode numbers (as the directory says),
+        "." and ".." first, as the backing filesystem lists them."""
         with os.scandir(libc.proc_path(self._node(nodeid).fd)) as it:
-            listed = [(e.name, e.inode()) for e in it]
+            listed = [(b".", 0), (b"..", 0)] + [(e.name, e.inode()) for e in it]
         if nodeid == pyfuse3.ROOT_INODE:
             listed = [(n, i) for n, i in listed if n != STORE_NAME and n != SNAPDIR]
             if self.snapdir_visible:

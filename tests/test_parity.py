@@ -82,3 +82,14 @@ def test_posix_acls_behave_as_on_the_backing_filesystem(workspace, test_users):
     got = subprocess.run(["getfacl", "-cp", snap / "d/x"], capture_output=True, text=True).stdout
     assert got == subprocess.run(["getfacl", "-cp", native / "d/x"], capture_output=True,
                                  text=True).stdout
+
+
+def test_readdir_lists_dot_and_dotdot_with_their_inodes(workspace):
+    (workspace.path / "a/b").mkdir(parents=True)
+    workspace.mount()
+    p = workspace.path
+    for d, parent in ((p / "a", p), (p / "a/b", p / "a")):
+        listing = subprocess.run(["ls", "-a1i", d], capture_output=True, text=True, check=True).stdout
+        inos = {line.split()[1]: int(line.split()[0]) for line in listing.splitlines()}
+        assert inos["."] == os.stat(d).st_ino and inos[".."] == os.stat(parent).st_ino, listing
+    assert subprocess.run(["ls", "-a1", p], capture_output=True, text=True).stdout.split()[:2] == [".", ".."]

@@ -137,6 +137,12 @@ class Workspace:
         control.syncfs(self._mount)
         return Turn.from_record(self._request("checkpoint", message=message)["record"])
 
+    def sync(self) -> None:
+        """Hand the kernel's dirty pages of the mount to the daemon (what `checkpoint` and a live
+        `diff` do first), so that `status().pending_changes` counts writes still in the page
+        cache, such as those of a file that is still open."""
+        control.syncfs(self._mount)
+
     def turns(self) -> list[Turn]:
         """Every turn still kept, oldest first; the last one is the open turn."""
         return [Turn.from_record(t) for t in self._request("log")["turns"]]

@@ -366,3 +366,25 @@ def test_the_example_agent_loop_runs(workspace):
     assert re.fullmatch(r"pre-rollback snapshot \(restoring to [0-9a-f]{8}\)", messages[3])
     assert messages[4] == "rollback to turn-2" and messages[5].startswith("pre-rollback snapshot")
     assert len(messages) == 6           # "before turn 4" found nothing changed since the rollback
+
+
+@XFS_ONLY
+@pytest.mark.skipif(shutil.which("jq") is None, reason="the hook recipe uses jq")
+def test_the_claude_code_hook_recipe_of_docs_harness_md(workspace, tmp_path):
+    text = (REPO / "docs/harness.md").read_text()
+    settings = json.loads(re.search(r'```json\n(\{\n  "hooks".*?)```', text, re.S).group(1))
+    command = {event: hooks[0]["hooks"][0]["command"] for event, hooks in settings["hooks"].items()}
+    workspace.mount()
+    env = {"CLAUDE_PROJECT_DIR": str(workspace.path),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    prompt = f"fix the parser's \"edge\" case $(touch {tmp_path}/ran) `touch {tmp_path}/ran` " + "é" * 200
+    event = json.dumps({"session_id": "s", "hook_event_name": "UserPromptSubmit", "prompt": prompt})
+    before = run(["bash", "-c", command["UserPromptSubmit"]], input=event, env=env, cwd=tmp_path)
+    (workspace.path / "parser.py").write_text("fixed\n")
+    after = run(["bash", "-c", command["Stop"]], input='{"hook_event_name": "Stop"}', env=env, cwd=tmp_path)
+    assert before.stdout == after.stdout == ""        # a UserPromptSubmit hook's output joins the context
+    assert not (tmp_path / "ran").exists()
+    log = json.loads(workspace.cli("log", "--json").stdout)
+    assert [t["message"] for t in log[1:3]] == [f"before: {prompt[:200]}", "agent turn"]
+    assert (workspace.snapshots / "turn-2/parser.py").read_text() == "fixed\n"
+    assert not (workspace.snapshots / "turn-1/parser.py").exists()

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 HASH_LENGTH = 40
 SHORT_LENGTH = 8
+LINE_COUNT_LIMIT = 10 << 20     # list_checkpoints counts no lines of a file larger than this
 _HASH_RE = re.compile(r"[0-9a-fA-F]{4,64}")
 PROJECT_MARKERS = (".git", "pyproject.toml", "package.json", "Cargo.toml", "go.mod", "Makefile",
                    "pom.xml", ".hg", "Gemfile")
@@ -206,9 +207,10 @@ class CheckpointManager:
         if ws is None:
             return self._mount(abs_dir, reason)
         ws.sync()
-        if ws.status().pending_changes == 0:
+        status = ws.status()
+        if status.pending_changes == 0:
             logger.debug("checkpoint skipped: nothing changed in %s since turn %d", abs_dir,
-                         ws.turns()[-1].number - 1)
+                         status.last_turn)
             return False
         turn = ws.checkpoint(reason)
         logger.info("cowfs: checkpoint %s of %s (turn %d, %d changes): %s", turn_hash(turn)[:SHORT_LENGTH],
@@ -233,7 +235,8 @@ class CheckpointManager:
     def list_checkpoints(self, working_dir: str) -> list[dict]:
         """The checkpoints of *working_dir*, newest first, at most `max_snapshots`: `hash`,
         `short_hash`, `timestamp` (ISO 8601), `reason`, and what the checkpoint changed since
-        the one before it (`files_changed`, `insertions`, `deletions`, as git's --shortstat).
+        the one before it (`files_changed`, `insertions`, `deletions`, as git's --shortstat;
+        the lines of a file over LINE_COUNT_LIMIT are not counted, as a binary file's).
         [] when there are none."""
         try:
             abs_dir = _normalize(working_dir)
@@ -250,7 +253,8 @@ class CheckpointManager:
                      "timestamp": timestamp(turn.sealed), "reason": reason_of(turn),
                      "files_changed": 0, "insertions": 0, "deletions": 0}
             if i > 0:
-                entry.update(_shortstat(ws.file_diffs(sealed[i - 1].number, turn.number, _only(ws, rel))))
+                entry.update(_shortstat(ws.file_diffs(sealed[i - 1].number, turn.number,
+                                                      _only(ws, rel), max_size=LINE_COUNT_LIMIT)))
             out.append(entry)
         return out
 

@@ -151,6 +151,16 @@ def test_list_is_newest_first_capped_and_ids_are_stable_across_a_remount(workspa
     assert CheckpointManager().list_checkpoints(str(p.parent)) == []        # not a mount
 
 
+@XFS_ONLY
+def test_list_counts_no_lines_of_a_big_file(workspace):
+    p = workspace.path
+    mgr = start(workspace, {"small": "s\n"})
+    (p / "small").write_text("s\nt\n")
+    (p / "big.txt").write_text("line\n" * (3 << 20))         # 15 MiB, 3 Mi lines
+    entry = checkpoint(mgr, p, "big")
+    assert (entry["files_changed"], entry["insertions"], entry["deletions"]) == (2, 1, 0)
+
+
 def test_diff_is_a_git_patch_of_the_checkpoint_against_the_live_tree(workspace, tmp_path):
     p = workspace.path
     mgr = start(workspace, {"src/app.py": "def main():\n    return 1\n", "old.txt": "old\n",

@@ -22,7 +22,7 @@ import pytest
 
 import cowfs
 from cowfs.compat import CheckpointManager, store_status
-from conftest import REPO, run
+from conftest import REPO, TEST_USER, Workspace, as_user, chown_tree, run
 from treeview import tree
 
 XFS_ONLY = pytest.mark.parametrize("backing", ["xfs"], indirect=True)
@@ -376,6 +376,21 @@ def test_the_example_agent_loop_runs(workspace):
     assert re.fullmatch(r"pre-rollback snapshot \(restoring to [0-9a-f]{8}\)", messages[3])
     assert messages[4] == "rollback to turn-2" and messages[5].startswith("pre-rollback snapshot")
     assert len(messages) == 6           # "before turn 4" found nothing changed since the rollback
+
+
+@XFS_ONLY
+def test_the_example_runs_without_privilege(backing, test_users):
+    backing.chmod(0o755)
+    ws = Workspace(backing / "proj", user=TEST_USER)
+    try:
+        chown_tree(ws.path, TEST_USER)
+        cp = run([*as_user(TEST_USER), sys.executable, REPO / "examples/agent_loop.py", ws.path])
+        assert "FAILED" not in cp.stdout and cp.stdout.count("  ok: ") == 9, cp.stdout
+        assert not ws.is_mounted()           # the example unmounts at the end
+        assert (ws.path / "notes.md").read_text() == "# notes\n- remember to add tests\n"
+        assert {f.owner() for f in ws.path.rglob("*")} == {TEST_USER}
+    finally:
+        ws.cleanup()
 
 
 @XFS_ONLY

@@ -65,7 +65,8 @@ _NOT_RECORDED = object()
 def turn_hash(turn: api.Turn) -> str:
     """The checkpoint id of *turn*: 40 hex digits from its number and start time (which never
     change, so the id is the same across remounts, and differs between workspaces)."""
-    return hashlib.sha256(f"cowfs turn {turn.number} {turn.started!r}".encode()).hexdigest()[:HASH_LENGTH]
+    digest = hashlib.sha256(f"cowfs turn {turn.number} {turn.started!r}".encode())
+    return digest.hexdigest()[:HASH_LENGTH]
 
 
 def check_hash(commit_hash) -> None:
@@ -213,8 +214,8 @@ class CheckpointManager:
                          status.last_turn)
             return False
         turn = ws.checkpoint(reason)
-        logger.info("cowfs: checkpoint %s of %s (turn %d, %d changes): %s", turn_hash(turn)[:SHORT_LENGTH],
-                    abs_dir, turn.number, turn.changes, reason)
+        logger.info("cowfs: checkpoint %s of %s (turn %d, %d changes): %s", _short(turn), abs_dir,
+                    turn.number, turn.changes, reason)
         return True
 
     def _mount(self, abs_dir: Path, reason: str) -> bool:
@@ -223,12 +224,11 @@ class CheckpointManager:
             return False
         before = datetime.now().timestamp()
         ws = api.mount(abs_dir, message=reason)
-        first = ws.turns()[0]
-        if first.started < before:      # a store from an earlier mount: this state is a new turn
+        fresh = ws.turns()[0].started >= before
+        if not fresh:       # a store from an earlier mount: the state now is a new checkpoint
             ws.checkpoint(reason)
         logger.info("cowfs: mounted %s to keep its checkpoints; %s is checkpoint %s", abs_dir,
-                    "its tree" if first.started >= before else "the state now",
-                    turn_hash(ws.turns()[-2])[:SHORT_LENGTH])
+                    "its tree" if fresh else "the state now", _short(ws.turns()[-2]))
         return True
 
     # -- looking back -------------------------------------------------------------------------
@@ -249,12 +249,11 @@ class CheckpointManager:
         out = []
         for i in range(len(sealed) - 1, max(-1, len(sealed) - 1 - self.max_snapshots), -1):
             turn = sealed[i]
-            entry = {"hash": turn_hash(turn), "short_hash": turn_hash(turn)[:SHORT_LENGTH],
+            entry = {"hash": turn_hash(turn), "short_hash": _short(turn),
                      "timestamp": timestamp(turn.sealed), "reason": reason_of(turn),
                      "files_changed": 0, "insertions": 0, "deletions": 0}
             if i > 0:
-                entry.update(_shortstat(ws.file_diffs(sealed[i - 1].number, turn.number,
-                                                      _only(ws, rel), max_size=LINE_COUNT_LIMIT)))
+                entry.update(_shortstat(ws, sealed[i - 1], turn, rel))
             out.append(entry)
         return out
 
@@ -343,7 +342,8 @@ class CheckpointManager:
             return {**result, "reason": "nothing to restore (all changed files were user-edited)"}
         self._checkpoint_before(ws, turn)
         then = ws.snapshot_path(turn.number)
-        orphans = [p for p in agents if not os.path.lexists(then / p) and not _is_dir_at(then, _parent(p))]
+        orphans = [p for p in agents
+                   if not os.path.lexists(then / p) and not _is_dir_at(then, _parent(p))]
         for path in sorted(orphans):
             _remove_with_new_parents(ws.path, then, path, rel)
         in_place = sorted(agents.difference(orphans))
@@ -466,7 +466,14 @@ def _rebase(diffs: list[patch.FileDiff], rel: str) -> list[patch.FileDiff]:
             for fd in diffs]
 
 
-def _shortstat(diffs: list[patch.FileDiff]) -> dict:
+def _shortstat(ws: api.Workspace, a: api.Turn, b: api.Turn, rel: str) -> dict:
+    """What turn *b* changed since turn *a* below *rel*, as git's --shortstat counts it (no
+    counts if that cannot be told: a turn pruned meanwhile, say)."""
+    try:
+        diffs = ws.file_diffs(a.number, b.number, _only(ws, rel), max_size=LINE_COUNT_LIMIT)
+    except (CowfsError, OSError) as e:
+        logger.debug("no counts for checkpoint %s: %s", _short(b), e)
+        return {}
     for fd in diffs:
         patch.file_patch(fd)        # counts its lines
     return {"files_changed": len(diffs), "insertions": sum(fd.insertions for fd in diffs),

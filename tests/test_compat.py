@@ -263,7 +263,8 @@ def test_restore_one_file_or_a_subdirectory(workspace):
 
 def test_safe_restore_reverts_the_agents_changes_and_keeps_the_users(workspace):
     p = workspace.path
-    files = {f"{n}.txt": f"{n} 0\n" for n in ("mine", "sed", "gone", "user", "told", "retold", "moved")}
+    names = ("mine", "sed", "gone", "user", "told", "retold", "moved", "both")
+    files = {f"{n}.txt": f"{n} 0\n" for n in names} | {"lib/x.py": "x\n", "lib/y.py": "y\n"}
     mgr = start(workspace, files, "clean")
     cp = mgr.list_checkpoints(str(p))[0]
     (p / "mine.txt").write_text("the harness wrote this\n")                # this process
@@ -271,6 +272,9 @@ def test_safe_restore_reverts_the_agents_changes_and_keeps_the_users(workspace):
     run(["sh", "-c", "rm gone.txt && echo made > made.txt && mkdir -p new/deep && echo x > new/deep/x"],
         cwd=p)
     os.rename(p / "moved.txt", p / "renamed.txt")
+    run(["rm", "-r", p / "lib"])
+    user_writes(p / "both.txt", "the user first\n")
+    run(["sed", "-i", "s/first/first, then the agent/", p / "both.txt"])     # the agent's, last
     user_writes(p / "user.txt", "the user's edit\n")                      # not a descendant
     user_writes(p / "users-own.txt", "the user's new file\n")
     user_writes(p / "new/deep/user-note", "the user's file in the agent's directory\n")
@@ -283,14 +287,15 @@ def test_safe_restore_reverts_the_agents_changes_and_keeps_the_users(workspace):
     before = tree(p)
 
     result = mgr.restore(str(p), cp["short_hash"], safe=True)
-    agents = ["gone.txt", "made.txt", "mine.txt", "moved.txt", "new/deep/x", "renamed.txt",
-              "sed.txt", "told.txt"]
+    agents = ["both.txt", "gone.txt", "lib/x.py", "lib/y.py", "made.txt", "mine.txt", "moved.txt",
+              "new/deep/x", "renamed.txt", "sed.txt", "told.txt"]
     users = ["new/deep/user-note", "retold.txt", "user.txt", "users-own.txt"]
     assert result == {"success": True, "restored_to": cp["short_hash"], "reason": "clean",
                       "directory": str(p), "restored_files": agents, "skipped_user_edits": users,
                       "skipped_oversize": []}
-    for name in ("mine", "sed", "gone", "told", "moved"):
+    for name in ("mine", "sed", "gone", "told", "moved", "both"):
         assert (p / f"{name}.txt").read_text() == f"{name} 0\n", name
+    assert (p / "lib/x.py").read_text() == "x\n" and (p / "lib/y.py").read_text() == "y\n"
     assert not (p / "made.txt").exists() and not (p / "renamed.txt").exists()
     assert not (p / "new/deep/x").exists()
     assert (p / "user.txt").read_text() == "the user's edit\n"

@@ -137,6 +137,12 @@ class Workspace:
         control.syncfs(self._mount)
         return Turn.from_record(self._request("checkpoint", message=message)["record"])
 
+    def sync(self) -> None:
+        """Hand the kernel's dirty pages of the mount to the daemon (what `checkpoint` and a live
+        `diff` do first), so that `status().pending_changes` counts writes still in the page
+        cache, such as those of a file that is still open."""
+        control.syncfs(self._mount)
+
     def turns(self) -> list[Turn]:
         """Every turn still kept, oldest first; the last one is the open turn."""
         return [Turn.from_record(t) for t in self._request("log")["turns"]]
@@ -170,16 +176,17 @@ class Workspace:
         return [Change.from_record(r) for r in reply["changes"]]
 
     def file_diffs(self, a: int | None = None, b: int | None = None,
-                   paths: "list[str] | tuple[str, ...]" = ()):
-        """The changes of `diff` with their contents (patch.FileDiff), read through the mount."""
+                   paths: "list[str] | tuple[str, ...]" = (), max_size: int | None = None):
+        """The changes of `diff` with their contents (patch.FileDiff), read through the mount.
+        A change with a side larger than *max_size* bytes is left without contents (the patch
+        names it, as one whose contents cannot be read; it counts no lines)."""
         from . import patch
         a = self._last_sealed() if a is None else _turn_number(a)
         changes = self.diff(a, b, paths)
         old_root = self.snapshot_path(a)
         new_root = self.path if b is None else self.snapshot_path(b)
         return [patch.FileDiff(c.kind, c.path, c.old_path, c.old_mode, c.new_mode,
-                               _content(old_root, c.old_path, c.old_mode),
-                               _content(new_root, c.path, c.new_mode)) for c in changes]
+                               *_contents(c, old_root, new_root, max_size)) for c in changes]
 
     def patch(self, a: int | None = None, b: int | None = None,
               paths: "list[str] | tuple[str, ...]" = ()) -> str:
@@ -302,6 +309,14 @@ def _reenter_cwd(mountpoint: str) -> None:
     cwd = _cwd()
     if cwd is not None and _inside(cwd, mountpoint):
         os.chdir(cwd)
+
+
+def _contents(c: Change, old_root: Path, new_root: Path,
+              max_size: int | None) -> tuple[bytes | None, bytes | None]:
+    """Both sides' contents of change *c*, or neither when one is larger than *max_size*."""
+    if max_size is not None and max(c.old_size or 0, c.new_size or 0) > max_size:
+        return None, None
+    return _content(old_root, c.old_path, c.old_mode), _content(new_root, c.path, c.new_mode)
 
 
 def _content(root: Path, path: str | None, mode: int | None) -> bytes | None:

@@ -526,7 +526,7 @@ class CowFS(pyfuse3.Operations):
                     and victim.st_ino != src.st_ino)
         keep = False
         if replaces:
-            self._check_rename_over(src, victim, new_parent.fd, new_name)
+            self._check_rename_over(src, victim, old_parent.fd, old_name, new_parent.fd, new_name)
             keep = await self._prepare_removal(victim)
         self._before_entry_change(old_parent_id, old_parent, old_name)
         self._before_entry_change(new_parent_id, new_parent, new_name)
@@ -545,12 +545,19 @@ class CowFS(pyfuse3.Operations):
         if victim is not None and flags & pyfuse3.RENAME_EXCHANGE:
             self.inodes.moved(victim.st_ino, old_parent, old_name)
 
-    def _check_rename_over(self, src, victim, dir_fd: int, name: bytes) -> None:
+    def _check_rename_over(self, src, victim, old_dir: int, old_name: bytes, dir_fd: int,
+                           name: bytes) -> None:
         """The errors rename(2) would give, checked before the victim is moved away."""
         if stat.S_ISDIR(victim.st_mode):
             if not stat.S_ISDIR(src.st_mode):
                 raise pyfuse3.FUSEError(errno.EISDIR)
-            self._check_empty(dir_fd, name)
+            try:
+                self._check_empty(dir_fd, name)
+            except pyfuse3.FUSEError:
+                # Not empty: the backing filesystem's own refusal says which errno it gives
+                # (XFS EEXIST, ext4 ENOTEMPTY); it changes nothing.
+                libc.renameat2(old_dir, old_name, dir_fd, name, 0)
+                raise
         elif stat.S_ISDIR(src.st_mode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
 

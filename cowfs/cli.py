@@ -202,8 +202,29 @@ def cmd_checkpoint(args) -> int:
     return 0
 
 
+class working:
+    """While long work runs in the daemon, a spinner with the time so far on stderr when it is a
+    terminal (rich), and nothing otherwise. The daemon does the work in one request, without
+    letting anything else in, so there is no count of done and total to show, only that it runs."""
+
+    def __init__(self, what: str):
+        self.what, self.status = what, None
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            from rich.console import Console
+            self.status = Console(stderr=True).status(self.what)
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+
 def cmd_rollback(args) -> int:
-    reply = control.rollback(args.cwd, args.turn)
+    with working(f"rolling back to turn-{args.turn}"):
+        reply = control.rollback(args.cwd, args.turn)
     if reply.get("sealed_pending") is not None:
         print(f"sealed pending changes as turn-{reply['sealed_pending']}")
     print(f"rolled back to turn-{reply['target']} (recorded as turn-{reply['turn']})")
@@ -306,7 +327,9 @@ def cmd_restore(args) -> int:
     from .api import Workspace
     ws = Workspace(args.cwd)
     paths = [_absolute(ws, p, args.base) for p in args.paths]
-    for path, what in ws.restore(args.turn, paths):
+    with working(f"restoring from turn-{args.turn}"):
+        done = ws.restore(args.turn, paths)
+    for path, what in done:
         print(f"{path or '.'}: {what} (turn-{args.turn})")
     return 0
 
@@ -378,7 +401,8 @@ def cmd_export_git(args) -> int:
     except TargetError as e:
         raise BadInput(str(e)) from None
     # The daemon reaches REPO through this process's mount namespace (its own lacks most mounts).
-    reply = control.request(mount, "export_git", repo=repo, branch=args.branch, pid=os.getpid())
+    with working("exporting turns to git"):
+        reply = control.request(mount, "export_git", repo=repo, branch=args.branch, pid=os.getpid())
     _print_export(reply)
     return 0
 

@@ -153,6 +153,7 @@ class Daemon:
     def mount(self) -> None:
         self.fs = CowFS(self.root_fd, self.store, self.capture, self.control.getsockname(),
                         self.opts.snapdir_visible)
+        self.fs.debug = self.opts.debug
         self.git_export = ExportRunner(
             self.store, os.fsencode(self.opts.workspace), [self.opts.mountpoint, self.opts.workspace],
             self.fs.inodes.root_ino, self.fs.view.root_handle)

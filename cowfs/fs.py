@@ -68,6 +68,9 @@ def fuse_op(method):
     @functools.wraps(method)
     async def handler(self, *args):
         self.requests[name] += 1
+        if self.debug:
+            log.debug("%s%r", name, args[:-1] if args and type(args[-1]) is pyfuse3.RequestContext
+                      else args)
         if args and type(args[-1]) is pyfuse3.RequestContext and self.is_own(args[-1].pid):
             # From a worker thread of ours (from the main one it could never be served).
             self.requests["from_daemon"] += 1
@@ -219,6 +222,7 @@ class CowFS(pyfuse3.Operations):
         # has the names and d_inos it had.
         self.epoch = 0
         self.last_change = time.monotonic()
+        self.debug = False          # --debug: log every request (fuse_op)
         # Ends when a rollback ran. The attributes readdir sent for an object
         # (Node.entry) stay true in this generation until a handler that changes
         # that object drops them (_drop_listed).

@@ -2,10 +2,13 @@
 
 Layers, from the disk up (see docs/architecture.md):
   libc, store, catalogue   the on-disk store; nothing about FUSE
-  capture, snapshot, rollback   turns and layers; nothing about the CLI
+  capture, attribution     turns, layers and who made each change; nothing about the CLI
+  snapshot, history        any turn's tree, and what changed between two turns
+  rollback, restore        the live tree made (part of) a sealed turn again
   inodes, fs               the pyfuse3 operations, thin
   daemon, control          one mount's life, the control channel
-  api, errors, cli         the Python API (typed results, errors that know their exit code), the CLI on it
+  api, errors, patch, cli  the Python API (typed results, errors that know their exit code),
+                           git-style patches, the CLI on it
 """
 
 __version__ = "0.1.0"
@@ -13,7 +16,7 @@ __version__ = "0.1.0"
 # The API is imported on first use, so that `cowfs checkpoint` (which imports this
 # package) does not pay for it.
 _API = {"Workspace": "api", "Turn": "api", "Status": "api", "mount": "api", "mounted": "api",
-        "umount": "api",
+        "umount": "api", "Change": "api", "Process": "api",
         "CowfsError": "errors", "BadInput": "errors", "NotMounted": "errors",
         "UnknownTurn": "errors", "DaemonUnreachable": "errors", "OperationFailed": "errors",
         "PrunedTurn": "errors", "PruneResult": "retention"}

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import control
-from .errors import PrunedTurn, UnknownTurn
+from .attribution import Process
+from .errors import BadInput, PrunedTurn, UnknownTurn
 
 SNAPDIR = ".snapshots"
 
@@ -54,6 +55,42 @@ class Turn:
     @property
     def name(self) -> str:
         return f"turn-{self.number}"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One changed path between two turns (or a turn and the live tree).
+
+    `kind` is git's letter: "A" added, "M" modified (content or mode), "D"
+    deleted, "R" renamed (the same object seen moving, never guessed from
+    content; `old_path` is where it was), "T" type changed. Paths are relative
+    to the workspace root. `process` is the last process that made the change
+    (None when no record says: a rollback's own changes, or a turn sealed
+    before cowfs recorded writers).
+
+        >>> [(c.kind, c.path, c.process.comm) for c in ws.diff()]
+        [('M', 'src/app.py', 'sed'), ('D', 'build/out.o', 'rm')]
+    """
+    kind: str
+    path: str
+    old_path: str | None
+    old_mode: int | None
+    new_mode: int | None
+    old_size: int | None
+    new_size: int | None
+    process: Process | None = None
+
+    @classmethod
+    def from_record(cls, r: dict) -> "Change":
+        p = r.get("process")
+        process = Process(**{**p, "ancestors": tuple(p.get("ancestors", ()))}) if p else None
+        return cls(r["kind"], r["path"], r["old_path"], r["old_mode"], r["new_mode"], r["old_size"],
+                   r["new_size"], process)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["process"] = None if self.process is None else self.process.as_dict()
+        return d
 
 
 @dataclass(frozen=True)
@@ -100,6 +137,12 @@ class Workspace:
         control.syncfs(self._mount)
         return Turn.from_record(self._request("checkpoint", message=message)["record"])
 
+    def sync(self) -> None:
+        """Hand the kernel's dirty pages of the mount to the daemon (what `checkpoint` and a live
+        `diff` do first), so that `status().pending_changes` counts writes still in the page
+        cache, such as those of a file that is still open."""
+        control.syncfs(self._mount)
+
     def turns(self) -> list[Turn]:
         """Every turn still kept, oldest first; the last one is the open turn."""
         return [Turn.from_record(t) for t in self._request("log")["turns"]]
@@ -124,6 +167,76 @@ class Workspace:
         own turn; the rollback is recorded as a turn of its own (returned), so it can be undone."""
         reply = control.rollback(os.fspath(self.path), _turn_number(turn))
         return self.turn(reply["turn"])
+
+    def diff(self, a: int | None = None, b: int | None = None,
+             paths: "list[str] | tuple[str, ...]" = ()) -> list[Change]:
+        """What changed from sealed turn *a* (default: the last sealed turn) to sealed turn *b*
+        (default: the live tree), optionally only at or below *paths*. O(what changed).
+
+            >>> ws.diff()            # what the open turn did so far
+            >>> ws.diff(3, 5, ["src"])
+        """
+        a = self._last_sealed() if a is None else _turn_number(a)
+        b = None if b is None else _turn_number(b)
+        if b is None:
+            control.syncfs(self._mount)     # what the kernel still holds is part of the live tree
+        reply = self._request("diff", a=a, b=b, paths=[self.relative(p) for p in paths])
+        return [Change.from_record(r) for r in reply["changes"]]
+
+    def file_diffs(self, a: int | None = None, b: int | None = None,
+                   paths: "list[str] | tuple[str, ...]" = (), max_size: int | None = None):
+        """The changes of `diff` with their contents (patch.FileDiff), read through the mount.
+        A change with a side larger than *max_size* bytes is left without contents (the patch
+        names it, as one whose contents cannot be read; it counts no lines)."""
+        from . import patch
+        a = self._last_sealed() if a is None else _turn_number(a)
+        changes = self.diff(a, b, paths)
+        old_root = self.snapshot_path(a)
+        new_root = self.path if b is None else self.snapshot_path(b)
+        return [patch.FileDiff(c.kind, c.path, c.old_path, c.old_mode, c.new_mode,
+                               *_contents(c, old_root, new_root, max_size)) for c in changes]
+
+    def patch(self, a: int | None = None, b: int | None = None,
+              paths: "list[str] | tuple[str, ...]" = ()) -> str:
+        """`diff` as a git-style unified patch (`--- a/` `+++ b/` headers)."""
+        from . import patch
+        return patch.patch(self.file_diffs(a, b, paths))
+
+    def restore(self, turn: int, paths: "list[str] | tuple[str, ...]") -> list[tuple[str, str]]:
+        """Make each path (file, symlink or directory) exactly what it was at sealed turn *turn*:
+        content, mode, mtime, xattrs; a directory's later additions are removed, a path that did
+        not exist then is removed. A change of the open turn: `diff` shows it, and rolling back
+        to the last sealed turn undoes it. Returns (path, what was done) per path.
+
+            >>> ws.restore(3, ["src/app.py"])
+            [('src/app.py', 'restored')]
+        """
+        if not paths:
+            raise BadInput("restore needs at least one path")
+        reply = control.restore(self._mount, _turn_number(turn), [self.relative(p) for p in paths])
+        return [tuple(r) for r in reply["restored"]]
+
+    def relative(self, path: str | os.PathLike, base: str | None = None) -> str:
+        """*path* relative to the workspace root: an absolute path must lie in the mount; a
+        relative one is taken from *base* (default: the working directory) when that is inside
+        the mount, else from the root. `BadInput` for a path outside the live tree (or under .snapshots)."""
+        path = os.fspath(path)
+        root = str(self.path)
+        cwd = os.path.realpath(base) if base is not None else _cwd()
+        if not os.path.isabs(path):
+            base = cwd if cwd is not None and _inside(cwd, root) else root
+            path = os.path.join(base, path)
+        path = os.path.normpath(path)
+        if not _inside(path, root):
+            raise BadInput(f"{path} is outside the workspace {root}")
+        rel = os.path.relpath(path, root)
+        rel = "" if rel == "." else rel
+        if rel.split("/", 1)[0] in (SNAPDIR, ".cowfs"):
+            raise BadInput(f"{path} is not in the live tree (it is under {rel.split('/', 1)[0]})")
+        return rel
+
+    def _last_sealed(self) -> int:
+        return max(t.number for t in self.turns() if t.sealed is not None)
 
     def snapshot_path(self, turn: int) -> Path:
         """The read-only directory that holds sealed turn *turn*."""
@@ -156,7 +269,8 @@ class Workspace:
 
 def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hidden",
           force: bool = False, export_git_on_checkpoint: bool = False, owner: str | None = None,
-          allow_other: bool = False, message: str = "", keep: int | None = None,
+          allow_other: bool = False, message: str = "",
+          auto_checkpoint: float | None = None, keep: int | None = None,
           older_than: float | str | None = None, max_store: int | str | None = None) -> Workspace:
     """Mount cowfs over *path* (or at *at*) and return the mounted Workspace.
 
@@ -172,8 +286,8 @@ def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hid
     """
     from . import mounting
     req = mounting.MountRequest(os.fspath(path), at, snapdir, force, False, export_git_on_checkpoint,
-                                owner, allow_other, message, keep=keep, older_than=older_than,
-                                max_store=max_store)
+                                owner, allow_other, message, auto_checkpoint, keep=keep,
+                                older_than=older_than, max_store=max_store)
     mounted_ = mounting.mount(req)
     _reenter_cwd(mounted_.mountpoint)
     return Workspace(mounted_.mountpoint)
@@ -223,6 +337,30 @@ def _reenter_cwd(mountpoint: str) -> None:
     cwd = _cwd()
     if cwd is not None and _inside(cwd, mountpoint):
         os.chdir(cwd)
+
+
+def _contents(c: Change, old_root: Path, new_root: Path,
+              max_size: int | None) -> tuple[bytes | None, bytes | None]:
+    """Both sides' contents of change *c*, or neither when one is larger than *max_size*."""
+    if max_size is not None and max(c.old_size or 0, c.new_size or 0) > max_size:
+        return None, None
+    return _content(old_root, c.old_path, c.old_mode), _content(new_root, c.path, c.new_mode)
+
+
+def _content(root: Path, path: str | None, mode: int | None) -> bytes | None:
+    """What the diff shows of *path* under *root*: a file's bytes, a symlink's target."""
+    import stat
+    if path is None or mode is None:
+        return None
+    full = root / path
+    try:
+        if stat.S_ISLNK(mode):
+            return os.fsencode(os.readlink(full))
+        if stat.S_ISREG(mode):
+            return full.read_bytes()
+    except OSError:
+        return None     # changed again meanwhile, or unreadable: the patch says what it can
+    return None
 
 
 def _turn_number(turn: int | str | Turn) -> int:

@@ -20,6 +20,7 @@ import stat
 import trio
 
 from . import libc
+from .attribution import Attribution
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Capture:
         self.mode = store.probe_clone()
         self.root_prefix = root_path.rstrip(b"/") + b"/"
         self.turn = self.catalogue.open_turn()
+        self.writers = Attribution()      # who changes what in the open turn
         self._reset_turn_state()
         # A turn left open by a daemon that died: never capture twice in it.
         self.entries_done, self.attrs_done, self.content_done = self.catalogue.captured_in(self.turn)
@@ -64,7 +66,11 @@ class Capture:
     def seal(self, message: str, kind: str = "turn", target: int | None = None) -> int:
         """Close the open turn (O(1): nothing is scanned) and open the next. Returns the sealed number."""
         sealed = self.turn
-        self.catalogue.seal(sealed, message, self.changes, self.bytes, kind, target)
+        w = self.writers
+        with self.catalogue.transaction():
+            self.catalogue.record_writers(sealed, w.processes.values(), w.entries, w.objects)
+            self.catalogue.seal(sealed, message, self.changes, self.bytes, kind, target)
+        w.reset()
         self.turn = self.catalogue.open_turn()
         self._reset_turn_state()
         return sealed

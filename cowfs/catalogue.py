@@ -17,6 +17,21 @@ from dataclasses import dataclass
 
 FORMAT_VERSION = "2"
 
+# Who made each turn's changes (attribution.py): kept when the turn is sealed. Stores made
+# before attribution get the tables when they are opened; older cowfs ignore them.
+_WRITERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS processes (
+    turn INTEGER NOT NULL, pid INTEGER NOT NULL, ppid INTEGER NOT NULL, uid INTEGER NOT NULL,
+    comm TEXT NOT NULL, cmdline TEXT NOT NULL, ancestors TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (turn, pid)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entry_writers (
+    turn INTEGER NOT NULL, parent INTEGER NOT NULL, name BLOB NOT NULL, pid INTEGER NOT NULL,
+    PRIMARY KEY (turn, parent, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS object_writers (
+    turn INTEGER NOT NULL, ino INTEGER NOT NULL, pid INTEGER NOT NULL,
+    PRIMARY KEY (turn, ino)) WITHOUT ROWID;
+"""
+
 # Which commit each exported turn became, per target repository and branch.
 # Stores made before the git export get the table at their first export
 # (Catalogue.ensure_git_exports), so the format version stays 1.
@@ -59,7 +74,7 @@ CREATE INDEX attrs_by_turn ON attrs (turn);
 CREATE TABLE xattrs (
     ino INTEGER NOT NULL, turn INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (ino, turn, name)) WITHOUT ROWID;
-""" + _GIT_EXPORTS_SCHEMA
+""" + _GIT_EXPORTS_SCHEMA + _WRITERS_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -142,6 +157,8 @@ class Catalogue:
             version = FORMAT_VERSION
         if version != FORMAT_VERSION:
             raise FormatError(version)
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='processes'").fetchone():
+            self.db.executescript(_WRITERS_SCHEMA)
 
     def _create(self) -> None:
         now = time.time()
@@ -434,6 +451,45 @@ class Catalogue:
         entries = self.db.execute("SELECT count(*) FROM entries WHERE turn=?", (turn,)).fetchone()[0]
         attrs = self.db.execute("SELECT count(*) FROM attrs WHERE turn=?", (turn,)).fetchone()[0]
         return entries, attrs
+
+    # -- attribution (attribution.py) ---------------------------------------------------
+    def record_writers(self, turn: int, processes, entries: dict, objects: dict) -> None:
+        """Who made turn *turn*'s changes: Process records, (parent, name) -> pid, ino -> pid."""
+        self.db.executemany("INSERT OR REPLACE INTO processes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [(turn, p.pid, p.ppid, p.uid, p.comm, p.cmdline,
+                              " ".join(map(str, p.ancestors))) for p in processes])
+        self.db.executemany("INSERT OR REPLACE INTO entry_writers VALUES (?, ?, ?, ?)",
+                            [(turn, parent, name, pid) for (parent, name), pid in entries.items()])
+        self.db.executemany("INSERT OR REPLACE INTO object_writers VALUES (?, ?, ?)",
+                            [(turn, ino, pid) for ino, pid in objects.items()])
+
+    def entry_writer(self, parent: int, name: bytes, after: int, upto: int) -> tuple | None:
+        """(pid, ppid, uid, comm, cmdline, ancestors) of the last process to change entry (parent, name)
+        in turns after *after* up to *upto*; None if none is recorded."""
+        return self.db.execute(
+            "SELECT p.pid, p.ppid, p.uid, p.comm, p.cmdline, p.ancestors FROM entry_writers w JOIN processes p "
+            "ON p.turn = w.turn AND p.pid = w.pid WHERE w.parent=? AND w.name=? AND w.turn>? "
+            "AND w.turn<=? ORDER BY w.turn DESC LIMIT 1", (parent, name, after, upto)).fetchone()
+
+    def object_writer(self, ino: int, after: int, upto: int) -> tuple | None:
+        """As entry_writer, for changes of object *ino* in place."""
+        return self.db.execute(
+            "SELECT p.pid, p.ppid, p.uid, p.comm, p.cmdline, p.ancestors FROM object_writers w JOIN processes p "
+            "ON p.turn = w.turn AND p.pid = w.pid WHERE w.ino=? AND w.turn>? AND w.turn<=? "
+            "ORDER BY w.turn DESC LIMIT 1", (ino, after, upto)).fetchone()
+
+    # -- diff (history.py) -----------------------------------------------------------------
+    def changed_between(self, after: int, upto: int
+                        ) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes | None]]]:
+        """Entries (parent, name) and objects (ino, path hint) with a row in a turn after *after*
+        up to *upto*: everything that may differ between the ends of the two turns."""
+        entries = list(self.db.execute("SELECT DISTINCT parent, name FROM entries WHERE turn>? AND turn<=?",
+                                       (after, upto)))
+        objects: dict[int, bytes | None] = {}
+        for ino, hint in self.db.execute("SELECT ino, path FROM attrs WHERE turn>? AND turn<=? "
+                                         "ORDER BY turn DESC", (after, upto)):
+            objects[ino] = hint or objects.get(ino)
+        return entries, list(objects.items())
 
     # -- git export -------------------------------------------------------------------
     def ensure_git_exports(self) -> None:

@@ -15,9 +15,8 @@ import time
 from . import __version__, control
 from .errors import EXIT_FAILED, BadInput, CowfsError
 
-
-
-
+# Commands whose arguments after "--" are not options: diff's paths, run's command.
+_AFTER_DASHES = ("diff", "run")
 
 def parse_turn(text: str) -> int:
     value = text.removeprefix("turn-")
@@ -32,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Copy-on-write checkpoints of a workspace: mount cowfs over it, end each turn "
                     "with `cowfs checkpoint`, browse .snapshots/turn-N, `cowfs rollback N`.")
     parser.add_argument("--version", action="version", version=f"cowfs {__version__}")
+    parser.add_argument("-C", dest="top_cwd", metavar="PATH",
+                        help="run as if cowfs was started in PATH (as git -C); also after the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("mount", help="mount cowfs over a workspace (returns once mounted)",
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "always on as root, else needs user_allow_other in /etc/fuse.conf")
     p.add_argument("--initial-message", default="", metavar="MSG",
                    help="the message of turn 0 when this mount starts the history")
+    p.add_argument("--auto-checkpoint", type=float, metavar="SECONDS",
+                   help="seal the open turn after SECONDS without changes following a change "
+                        "(a watcher process does it, as `cowfs checkpoint` would)")
     _add_limits(p, "after each checkpoint, in the background, prune ")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
@@ -78,9 +82,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_c(p)
     p.add_argument("turn", type=parse_turn, metavar="TURN", help="N or turn-N")
 
-    p = sub.add_parser("log", help="list the turns", description="One line a turn.")
+    p = sub.add_parser("log", help="list the turns (-v: what each changed, and which process)",
+                       description="One line a turn, oldest first. With -v, each turn's changes "
+                                   "follow it: kind (A/M/D/R/T), path, and the process that made "
+                                   "the change (command, pid, uid).",
+                       epilog="example: cowfs log -v -n 3     # the last three turns, change by change",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_c(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="list each turn's changes with the process that made each")
+    p.add_argument("-n", type=int, metavar="N", help="only the last N turns")
+
+    p = sub.add_parser(
+        "diff", help="what changed between two turns (default: the open turn so far)",
+        description="What changed from turn A to turn B. No turn: from the last sealed turn to the "
+                    "live tree (what the open turn did so far); A alone: from A to the live tree. "
+                    "Paths after -- limit the diff to those files and directories. Renames are the "
+                    "ones the filesystem saw, never guessed. On a terminal the output goes through "
+                    "a pager ($COWFS_PAGER, $PAGER, else less -FRX).",
+        epilog="examples:\n  cowfs diff                   # the open turn so far, as a patch\n"
+               "  cowfs diff 3 5 --stat        # turn-3 to turn-5\n"
+               "  cowfs diff 2 --name-status -- src",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_c(p)
+    p.add_argument("turns", nargs="*", type=parse_turn, metavar="TURN", help="A [B]: N or turn-N")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--name-status", action="store_true", help="one line a change: kind, path")
+    shown.add_argument("--stat", action="store_true", help="a line a file with +/- counts")
+    shown.add_argument("--json", action="store_true",
+                       help="one object a change: kind, path, old_path, sizes, modes, process")
+    p.add_argument("--no-pager", action="store_true", help="never page the output")
+
+    p = sub.add_parser(
+        "restore", help="make some paths exactly what they were at a turn",
+        description="Make each PATH (file, symlink or whole directory) exactly what it was at TURN: "
+                    "content, mode, mtime, xattrs; a directory's later additions are removed; a "
+                    "path that did not exist at TURN is removed. The restore is a change of the "
+                    "open turn: `cowfs diff` shows it and `cowfs rollback` to the last sealed turn "
+                    "undoes it. PATHs are relative to the current directory when it is inside the "
+                    "mount, else to the workspace root.",
+        epilog="example: cowfs restore 4 src/app.py docs/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_c(p)
+    p.add_argument("turn", type=parse_turn, metavar="TURN", help="N or turn-N")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+
+    p = sub.add_parser(
+        "run", help="run one command in the workspace, then seal its turn",
+        description="Run CMD with the current directory (if inside the mount, else the workspace "
+                    "root) as its working directory, through the mount, then seal the open turn "
+                    "with MSG (default: the command line). Exits with the command's status.",
+        epilog="example: cowfs -C ~/proj run -m 'format' -- black src",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_c(p)
+    p.add_argument("-m", "--message", help="the turn's message (default: the command line)")
 
     p = sub.add_parser("status", help="show the mount, current turn, capture mode and store size")
     _add_c(p)
@@ -126,7 +182,7 @@ def _add_limits(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_c(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-C", dest="cwd", metavar="PATH", default=".",
+    p.add_argument("-C", dest="cwd", metavar="PATH",
                    help="any path inside the mount (default: the current directory)")
 
 
@@ -135,8 +191,8 @@ def cmd_mount(args) -> int:
     from . import mounting
     req = mounting.MountRequest(args.workspace, args.at, args.snapdir, args.force, args.debug,
                                 args.export_git_on_checkpoint, args.owner, args.allow_other,
-                                args.initial_message, keep=args.keep, older_than=args.older_than,
-                                max_store=args.max_store)
+                                args.initial_message, args.auto_checkpoint, keep=args.keep,
+                                older_than=args.older_than, max_store=args.max_store)
     if args.foreground:
         from .daemon import run
         return run(mounting.options(req), args.ready_fd)
@@ -174,8 +230,29 @@ def cmd_checkpoint(args) -> int:
     return 0
 
 
+class working:
+    """While long work runs in the daemon, a spinner with the time so far on stderr when it is a
+    terminal (rich), and nothing otherwise. The daemon does the work in one request, without
+    letting anything else in, so there is no count of done and total to show, only that it runs."""
+
+    def __init__(self, what: str):
+        self.what, self.status = what, None
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            from rich.console import Console
+            self.status = Console(stderr=True).status(self.what)
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+
 def cmd_rollback(args) -> int:
-    reply = control.rollback(args.cwd, args.turn)
+    with working(f"rolling back to turn-{args.turn}"):
+        reply = control.rollback(args.cwd, args.turn)
     if reply.get("sealed_pending") is not None:
         print(f"sealed pending changes as turn-{reply['sealed_pending']}")
     print(f"rolled back to turn-{reply['target']} (recorded as turn-{reply['turn']})")
@@ -183,8 +260,17 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_log(args) -> int:
-    reply = control.request(control.find_mount(args.cwd), "log")
+    from .api import Workspace
+    ws = Workspace(args.cwd)
+    reply = ws._request("log")
     turns = reply["turns"]
+    if args.n is not None:
+        if args.n < 0:
+            raise BadInput("-n needs a count of 0 or more")
+        turns = turns[len(turns) - args.n:] if args.n else []
+    if args.verbose:
+        for t in turns:
+            t["changes_list"] = _turn_changes(ws, t, turns)
     if args.json:
         print(json.dumps(turns, indent=2))
         return 0
@@ -198,7 +284,112 @@ def cmd_log(args) -> int:
             message = message or f"rollback to turn-{t['target']}"
         print(f"turn-{t['number']:<5} {when}  {t['changes']:>6} changed  {_size(t['bytes']):>9} captured"
               f"  {message}{state}")
+        for c in t.get("changes_list", ()):
+            print(f"    {_change_line(c)}{_by(c)}")
     return 0
+
+
+def _turn_changes(ws, turn: dict, turns: list[dict]) -> list[dict]:
+    """A turn's changes (against the turn before it; the open turn's against the live tree)."""
+    if turn["number"] == 0:
+        return []
+    b = turn["number"] if turn["sealed"] else None
+    return [c.as_dict() for c in ws.diff(turn["number"] - 1, b)]
+
+
+def _change_line(c: dict) -> str:
+    path = f"{c['old_path']} -> {c['path']}" if c["kind"] == "R" else c["path"]
+    return f"{c['kind']}  {path}"
+
+
+def _by(c: dict) -> str:
+    p = c.get("process")
+    return f"    ({p['comm']}, pid {p['pid']}, uid {p['uid']})" if p else ""
+
+
+def cmd_diff(args) -> int:
+    from . import patch
+    from .api import Workspace
+    if len(args.turns) > 2:
+        raise BadInput("diff takes at most two turns: A [B]")
+    ws = Workspace(args.cwd)
+    a, b = (args.turns + [None, None])[:2]
+    paths = [_absolute(ws, p, args.base) for p in args.after_dashes]
+    if args.json or args.name_status:
+        changes = ws.diff(a, b, paths)
+        text = (json.dumps([c.as_dict() for c in changes], indent=2) + "\n" if args.json else
+                "".join(f"{c.kind}\t{c.old_path}\t{c.path}\n" if c.kind == "R" else f"{c.kind}\t{c.path}\n"
+                        for c in changes))
+    else:
+        diffs = ws.file_diffs(a, b, paths)
+        text = patch.diffstat(diffs) if args.stat else patch.patch(diffs)
+    _page(text, args.no_pager)
+    return 0
+
+
+def _absolute(ws, path: str, base: str | None) -> str:
+    """A path as the user meant it (from -C or the working directory inside the mount, else
+    from the root), made absolute so that the API reads it the same way."""
+    return os.path.join(str(ws.path), ws.relative(path, base=base))
+
+
+def _page(text: str, never: bool) -> None:
+    """Through a pager on a terminal (as git does), straight out otherwise."""
+    import shlex
+    import subprocess
+    data = text.encode("utf-8", "surrogateescape")
+    pager = os.environ.get("COWFS_PAGER") or os.environ.get("PAGER") or "less -FRX"
+    if never or not sys.stdout.isatty() or not text or pager.strip() in ("", "cat"):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        return
+    try:
+        proc = subprocess.Popen(shlex.split(pager), stdin=subprocess.PIPE)
+    except OSError:
+        sys.stdout.buffer.write(data)
+        return
+    try:
+        proc.communicate(data)
+    except BrokenPipeError:
+        pass
+
+
+def cmd_restore(args) -> int:
+    from .api import Workspace
+    ws = Workspace(args.cwd)
+    paths = [_absolute(ws, p, args.base) for p in args.paths]
+    with working(f"restoring from turn-{args.turn}"):
+        done = ws.restore(args.turn, paths)
+    for path, what in done:
+        print(f"{path or '.'}: {what} (turn-{args.turn})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import shutil
+    import subprocess
+    from .api import Workspace, _inside
+    if not args.after_dashes:
+        raise BadInput("run needs a command after --: cowfs run -- CMD [ARGS...]")
+    ws = Workspace(args.cwd)
+    here = os.path.realpath(args.base or ".")
+    cwd = here if _inside(here, str(ws.path)) else str(ws.path)
+    argv = args.after_dashes
+    if shutil.which(argv[0], path=os.environ.get("PATH")) is None and not os.path.exists(
+            os.path.join(cwd, argv[0])):
+        raise BadInput(f"{argv[0]}: command not found")
+    try:
+        rc = subprocess.call(argv, cwd=cwd)
+    except OSError as e:
+        raise BadInput(f"{argv[0]}: {e.strerror}") from None
+    turn = ws.checkpoint(args.message if args.message is not None else shlex_join(argv))
+    print(f"cowfs: sealed turn-{turn.number} (exit status {rc})", file=sys.stderr)
+    return rc if rc >= 0 else 128 - rc
+
+
+def shlex_join(argv: list[str]) -> str:
+    import shlex
+    return shlex.join(argv)
 
 
 def cmd_status(args) -> int:
@@ -247,7 +438,8 @@ def cmd_export_git(args) -> int:
     except TargetError as e:
         raise BadInput(str(e)) from None
     # The daemon reaches REPO through this process's mount namespace (its own lacks most mounts).
-    reply = control.request(mount, "export_git", repo=repo, branch=args.branch, pid=os.getpid())
+    with working("exporting turns to git"):
+        reply = control.request(mount, "export_git", repo=repo, branch=args.branch, pid=os.getpid())
     _print_export(reply)
     return 0
 
@@ -315,11 +507,35 @@ def _size(n: int) -> str:
 
 COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "checkpoint": cmd_checkpoint,
             "rollback": cmd_rollback, "log": cmd_log, "status": cmd_status,
-            "export-git": cmd_export_git, "prune": cmd_prune}
+            "export-git": cmd_export_git, "diff": cmd_diff, "restore": cmd_restore, "run": cmd_run,
+            "prune": cmd_prune}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, keeping what follows "--" of diff and run apart; -C before the command or after it
+    (after wins) names where the command runs, as git -C."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tail: list[str] = []
+    command = next((a for a in argv if a in COMMANDS), None)
+    if command in _AFTER_DASHES and "--" in argv:
+        cut = argv.index("--")
+        argv, tail = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    args.after_dashes = tail
+    args.base = getattr(args, "cwd", None) or args.top_cwd    # relative paths are taken from here
+    if hasattr(args, "cwd"):
+        args.cwd = args.cwd or args.top_cwd or "."
+    if args.top_cwd and args.command == "mount":
+        args.workspace = os.path.join(args.top_cwd, args.workspace)
+        if args.at:
+            args.at = os.path.join(args.top_cwd, args.at)
+    if args.top_cwd and args.command == "umount" and args.path:
+        args.path = os.path.join(args.top_cwd, args.path)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except CowfsError as e:

@@ -16,7 +16,8 @@ from .errors import DaemonUnreachable, NotMounted, OperationFailed, from_reply
 
 FSTYPE = "fuse.cowfs"
 CONTROL_XATTR = "user.cowfs.control"
-MAX_MESSAGE = 1 << 20
+MAX_MESSAGE = 1 << 20       # a request
+MAX_REPLY = 1 << 30         # a reply (a diff of a huge turn is long)
 # After a rollback the refresher (the client that asked for it) reaches each restored
 # file the kernel still knows at REFRESH_PREFIX + its FUSE inode number in the root,
 # whichever names the kernel knows it by: see Daemon.kernel_refresh_list.
@@ -100,7 +101,7 @@ def request(mount: Mount, op: str, timeout: float | None = None, **args) -> dict
             raise DaemonUnreachable(f"cannot connect to the cowfs daemon of {mount.mountpoint}: "
                                     f"{e.strerror}") from None
         sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-        reply = read_message(sock)
+        reply = read_message(sock, MAX_REPLY)
     if reply is None:
         raise DaemonUnreachable("the cowfs daemon closed the connection without answering")
     if not reply.get("ok"):
@@ -145,7 +146,19 @@ def rollback(path: str, turn: int) -> dict:
     import threading
     mount = find_mount(path)
     syncfs(mount)
-    reply = request(mount, "rollback", turn=turn, tid=threading.get_native_id())
+    reply = request(mount, "rollback", turn=turn, tid=threading.get_native_id(), uid=os.getuid())
+    refresh_kernel_view(mount, reply.get("refresh", []))
+    return reply
+
+
+def restore(mount: Mount, turn: int, paths: list[str]) -> dict:
+    """Restore *paths* (relative to the root) of *mount* to sealed turn *turn*; the daemon's reply
+    (`restored`: [path, what was done] per path). Like a rollback, the kernel is then told the
+    restored files' sizes (refresh_kernel_view)."""
+    import threading
+    syncfs(mount)
+    reply = request(mount, "restore", turn=turn, paths=paths, tid=threading.get_native_id(),
+                    uid=os.getuid())
     refresh_kernel_view(mount, reply.get("refresh", []))
     return reply
 
@@ -187,13 +200,15 @@ def _set_kernel_attrs(path: bytes, size: int, mode: int, atime_ns: int, mtime_ns
     os.utime(path, ns=(atime_ns, mtime_ns))
 
 
-def read_message(sock: socket.socket) -> dict | None:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(65536)
+def read_message(sock: socket.socket, limit: int = MAX_MESSAGE) -> dict | None:
+    chunks, size = [], 0
+    while not chunks or not chunks[-1].endswith(b"\n"):
+        chunk = sock.recv(1 << 20)
         if not chunk:
             break
-        data += chunk
-        if len(data) > MAX_MESSAGE:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
             raise OperationFailed("control message too large")
+    data = b"".join(chunks)
     return json.loads(data) if data.strip() else None

@@ -33,6 +33,8 @@ from .drift import CrashRecords, find_drift
 from .errors import BadInput, CowfsError, OperationFailed
 from .fs import SNAPDIR, SNAPDIR_ID, CowFS
 from .gitexport import DEFAULT_BRANCH, ExportError, ExportRunner, TargetError
+from .history import HistoryRunner, TurnTrees
+from .restore import Restore
 from .rollback import Rollback
 from .store import STORE_NAME, Store, StoreBusy
 
@@ -153,9 +155,12 @@ class Daemon:
     def mount(self) -> None:
         self.fs = CowFS(self.root_fd, self.store, self.capture, self.control.getsockname(),
                         self.opts.snapdir_visible)
+        self.fs.debug = self.opts.debug
         self.git_export = ExportRunner(
             self.store, os.fsencode(self.opts.workspace), [self.opts.mountpoint, self.opts.workspace],
             self.fs.inodes.root_ino, self.fs.view.root_handle)
+        self.history = HistoryRunner(self.store, os.fsencode(self.opts.workspace),
+                                     self.fs.inodes.root_ino, self.fs.view.root_handle)
         self._open_by_name_before_mounting()
         self.pruner = retention.Pruner(
             self.store, self.capture, self.fs.view, self.fs.inodes.root_ino,
@@ -186,6 +191,7 @@ class Daemon:
         catalogue = self.store.catalogue
         catalogue.set_meta("alive_at", str(time.time_ns()))
         catalogue.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.history.prepare()
         try:
             self.git_export.prepare()
         except (ExportError, OSError) as e:
@@ -281,6 +287,7 @@ class Daemon:
             "drift": self.store.catalogue.get_meta("drift"),
             "git_mirror": self.git_export.mirror if self.opts.export_git_on_checkpoint else None,
             "requests": dict(self.fs.requests),
+            "quiet_seconds": time.monotonic() - self.fs.last_change,
             "oldest_turn": turns[0],
             "auto_prune": ({**self.opts.prune_limits.as_dict(), "last": self.pruner.last}
                            if self.opts.prune_limits else None),
@@ -300,8 +307,66 @@ class Daemon:
         turns = self.store.catalogue.turns()
         return {"turns": [t.__dict__ for t in turns], "oldest_turn": turns[0].number}
 
+    def _sealed_turn(self, turn) -> int:
+        """*turn*, a sealed turn still kept; else UnknownTurn (PrunedTurn, naming the oldest kept)."""
+        return retention.require_sealed(self.store.catalogue, turn)
+
+    @staticmethod
+    def _paths(req: dict) -> list[bytes]:
+        """The request's paths, relative to the root (the client resolved them), as bytes."""
+        paths = req.get("paths") or []
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise BadInput("paths must be a list of strings")
+        out = []
+        for path in paths:
+            parts = [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
+            if b".." in parts or (parts and parts[0] in (SNAPDIR, STORE_NAME)):
+                raise BadInput(f"{path}: not a path of the live tree")
+            out.append(b"/".join(parts))
+        return out
+
+    async def _op_diff(self, req: dict) -> dict:
+        """What changed between sealed turn `a` and sealed turn `b` (None: the live tree)."""
+        a = self._sealed_turn(req.get("a"))
+        b = req.get("b")
+        b = self.capture.turn if b is None else self._sealed_turn(b)
+        changes = await self.history.diff(a, b, self._paths(req), self.capture.turn,
+                                          self.capture.writers)
+        return {"a": a, "b": None if b == self.capture.turn else b, "changes": changes}
+
+    async def _op_restore(self, req: dict) -> dict:
+        """Make each path exactly what it was at sealed turn `turn`, as changes of the open turn."""
+        turn = self._sealed_turn(req.get("turn"))
+        paths = self._paths(req)
+        if not paths:
+            raise BadInput("restore needs at least one path")
+        tid, uid = req.get("tid"), req.get("uid", 0)
+        while self.capture.captures_in_flight():
+            await trio.sleep(0.005)
+        # No await from here to the end of the restore: every other request waits.
+        trees = TurnTrees(self.fs.view, self.store, os.fsencode(self.opts.workspace))
+        restore = Restore(self.store, self.capture, self._writers, os.fsencode(self.opts.workspace),
+                          trees)
+        done = restore.run_paths(turn, paths)
+        result = restore.result
+        self._attribute(result, tid, uid)
+        self.fs.epoch += 1
+        self.fs.generation += 1
+        await self._invalidate(result)
+        return {"turn": turn, "open_turn": self.capture.turn,
+                "restored": [[os.fsdecode(p), what] for p, what in done],
+                "refresh": self.kernel_refresh_list(result, tid)}
+
+    def _attribute(self, result, tid, uid) -> None:
+        """Changes the daemon made on a client's request are that client's (log -v shows it)."""
+        if isinstance(tid, int) and isinstance(uid, int):
+            for parent, name in result.entries:
+                self.capture.writers.entry(parent, name, tid, uid)
+            for ino in result.objects:
+                self.capture.writers.object(ino, tid, uid)
+
     async def _op_rollback(self, req: dict) -> dict:
-        target = retention.require_sealed(self.store.catalogue, req.get("turn"))
+        target = self._sealed_turn(req.get("turn"))
         while self.capture.captures_in_flight():
             await trio.sleep(0.005)
         pending = None
@@ -310,6 +375,7 @@ class Daemon:
         # No await from here to the seal: every other request waits.
         rollback = Rollback(self.store, self.capture, self._writers, os.fsencode(self.opts.workspace))
         result = rollback.run(target)
+        self._attribute(result, req.get("tid"), req.get("uid", 0))
         self.fs.epoch += 1      # what readdir knew of the live tree is history now
         self.fs.generation += 1
         turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
@@ -496,6 +562,7 @@ class Daemon:
             self.store.catalogue.set_meta("unmounted_at", str(time.time_ns()))
             self.store.catalogue.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.git_export.close()
+            self.history.close()
             self.control.close()
             log.info("unmounted %s; sealed %s", self.opts.mountpoint, sealed)
         if self.store is not None:

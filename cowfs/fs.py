@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import stat
+import time
 
 import pyfuse3
 import trio
@@ -41,6 +42,8 @@ SNAPSHOT_TIMEOUT = 365 * 86400.0
 # File handles of `.snapshots` files live above every possible descriptor number.
 SNAP_FH_BASE = 1 << 40
 
+_DOTS = (b".", b"..")
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 
 
@@ -65,6 +68,9 @@ def fuse_op(method):
     @functools.wraps(method)
     async def handler(self, *args):
         self.requests[name] += 1
+        if self.debug:
+            log.debug("%s%r", name, args[:-1] if args and type(args[-1]) is pyfuse3.RequestContext
+                      else args)
         if args and type(args[-1]) is pyfuse3.RequestContext and self.is_own(args[-1].pid):
             # From a worker thread of ours (from the main one it could never be served).
             self.requests["from_daemon"] += 1
@@ -81,6 +87,7 @@ def fuse_op(method):
         finally:
             if mutates:
                 self.epoch += 1
+                self.last_change = time.monotonic()    # for --auto-checkpoint
     return handler
 
 
@@ -105,6 +112,28 @@ def _entry(st, nodeid: int, timeout: float) -> pyfuse3.EntryAttributes:
     e.st_mtime_ns = st.st_mtime_ns
     e.st_ctime_ns = st.st_ctime_ns
     return e
+
+
+class _umask:
+    """The caller's umask around one creation on the backing filesystem.
+
+    With ACLs enabled the kernel leaves the umask to the filesystem, which is
+    what the backing one does natively: a default ACL of the parent wins over
+    it, otherwise it masks the mode. The daemon's own umask is 0, and the
+    creation syscall runs on the one trio thread, so setting it around the
+    call changes nothing else (content copies in worker threads make files
+    whose mode they set themselves).
+    """
+    __slots__ = ("mask",)
+
+    def __init__(self, ctx):
+        self.mask = ctx.umask
+
+    def __enter__(self):
+        os.umask(self.mask)
+
+    def __exit__(self, *exc):
+        os.umask(0)
 
 
 def _backing_flags(flags: int) -> int:
@@ -158,12 +187,17 @@ class CowFS(pyfuse3.Operations):
     # batches; `cowfs checkpoint` syncfs()es the mount before sealing, so every
     # page written in a turn reaches the capture path within that turn.
     enable_writeback_cache = True
+    # POSIX ACLs: the kernel enforces them (with default_permissions) and asks for them by
+    # getxattr; the backing filesystem keeps them and their mode in step. The caller's umask
+    # then comes with each creation instead of being applied by the kernel (see _umask).
+    enable_acl = True
 
     def __init__(self, root_fd: int, store: Store, capture: Capture, control_path: bytes,
                  snapdir_visible: bool = False):
         super().__init__()
         self.store = store
         self.capture = capture
+        self.writers = capture.writers      # attribution: a dict store per change
         self.inodes = InodeTable(root_fd, store)
         self.root_fd = root_fd
         self.view = SnapshotView(store, self.inodes.root_ino, ObjectRef(self.inodes.root_ino))
@@ -187,6 +221,8 @@ class CowFS(pyfuse3.Operations):
         # returned, a rollback ran): a directory scanned in this epoch still
         # has the names and d_inos it had.
         self.epoch = 0
+        self.last_change = time.monotonic()
+        self.debug = False          # --debug: log every request (fuse_op)
         # Ends when a rollback ran. The attributes readdir sent for an object
         # (Node.entry) stay true in this generation until a handler that changes
         # that object drops them (_drop_listed).
@@ -312,6 +348,7 @@ class CowFS(pyfuse3.Operations):
                 with self.inodes.pinned(node):
                     await self.capture.before_content_change(node.ino, node.fd)
             self.capture.before_attr_change(node.ino, node.fd)
+            self.writers.object(node.ino, ctx.pid, ctx.uid)
         node.entry = None       # after the last await: a readdir meanwhile saw the old attributes
         path = libc.proc_path(node.fd)
         if fields.update_size:
@@ -368,7 +405,9 @@ class CowFS(pyfuse3.Operations):
         """Create entry *name* with ``make(dir_fd)``, its pre-image recorded first."""
         parent = self._live_parent(parent_id, name)
         self._before_entry_change(parent_id, parent, name)
-        make(parent.fd)
+        with _umask(ctx):
+            make(parent.fd)
+        self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         return self._created(parent, name, ctx)
 
     @fuse_op
@@ -389,7 +428,9 @@ class CowFS(pyfuse3.Operations):
     async def create(self, parent_id, name, mode, flags, ctx):
         parent = self._live_parent(parent_id, name)
         self._before_entry_change(parent_id, parent, name)
-        fd = os.open(name, _backing_flags(flags) | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd)
+        with _umask(ctx):
+            fd = os.open(name, _backing_flags(flags) | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd)
+        self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         try:
             entry = self._created(parent, name, ctx)
         except BaseException:
@@ -409,6 +450,7 @@ class CowFS(pyfuse3.Operations):
         self.capture.before_attr_change(node.ino, node.fd)      # its link count
         node.entry = None
         os.link(libc.proc_path(node.fd), new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        self.writers.entry(parent.ino, new_name, ctx.pid, ctx.uid)
         st = os.stat(new_name, dir_fd=parent.fd, follow_symlinks=False)
         self.inodes.remember(parent, new_name, st.st_ino)
         return _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
@@ -445,6 +487,7 @@ class CowFS(pyfuse3.Operations):
         self._before_entry_change(parent_id, parent, name)
         self._before_link_count_change(st)
         self._drop_listed(st.st_ino)
+        self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         if keep and st.st_nlink == 1:
             self.store.keep_by_rename(parent.fd, name, st.st_ino)
         else:
@@ -458,6 +501,7 @@ class CowFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         self._check_empty(parent.fd, name)
         self._before_entry_change(parent_id, parent, name)
+        self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         if self.capture.is_born(st.st_ino):
             os.rmdir(name, dir_fd=parent.fd)
         else:
@@ -486,7 +530,7 @@ class CowFS(pyfuse3.Operations):
                     and victim.st_ino != src.st_ino)
         keep = False
         if replaces:
-            self._check_rename_over(src, victim, new_parent.fd, new_name)
+            self._check_rename_over(src, victim, old_parent.fd, old_name, new_parent.fd, new_name)
             keep = await self._prepare_removal(victim)
         self._before_entry_change(old_parent_id, old_parent, old_name)
         self._before_entry_change(new_parent_id, new_parent, new_name)
@@ -494,6 +538,8 @@ class CowFS(pyfuse3.Operations):
             self._before_link_count_change(victim)
             self._drop_listed(victim.st_ino)
         self._drop_listed(src.st_ino)       # its ctime (a directory's "..", too)
+        self.writers.entry(old_parent.ino, old_name, ctx.pid, ctx.uid)
+        self.writers.entry(new_parent.ino, new_name, ctx.pid, ctx.uid)
         if not (keep and (stat.S_ISDIR(victim.st_mode) or victim.st_nlink == 1)):
             libc.renameat2(old_parent.fd, old_name, new_parent.fd, new_name, flags)
         else:
@@ -503,12 +549,19 @@ class CowFS(pyfuse3.Operations):
         if victim is not None and flags & pyfuse3.RENAME_EXCHANGE:
             self.inodes.moved(victim.st_ino, old_parent, old_name)
 
-    def _check_rename_over(self, src, victim, dir_fd: int, name: bytes) -> None:
+    def _check_rename_over(self, src, victim, old_dir: int, old_name: bytes, dir_fd: int,
+                           name: bytes) -> None:
         """The errors rename(2) would give, checked before the victim is moved away."""
         if stat.S_ISDIR(victim.st_mode):
             if not stat.S_ISDIR(src.st_mode):
                 raise pyfuse3.FUSEError(errno.EISDIR)
-            self._check_empty(dir_fd, name)
+            try:
+                self._check_empty(dir_fd, name)
+            except pyfuse3.FUSEError:
+                # Not empty: the backing filesystem's own refusal says which errno it gives
+                # (XFS EEXIST, ext4 ENOTEMPTY); it changes nothing.
+                libc.renameat2(old_dir, old_name, dir_fd, name, 0)
+                raise
         elif stat.S_ISDIR(src.st_mode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
 
@@ -553,6 +606,8 @@ class CowFS(pyfuse3.Operations):
             with self.inodes.pinned(node):
                 await self.capture.before_content_change(node.ino, node.fd,
                                                          ahead=not flags & os.O_TRUNC)
+        if flags & (_WRITE_FLAGS | os.O_TRUNC):
+            self.writers.object(node.ino, ctx.pid, ctx.uid)     # writes carry no caller
         if flags & os.O_TRUNC:
             self.epoch += 1     # no await from here on: the truncation is in this epoch's past
             node.entry = None
@@ -645,8 +700,9 @@ class CowFS(pyfuse3.Operations):
         reuse = listing.epoch == self.epoch
         for i in range(start_id, len(listing.names)):
             name = listing.names[i]
-            if name == SNAPDIR:
-                if not pyfuse3.readdir_reply(token, name, self._snapdir_entry(), i + 1):
+            if name == SNAPDIR or name in _DOTS:
+                entry = self._snapdir_entry() if name == SNAPDIR else self._dot_entry(parent, name)
+                if not pyfuse3.readdir_reply(token, name, entry, i + 1):
                     return
                 continue
             # readdirplus sends every entry's attributes: a stat each, unless this
@@ -665,10 +721,29 @@ class CowFS(pyfuse3.Operations):
             node = self.inodes.remember(parent, name, ino)
             node.entry, node.entry_generation = entry, generation
 
+    def _dot_entry(self, node: Node, name: bytes) -> pyfuse3.EntryAttributes:
+        """The entry of "." or ".." of live directory *node* (readdir_reply counts no lookup).
+
+        ".." is found downwards from the root, by the path the kernel keeps for the
+        directory's descriptor: walking ".." up from a child of the root would step
+        onto this very mount (and wait for itself)."""
+        if name == b"." or node.ino == self.inodes.root_ino:
+            return _entry(os.stat(node.fd), self.inodes.nodeid(node.ino), LIVE_TIMEOUT)
+        path = os.readlink(libc.proc_path(node.fd))
+        prefix = self.capture.root_prefix
+        parent = path[len(prefix):].rpartition(b"/")[0] \
+            if path.startswith(prefix) else b""
+        try:
+            st = os.stat(parent or b".", dir_fd=self.root_fd)
+        except OSError:     # removed or moved meanwhile: "." stands in, as for the root
+            st = os.stat(node.fd)
+        return _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
+
     def _list(self, nodeid: int) -> tuple[list[bytes], list[int]]:
-        """The names of a live directory and their inode numbers (as the directory says)."""
+        """The names of a live directory and their inode numbers (as the directory says),
+        "." and ".." first, as the backing filesystem lists them."""
         with os.scandir(libc.proc_path(self._node(nodeid).fd)) as it:
-            listed = [(e.name, e.inode()) for e in it]
+            listed = [(b".", 0), (b"..", 0)] + [(e.name, e.inode()) for e in it]
         if nodeid == pyfuse3.ROOT_INODE:
             listed = [(n, i) for n, i in listed if n != STORE_NAME and n != SNAPDIR]
             if self.snapdir_visible:
@@ -719,6 +794,7 @@ class CowFS(pyfuse3.Operations):
             raise _erofs()
         node = self._node(nodeid)
         self.capture.before_attr_change(node.ino, node.fd)
+        self.writers.object(node.ino, ctx.pid, ctx.uid)
         node.entry = None    # its ctime
         os.setxattr(libc.proc_path(node.fd), name, value)
 
@@ -728,6 +804,7 @@ class CowFS(pyfuse3.Operations):
             raise _erofs()
         node = self._node(nodeid)
         self.capture.before_attr_change(node.ino, node.fd)
+        self.writers.object(node.ino, ctx.pid, ctx.uid)
         node.entry = None    # its ctime
         os.removexattr(libc.proc_path(node.fd), name)
 

@@ -35,6 +35,7 @@ import trio
 
 from . import libc
 from .catalogue import Catalogue
+from .history import TurnTrees, join as _join, under_dot_git as _under_dot_git
 from .snapshot import SnapObject, SnapshotView
 from .store import STORE_NAME, ObjectRef, Store
 
@@ -268,202 +269,12 @@ def _mark(turn: int) -> int:
     return turn + 1       # fast-import marks start at 1
 
 
-def _join(parent: bytes, name: bytes) -> bytes:
-    return parent + b"/" + name if parent else name
-
-
-def _under_dot_git(path: bytes) -> bool:
-    return any(part.lower() == b".git" for part in path.split(b"/"))
-
-
 def _git_mode(mode: int) -> bytes | None:
     if stat.S_ISREG(mode):
         return MODE_EXEC if mode & 0o111 else MODE_FILE
     if stat.S_ISLNK(mode):
         return MODE_LINK
     return None
-
-
-# -- finding things in a turn's snapshot ------------------------------------------------------
-class TurnTrees:
-    """Paths of the snapshots of sealed turns: where a directory is, what a path holds.
-
-    Directories are found by identity (inode) through the layers, so a
-    renamed directory costs one lookup per level, never a scan.
-    """
-
-    def __init__(self, view: SnapshotView, store: Store, root_path: bytes):
-        self.view = view
-        self.catalogue = view.catalogue
-        self.store = store
-        self.root_ino = view.root_ino
-        self.root_prefix = root_path.rstrip(b"/") + b"/"    # as the kernel names our descriptors
-        self.dev = os.fstat(store.fd).st_dev
-        self.objects_ino = os.fstat(store.objects_fd).st_ino
-        self._dirs: dict[int, dict[int, bytes | None]] = {}          # turn -> ino -> path
-        self._lookups: dict[int, dict[bytes, SnapObject | None]] = {}  # turn -> path -> dir
-
-    def forget(self, keep: set[int]) -> None:
-        for cache in (self._dirs, self._lookups):
-            for turn in list(cache):
-                if turn not in keep:
-                    del cache[turn]
-
-    def root(self, turn: int) -> SnapObject:
-        return SnapObject(turn, self.root_ino, self.view.root_handle)
-
-    def dir_path(self, turn: int, ino: int, handle: bytes) -> bytes | None:
-        """Where directory *ino* is in *turn*'s snapshot (b"" for the root); None if not there."""
-        if ino == self.root_ino:
-            return b""
-        known = self._dirs.setdefault(turn, {})
-        if ino in known:
-            return known[ino]
-        known[ino] = None        # until found: stale rows can never make this loop
-        # The live place first, then the layers: a move records its row before
-        # it happens, so if the live place is already the new one, the row is seen.
-        live = self.live_entry(ino, handle)
-        place = self.catalogue.location_after(ino, turn)
-        if place is not None:
-            parent, name = place
-            parent_handle = self.catalogue.ref(parent)
-        elif live is not None:
-            parent, parent_handle, name = live
-        else:
-            return None
-        parent_path = self.dir_path(turn, parent, parent_handle)
-        if parent_path is None:
-            return None
-        # location_after assumes the directory was in the tree at the end of
-        # *turn*; if it was not (made later, or detached), the entry says otherwise.
-        try:
-            found, _, _ = self.view.child(turn, SnapObject(turn, parent, parent_handle), name)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        if found != ino:
-            return None
-        known[ino] = _join(parent_path, name)
-        return known[ino]
-
-    def live_entry(self, ino: int, handle: bytes) -> tuple[int, bytes, bytes] | None:
-        """(parent ino, parent handle, name) holding object *ino* now; None if it cannot be found.
-
-        From the path the kernel keeps for it (always known for a directory;
-        for a file only while its dentry is cached), walked down from the root,
-        which also reaches directories detached into the store. Never up with
-        "..": our descriptors belong to the mount namespace where our own mount
-        sits on the root, and ".." from a child of the root would step into it.
-        """
-        try:
-            fd = self.store.open_object(handle)
-            try:
-                path = os.readlink(libc.proc_path(fd))
-            finally:
-                os.close(fd)
-        except OSError:
-            return None
-        if not path.startswith(self.root_prefix):
-            return None       # a disconnected dentry: the kernel does not know where it is
-        parent_path, _, name = path[len(self.root_prefix):].rpartition(b"/")
-        root_fd = self.view.object_fd(self.root_ino, self.view.root_handle)
-        try:
-            parent_fd = os.open(parent_path or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
-                                dir_fd=root_fd)
-        except OSError:
-            return None       # moved meanwhile (its row says where it was) or removed for good
-        try:
-            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-            parent = os.fstat(parent_fd).st_ino
-            if st.st_ino != ino or st.st_dev != self.dev or parent == self.objects_ino:
-                return None   # moved meanwhile (its row says where it was), or detached itself
-            return parent, ObjectRef(parent, self.view.root_handle, parent_path or b"."), name
-        except OSError:
-            return None
-        finally:
-            os.close(parent_fd)
-
-    def entry_then(self, turn: int, parent: int, parent_handle: bytes,
-                   name: bytes) -> tuple[int | None, bool]:
-        """(what entry (parent, name) held at the end of *turn*, whether it changed since).
-
-        The live entry first, then the layers, as SnapshotView.child does.
-        """
-        try:
-            live = os.stat(name, dir_fd=self.view.object_fd(parent, parent_handle),
-                           follow_symlinks=False).st_ino
-        except (FileNotFoundError, NotADirectoryError):
-            live = None
-        found, held = self.catalogue.entry_after(parent, name, turn)
-        return (held, True) if found else (live, False)
-
-    def entry_path(self, turn: int, parent: int, parent_handle: bytes, name: bytes,
-                   ino: int) -> bytes | None:
-        """The path of entry (parent, name) in *turn* if it held *ino* then, else None."""
-        if self.entry_then(turn, parent, parent_handle, name)[0] != ino:
-            return None
-        parent_path = self.dir_path(turn, parent, parent_handle)
-        return None if parent_path is None else _join(parent_path, name)
-
-    def lookup(self, turn: int, path: bytes) -> tuple[int, bytes, os.stat_result] | None:
-        """(ino, handle, current stat) of what *path* holds in *turn*'s snapshot, if anything."""
-        parent = self.lookup_parent(turn, path)
-        if parent is None:
-            return None
-        try:
-            return self.view.child(turn, parent, path.rpartition(b"/")[2])
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
-    def lookup_parent(self, turn: int, path: bytes) -> SnapObject | None:
-        """The directory holding *path* in *turn*'s snapshot, if there is one."""
-        return self._lookup_dir(turn, path.rpartition(b"/")[0])
-
-    def _lookup_dir(self, turn: int, path: bytes) -> SnapObject | None:
-        if not path:
-            return self.root(turn)
-        known = self._lookups.setdefault(turn, {})
-        if path not in known:
-            found = self.lookup(turn, path)
-            known[path] = (SnapObject(turn, found[0], found[1])
-                           if found is not None and stat.S_ISDIR(found[2].st_mode) else None)
-        return known[path]
-
-    def is_empty(self, turn: int, ino: int, handle: bytes) -> bool:
-        """True if directory *ino* has no entry in *turn*; O(1) unless names were added since.
-
-        Live names first, then the rows (a change records its row before it happens).
-        """
-        fd = self.view.object_fd(ino, handle)
-        with os.scandir(libc.proc_path(fd)) as live:
-            for entry in live:
-                name = os.fsencode(entry.name)
-                if ino == self.root_ino and name == STORE_NAME:
-                    continue
-                found, held = self.catalogue.entry_after(ino, name, turn)
-                if not found or held is not None:
-                    return False
-        return all(held is None for held in self.catalogue.entries_after(ino, turn).values())
-
-    def walk(self, turn: int, path: bytes, ino: int, handle: bytes, st: os.stat_result,
-             on_empty, on_dot_git) -> Iterator[tuple[bytes, SnapObject, int]]:
-        """(path, object, mode in *turn*) of every non-directory at or below *path*."""
-        stack = [(path, ino, handle, st)]
-        while stack:
-            path, ino, handle, st = stack.pop()
-            if _under_dot_git(path):
-                on_dot_git(path)
-                continue
-            obj = SnapObject(turn, ino, handle)
-            mode = self.view.attrs(turn, ino, st).mode
-            if not stat.S_ISDIR(mode):
-                yield path, obj, mode
-                continue
-            names = self.view.names(obj)
-            if not names and path:
-                on_empty(path)
-            for name in reversed(names):
-                child_ino, child_handle, child_st = self.view.child(turn, obj, name)
-                stack.append((_join(path, name), child_ino, child_handle, child_st))
 
 
 # -- one turn's changes -----------------------------------------------------------------------
@@ -546,7 +357,7 @@ class TurnDiff:
             mode = self.view.attrs(turn, ino, st).mode
             if not content_changed and _git_mode(mode) == _git_mode(mode_before):
                 continue      # owner, mtime, xattrs, other mode bits: invisible to git
-            names = self._names_at(turn, ino, handle, st, hint)
+            names = self.trees.names_of(turn, ino, handle, st, hint)
             if names is None:
                 elsewhere.add(ino)
                 continue
@@ -555,40 +366,6 @@ class TurnDiff:
                     changes.put(path, SnapObject(turn, ino, handle), mode)
         if elsewhere:
             self._find_and_put(changes, turn, elsewhere)
-
-    def _names_at(self, turn: int, ino: int, handle: bytes, st: os.stat_result,
-                  hint: bytes | None) -> set[bytes] | None:
-        """Every path of file *ino* at the end of *turn*; None if only a walk can tell.
-
-        A change in place changes the file under all its names, whatever name
-        it went through (the hint is one it had at the time, maybe gone by the
-        end of the turn). Its names at the end of the turn are the entries that
-        held it then: those changed since left a row holding it; the others
-        hold it still, so they are among its names now. *st* was taken before
-        the rows are read: a name lost after it has left its row by then.
-        """
-        now = st.st_nlink - (1 if self.store.kept(ino) else 0)
-        if now > 1:
-            return None       # hard links: finding the other names takes a walk
-        names = set()
-        for parent, name in self.catalogue.holders_after(ino, turn):
-            path = self.trees.entry_path(turn, parent, self.catalogue.ref(parent), name, ino)
-            if path is not None:
-                names.add(path)
-        if now == 0:
-            return names
-        # Its one name now: the hint, if that entry still holds it, else the kernel's path for it.
-        parent = self.trees.lookup_parent(turn, hint) if hint is not None else None
-        if parent is not None:
-            name = hint.rpartition(b"/")[2]
-            held, changed_since = self.trees.entry_then(turn, parent.ino, parent.handle, name)
-            if held == ino and not changed_since:
-                return names | {hint}
-        live = self.trees.live_entry(ino, handle)
-        if live is None:
-            return None
-        path = self.trees.entry_path(turn, *live, ino)
-        return names | ({path} if path is not None else set())
 
     def _find_and_put(self, changes: TurnChanges, turn: int, inos: set[int]) -> None:
         # The fallback for hard links and missing hints: one walk of the turn's

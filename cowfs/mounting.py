@@ -35,6 +35,7 @@ class MountRequest:
     owner: str | None = None
     allow_other: bool = False
     message: str = ""           # for turn 0 of a new store (the compat manager's reason)
+    auto_checkpoint: float | None = None   # seal after this many quiet seconds (a watcher)
     keep: int | str | None = None         # prune limits after each checkpoint (retention.Limits)
     older_than: float | str | None = None
     max_store: int | str | None = None
@@ -67,6 +68,8 @@ def options(req: MountRequest):
     mountpoint = os.path.realpath(req.at) if req.at else workspace
     if req.at and not os.path.isdir(mountpoint):
         raise BadInput(f"{req.at} is not a directory")
+    if req.auto_checkpoint is not None and not req.auto_checkpoint > 0:
+        raise BadInput(f"--auto-checkpoint {req.auto_checkpoint}: expected a number of seconds > 0")
     if req.snapdir not in ("hidden", "visible"):
         raise BadInput(f"--snapdir {req.snapdir}: expected hidden or visible")
     limits = Limits.parse(req.keep, req.older_than, req.max_store)
@@ -115,6 +118,8 @@ def mount(req: MountRequest) -> Mounted:
         notes += refuse_mounted(path)
     pid, note = _spawn_daemon(req, opts)
     notes += [note] if note else []
+    if req.auto_checkpoint:
+        _spawn_watcher(opts.mountpoint, req.auto_checkpoint, pid)
     return Mounted(opts.workspace, opts.mountpoint, pid, notes, processes_with_cwd_in(opts.mountpoint, pid))
 
 
@@ -156,6 +161,13 @@ def _spawn_daemon(req: MountRequest, opts) -> tuple[int, str]:
         raise BadInput(message.removeprefix("error: "))
     raise OperationFailed(f"the daemon failed to start ({message or 'no message'}); "
                           f"see {opts.workspace}/.cowfs/daemon.log")
+
+
+def _spawn_watcher(mountpoint: str, quiet: float, daemon_pid: int) -> None:
+    """The auto-checkpoint watcher (autocheckpoint.py), outside the mount so it never keeps it busy."""
+    subprocess.Popen([sys.executable, "-m", "cowfs.autocheckpoint", mountpoint, str(quiet),
+                      str(daemon_pid)], cwd="/", start_new_session=True, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _read_ready(fd: int, proc) -> str:

@@ -94,7 +94,8 @@ def pytest_configure(config):
 # write them: tests/test_rootless.py exports as the user instead.
 ROOTLESS_MODULES = {"test_scenarios", "test_model", "test_model_regressions", "test_cli", "test_api",
                     "test_rollback_stale_size", "test_parity", "test_recovery",
-                    "test_checkpoint_cost", "test_prune"}
+                    "test_checkpoint_cost", "test_everyday", "test_security",
+                    "test_history_random", "test_differential", "test_prune"}
 
 
 def pytest_collection_modifyitems(config, items):

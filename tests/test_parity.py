@@ -37,3 +37,59 @@ def test_the_daemon_log_is_not_world_writable(workspace):
     workspace.umount()
     mode = stat.S_IMODE(os.stat(workspace.store / "daemon.log").st_mode)
     assert mode == 0o600, oct(mode)
+
+
+ACL_SCRIPT = r"""
+set -e
+umask 022
+touch f; chmod 644 f
+setfacl -m u::rwx,g::rwx,o::rwx f
+stat -c '%A' f
+getfacl -cp f
+printf '#!/bin/sh\necho ran\n' > s; chmod 755 s
+setfacl -m u:{user}:rwx,m::rw- s
+stat -c '%A' s
+mkdir d
+setfacl -d -m u::r,g::r,o::- d
+touch d/x; mkdir d/sub
+stat -c '%A' d/x d/sub
+getfacl -cp d/x
+mkdir g; chmod 2775 g; stat -c '%A' g
+"""
+
+
+def _acl_run(where, user):
+    out = subprocess.run(["sh", "-c", ACL_SCRIPT.format(user=user)], cwd=where, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    ran = subprocess.run(["runuser", "-u", user, "--", f"{where}/s"], capture_output=True, text=True)
+    return out.stdout, ran.returncode
+
+
+def test_posix_acls_behave_as_on_the_backing_filesystem(workspace, test_users):
+    """setfacl's mode change shows at once, a mask stops execution, a default ACL is inherited."""
+    from conftest import OTHER_USER
+    native = workspace.path.parent / "native-acl"
+    native.mkdir()
+    os.chmod(native, 0o755)
+    workspace.mount()
+    os.chmod(workspace.path, 0o755)
+    expected = _acl_run(native, OTHER_USER)
+    assert expected[1] != 0        # the mask took execution away natively
+    assert _acl_run(workspace.path, OTHER_USER) == expected
+    workspace.cli("checkpoint")
+    snap = workspace.snapshots / "turn-1"
+    got = subprocess.run(["getfacl", "-cp", snap / "d/x"], capture_output=True, text=True).stdout
+    assert got == subprocess.run(["getfacl", "-cp", native / "d/x"], capture_output=True,
+                                 text=True).stdout
+
+
+def test_readdir_lists_dot_and_dotdot_with_their_inodes(workspace):
+    (workspace.path / "a/b").mkdir(parents=True)
+    workspace.mount()
+    p = workspace.path
+    for d, parent in ((p / "a", p), (p / "a/b", p / "a")):
+        listing = subprocess.run(["ls", "-a1i", d], capture_output=True, text=True, check=True).stdout
+        inos = {line.split()[1]: int(line.split()[0]) for line in listing.splitlines()}
+        assert inos["."] == os.stat(d).st_ino and inos[".."] == os.stat(parent).st_ino, listing
+    assert subprocess.run(["ls", "-a1", p], capture_output=True, text=True).stdout.split()[:2] == [".", ".."]

@@ -524,3 +524,4 @@ def test_random_histories_with_prunes(workspace, seed):
     assert_kept_exact(ws, manifests, kept)
     ws.cli("rollback", str(kept[0]))
     assert tree(p, mtimes=True) == manifests[kept[0]]
+

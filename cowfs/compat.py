@@ -1,0 +1,493 @@
+"""A drop-in for the shadow-git checkpoint manager that agent harnesses call, backed by cowfs.
+
+Owns the translation between the checkpoint-manager interface of agent
+harnesses (the Hermes agent's `CheckpointManager`: `new_turn`,
+`ensure_checkpoint`, `list_checkpoints`, `diff`, `restore`,
+`record_agent_write`, `get_working_dir_for_path`) and cowfs turns. Every
+operation is one of `cowfs.api`; this module only translates arguments, ids
+and return shapes:
+
+- a checkpoint is a sealed turn, its reason the turn's message (first line);
+- its id (`hash`) is a hex digest of the turn's number and start time, stable
+  across remounts; any prefix of 4 or more digits that names one turn is
+  accepted, `short_hash` is the first 8;
+- `ensure_checkpoint` seals the open turn (nothing is copied: the pre-images
+  were kept as the files changed), and mounts cowfs over the directory first
+  if it is not under a mount yet, so a harness only swaps the class;
+- `restore(safe=True)` knows who wrote what: cowfs records the process behind
+  every change, so the agent's changes (the harness process and everything it
+  started, `sed -i` and `npm install` included) are reverted and the user's
+  own edits are kept.
+
+    from cowfs.compat import CheckpointManager      # the one line a harness changes
+
+    mgr = CheckpointManager()
+    mgr.new_turn()
+    mgr.ensure_checkpoint("/home/me/proj", "before: add the parser")   # True
+    ...                                                     # the agent works
+    cp = mgr.list_checkpoints("/home/me/proj")[0]           # newest first
+    mgr.diff("/home/me/proj", cp["short_hash"])["stat"]
+    mgr.restore("/home/me/proj", cp["hash"], safe=True)     # agent's changes undone
+
+`ensure_checkpoint` never raises (it returns False and logs); `diff` and
+`restore` return `{"success": False, "error": ...}` for anything cowfs
+refuses, having touched nothing. Not here: pruning (`cowfs prune` is being
+added on another branch; until `Workspace.prune` exists there is no pruning
+helper, and `max_total_size_mb` is accepted and ignored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import stat
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+from . import api, patch
+from .errors import BadInput, CowfsError, NotMounted
+
+logger = logging.getLogger(__name__)
+
+HASH_LENGTH = 40
+SHORT_LENGTH = 8
+LINE_COUNT_LIMIT = 10 << 20     # list_checkpoints counts no lines of a file larger than this
+_HASH_RE = re.compile(r"[0-9a-fA-F]{4,64}")
+PROJECT_MARKERS = (".git", "pyproject.toml", "package.json", "Cargo.toml", "go.mod", "Makefile",
+                   "pom.xml", ".hg", "Gemfile")
+_NOT_RECORDED = object()
+
+
+# -- ids --------------------------------------------------------------------------------------
+def turn_hash(turn: api.Turn) -> str:
+    """The checkpoint id of *turn*: 40 hex digits from its number and start time (which never
+    change, so the id is the same across remounts, and differs between workspaces)."""
+    digest = hashlib.sha256(f"cowfs turn {turn.number} {turn.started!r}".encode())
+    return digest.hexdigest()[:HASH_LENGTH]
+
+
+def check_hash(commit_hash) -> None:
+    """`BadInput` unless *commit_hash* looks like an id harnesses pass (hex, 4-64 digits)."""
+    if not isinstance(commit_hash, str) or not commit_hash.strip():
+        raise BadInput("empty checkpoint id")
+    if commit_hash.startswith("-"):
+        raise BadInput(f"invalid checkpoint id (must not start with '-'): {commit_hash!r}")
+    if not _HASH_RE.fullmatch(commit_hash):
+        raise BadInput(f"invalid checkpoint id (expected 4-64 hex digits): {commit_hash!r}")
+
+
+def find_turn(ws: api.Workspace, commit_hash: str) -> api.Turn:
+    """The sealed turn whose id starts with *commit_hash*; `BadInput` if none or several."""
+    check_hash(commit_hash)
+    prefix = commit_hash.lower()
+    found = [t for t in ws.turns() if t.sealed is not None and turn_hash(t).startswith(prefix)]
+    if not found:
+        raise BadInput(f"checkpoint {commit_hash!r} not found in {ws.path} (see list_checkpoints)")
+    if len(found) > 1:
+        raise BadInput(f"checkpoint id {commit_hash!r} is ambiguous: give more digits")
+    return found[0]
+
+
+def reason_of(turn: api.Turn) -> str:
+    """What a harness shows as the checkpoint's reason: the first line of the turn's message."""
+    lines = turn.message.splitlines()
+    return lines[0] if lines and lines[0] else f"turn {turn.number}"
+
+
+def timestamp(seconds: float) -> str:
+    """ISO 8601 in local time with its offset, as git's %aI prints it."""
+    return datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
+
+
+# -- paths ------------------------------------------------------------------------------------
+def _normalize(path) -> Path:
+    return Path(os.fspath(path)).expanduser().resolve()
+
+
+def _too_broad(abs_dir: Path) -> bool:
+    home = Path.home()
+    return abs_dir in (Path("/"), home, home.resolve())
+
+
+def _workspace(path: Path) -> api.Workspace | None:
+    try:
+        return api.Workspace(path)
+    except NotMounted:
+        return None
+
+
+def _mounted_workspace(abs_dir: Path) -> api.Workspace:
+    ws = _workspace(abs_dir)
+    if ws is None:
+        raise NotMounted(f"no checkpoints exist for {abs_dir} (it is not under a cowfs mount)")
+    return ws
+
+
+def _file_in(abs_dir: Path, file_path: str) -> Path:
+    """The absolute path of *file_path*, relative to *abs_dir*; `BadInput` if it is empty,
+    absolute, or leaves the directory (by `..` or through a symlink)."""
+    if not isinstance(file_path, str) or not file_path.strip():
+        raise BadInput("empty file path")
+    if os.path.isabs(file_path):
+        raise BadInput(f"file path must be relative to the directory, got {file_path!r}")
+    joined = Path(os.path.normpath(abs_dir / file_path))
+    for candidate in (joined, joined.resolve()):
+        if candidate != abs_dir and abs_dir not in candidate.parents:
+            raise BadInput(f"file path escapes the directory {abs_dir}: {file_path!r}")
+    return joined
+
+
+def _is_dir_at(root: Path, rel: str) -> bool:
+    """*rel* is a directory below *root*, reached without following a symlink."""
+    here = root
+    for part in (p for p in rel.split("/") if p):
+        here = here / part
+        try:
+            if not stat.S_ISDIR(os.lstat(here).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _parent(rel: str) -> str:
+    return rel.rpartition("/")[0]
+
+
+class CheckpointManager:
+    """Checkpoints of working directories, one per directory per turn, kept by cowfs.
+
+    The interface of the shadow-git manager harnesses own (Hermes's
+    `CheckpointManager`): call `new_turn()` when a conversation turn starts and
+    `ensure_checkpoint(dir, reason)` before the first file-changing tool call.
+    `max_snapshots` caps what `list_checkpoints` shows; the history itself is
+    bounded by cowfs's retention, not here. `max_total_size_mb` and
+    `max_file_size_mb` are accepted for compatibility and ignored: cowfs keeps
+    a changed file's old version as a reflink (a copy on ext4), so large files
+    cost what changed, and store limits belong to `cowfs prune`.
+    """
+
+    def __init__(self, enabled: bool = True, max_snapshots: int = 50,
+                 max_total_size_mb: int | None = None, max_file_size_mb: int | None = None):
+        self.enabled = enabled
+        self.max_snapshots = max(1, int(max_snapshots))
+        self._checkpointed_dirs: set[Path] = set()
+        self._agent_writes: dict[Path, object] = {}     # path -> its writer when recorded
+
+    # -- turns --------------------------------------------------------------------------------
+    def new_turn(self) -> None:
+        """A new conversation turn: each directory may be checkpointed once again."""
+        self._checkpointed_dirs.clear()
+
+    def ensure_checkpoint(self, working_dir: str, reason: str = "auto") -> bool:
+        """Make the state of *working_dir* now a checkpoint listed with *reason*, at most once per
+        directory per turn. False when disabled, already done this turn, nothing changed since
+        the last checkpoint, for `/` and the home directory, and on any failure (logged);
+        never raises. A directory not under a cowfs mount is mounted first: the mount's turn 0
+        is then this checkpoint."""
+        if not self.enabled:
+            return False
+        try:
+            abs_dir = _normalize(working_dir)
+            if _too_broad(abs_dir):
+                logger.debug("checkpoint skipped: %s is too broad", abs_dir)
+                return False
+            if abs_dir in self._checkpointed_dirs:
+                return False
+            self._checkpointed_dirs.add(abs_dir)
+            return self._take(abs_dir, str(reason))
+        except Exception as e:      # a checkpoint must never break the agent's tool call
+            logger.warning("cowfs: no checkpoint of %s: %s", working_dir, e)
+            return False
+
+    def _take(self, abs_dir: Path, reason: str) -> bool:
+        ws = _workspace(abs_dir)
+        if ws is None:
+            return self._mount(abs_dir, reason)
+        ws.sync()
+        status = ws.status()
+        if status.pending_changes == 0:
+            logger.debug("checkpoint skipped: nothing changed in %s since turn %d", abs_dir,
+                         status.last_turn)
+            return False
+        turn = ws.checkpoint(reason)
+        logger.info("cowfs: checkpoint %s of %s (turn %d, %d changes): %s", _short(turn), abs_dir,
+                    turn.number, turn.changes, reason)
+        return True
+
+    def _mount(self, abs_dir: Path, reason: str) -> bool:
+        if not abs_dir.is_dir():
+            logger.debug("checkpoint skipped: %s is not a directory", abs_dir)
+            return False
+        before = datetime.now().timestamp()
+        ws = api.mount(abs_dir, message=reason)
+        fresh = ws.turns()[0].started >= before
+        if not fresh:       # a store from an earlier mount: the state now is a new checkpoint
+            ws.checkpoint(reason)
+        logger.info("cowfs: mounted %s to keep its checkpoints; %s is checkpoint %s", abs_dir,
+                    "its tree" if fresh else "the state now", _short(ws.turns()[-2]))
+        return True
+
+    # -- looking back -------------------------------------------------------------------------
+    def list_checkpoints(self, working_dir: str) -> list[dict]:
+        """The checkpoints of *working_dir*, newest first, at most `max_snapshots`: `hash`,
+        `short_hash`, `timestamp` (ISO 8601), `reason`, and what the checkpoint changed since
+        the one before it (`files_changed`, `insertions`, `deletions`, as git's --shortstat;
+        the lines of a file over LINE_COUNT_LIMIT are not counted, as a binary file's).
+        [] when there are none."""
+        try:
+            abs_dir = _normalize(working_dir)
+            ws = _mounted_workspace(abs_dir)
+            sealed = [t for t in ws.turns() if t.sealed is not None]
+            rel = ws.relative(abs_dir)
+        except CowfsError as e:
+            logger.debug("no checkpoints listed for %s: %s", working_dir, e)
+            return []
+        out = []
+        for i in range(len(sealed) - 1, max(-1, len(sealed) - 1 - self.max_snapshots), -1):
+            turn = sealed[i]
+            entry = {"hash": turn_hash(turn), "short_hash": _short(turn),
+                     "timestamp": timestamp(turn.sealed), "reason": reason_of(turn),
+                     "files_changed": 0, "insertions": 0, "deletions": 0}
+            if i > 0:
+                entry.update(_shortstat(ws, sealed[i - 1], turn, rel))
+            out.append(entry)
+        return out
+
+    def diff(self, working_dir: str, commit_hash: str) -> dict:
+        """What changed from checkpoint *commit_hash* to the live tree of *working_dir*:
+        `{"success": True, "stat": git's --stat, "diff": a git-style patch}`, paths relative to
+        the directory, or `{"success": False, "error": ...}`."""
+        try:
+            abs_dir = _normalize(working_dir)
+            ws = _mounted_workspace(abs_dir)
+            turn = find_turn(ws, commit_hash)
+            rel = ws.relative(abs_dir)
+            diffs = _rebase(ws.file_diffs(turn.number, None, _only(ws, rel)), rel)
+            text = patch.patch(diffs)
+            return {"success": True, "stat": patch.diffstat(diffs), "diff": text}
+        except (CowfsError, OSError) as e:
+            return _failure(e)
+
+    # -- going back ---------------------------------------------------------------------------
+    def restore(self, working_dir: str, commit_hash: str, file_path: str | None = None,
+                safe: bool = False) -> dict:
+        """Make *working_dir* (or one *file_path* in it) what it was at checkpoint *commit_hash*.
+
+        The state before is made a checkpoint first ("pre-rollback snapshot"), so the restore
+        can be undone like any other. The whole directory: exactly the checkpoint's tree (a
+        rollback when it is the mount's root; later files are removed). *safe* (whole
+        directory only, as in the shadow-git manager): only the agent's changes are reverted,
+        see `_safe_restore`. Success: `success`, `restored_to` (short id), `reason` (the
+        checkpoint's), `directory`, plus `file`, or `restored_files` and `skipped_user_edits`
+        (relative to the directory) for a safe restore. Failure: `success` False and `error`;
+        nothing was touched.
+        """
+        try:
+            abs_dir = _normalize(working_dir)
+            ws = _mounted_workspace(abs_dir)
+            turn = find_turn(ws, commit_hash)
+            if file_path:
+                return self._restore_file(ws, turn, abs_dir, file_path)
+            if safe:
+                return self._safe_restore(ws, turn, abs_dir)
+            return self._restore_tree(ws, turn, abs_dir)
+        except (CowfsError, OSError) as e:
+            return _failure(e)
+
+    def _restore_file(self, ws: api.Workspace, turn: api.Turn, abs_dir: Path, file_path: str) -> dict:
+        target = _file_in(abs_dir, file_path)
+        rel = ws.relative(target)
+        then = ws.snapshot_path(turn.number)
+        if not os.path.lexists(then / rel) and not os.path.lexists(target):
+            raise BadInput(f"{file_path} is neither in checkpoint {_short(turn)} nor in {abs_dir}")
+        if not _is_dir_at(then, _parent(rel)):
+            raise BadInput(f"{_parent(rel)}/ did not exist at checkpoint {_short(turn)}: "
+                           f"restore the directory instead")
+        self._checkpoint_before(ws, turn)
+        ws.restore(turn.number, [target])
+        return {**_restored(turn, abs_dir), "file": file_path}
+
+    def _restore_tree(self, ws: api.Workspace, turn: api.Turn, abs_dir: Path) -> dict:
+        rel = ws.relative(abs_dir)
+        if not _is_dir_at(ws.snapshot_path(turn.number), rel):
+            raise BadInput(f"{abs_dir} did not exist at checkpoint {_short(turn)}")
+        self._checkpoint_before(ws, turn)
+        if rel:
+            ws.restore(turn.number, [abs_dir])
+        else:
+            ws.rollback(turn.number)
+        return _restored(turn, abs_dir)
+
+    def _safe_restore(self, ws: api.Workspace, turn: api.Turn, abs_dir: Path) -> dict:
+        """Revert the agent's changes since *turn* and keep everyone else's.
+
+        A change is the agent's when the process that made it last is this harness process or
+        was its descendant then, or when `record_agent_write` named the file and no other
+        process changed it since. A file the agent created is removed (and the directories it
+        made for it, once empty), one it deleted comes back, one it renamed goes back to its
+        old name. A file the agent and then the user changed is the user's and is kept.
+        """
+        rel = ws.relative(abs_dir)
+        agents, users = set(), set()
+        for change in ws.diff(turn.number, None, _only(ws, rel)):
+            paths = {change.path} | ({change.old_path} if change.old_path else set())
+            (agents if self._by_agent(ws, change) else users).update(paths - (agents | users))
+        result = {**_restored(turn, abs_dir), "restored_files": _relative_to(sorted(agents), rel),
+                  "skipped_user_edits": _relative_to(sorted(users), rel), "skipped_oversize": []}
+        if not agents:
+            return {**result, "reason": "nothing to restore (all changed files were user-edited)"}
+        self._checkpoint_before(ws, turn)
+        then = ws.snapshot_path(turn.number)
+        orphans = [p for p in agents
+                   if not os.path.lexists(then / p) and not _is_dir_at(then, _parent(p))]
+        for path in sorted(orphans):
+            _remove_with_new_parents(ws.path, then, path, rel)
+        in_place = sorted(agents.difference(orphans))
+        if in_place:
+            ws.restore(turn.number, [ws.path / p for p in in_place])
+        return result
+
+    def _by_agent(self, ws: api.Workspace, change: api.Change) -> bool:
+        if change.process is not None and change.process.descends_from(os.getpid()):
+            return True
+        for path in filter(None, (change.path, change.old_path)):
+            if self._agent_writes.get(ws.path / path, _NOT_RECORDED) == change.process:
+                return True
+        return False
+
+    def _checkpoint_before(self, ws: api.Workspace, turn: api.Turn) -> None:
+        ws.sync()
+        if ws.status().pending_changes:
+            ws.checkpoint(f"pre-rollback snapshot (restoring to {_short(turn)})")
+
+    # -- what the harness knows ---------------------------------------------------------------
+    def record_agent_write(self, file_path: str) -> None:
+        """The harness's tool just wrote *file_path* (through a process cowfs cannot tell is the
+        agent's: a tool server, a sandbox). A safe restore reverts it unless another process
+        changes it afterwards. Call it right after the write, before the next checkpoint.
+        Never raises."""
+        if not self.enabled:
+            return
+        try:
+            path = _normalize(file_path)
+            ws = _mounted_workspace(path)
+            changes = ws.diff(None, None, [path])      # the open turn: the write just made
+            self._agent_writes[path] = changes[0].process if changes else None
+        except Exception as e:      # bookkeeping must never break the agent's tool call
+            logger.debug("record_agent_write(%s) not recorded: %s", file_path, e)
+
+    def get_working_dir_for_path(self, file_path: str) -> str:
+        """The directory to checkpoint for a change to *file_path*: the root of the cowfs mount
+        holding it, else the nearest enclosing project (a directory with .git, pyproject.toml,
+        package.json, ...) below the home directory, else the file's directory."""
+        path = _normalize(file_path)
+        start = path if path.is_dir() else path.parent
+        ws = _workspace(start)
+        if ws is not None:
+            return str(ws.path)
+        home = Path.home().resolve()
+        for candidate in (start, *start.parents):
+            if candidate == home or candidate in home.parents:
+                break
+            if any((candidate / marker).exists() for marker in PROJECT_MARKERS):
+                return str(candidate)
+        return str(start)
+
+
+# -- housekeeping -----------------------------------------------------------------------------
+def store_status(working_dir: str | None = None) -> dict:
+    """The cowfs stores behind checkpoints: every cowfs mount this process sees (or only the one
+    holding *working_dir*), each with its size, checkpoints and oldest checkpoint kept.
+
+        {"store_size_bytes": N, "project_count": N, "projects": [
+            {"workdir", "exists", "store_size_bytes", "turns", "commits", "oldest_turn",
+             "created_at", "last_touch", "capture_mode"} or {"workdir", "error"}, ...]}
+
+    `turns` (and `commits`, the shadow-git name) count the checkpoints kept; `created_at` and
+    `last_touch` are the oldest and newest checkpoint's times. Never raises.
+    """
+    from . import control
+    if working_dir is None:
+        roots = [m.mountpoint for m in control.cowfs_mounts()]
+    else:
+        ws = _workspace(_normalize(working_dir))
+        roots = [] if ws is None else [str(ws.path)]
+    projects = [_project_status(root) for root in roots]
+    return {"store_size_bytes": sum(p.get("store_size_bytes", 0) for p in projects),
+            "project_count": len(projects), "projects": projects}
+
+
+def _project_status(root: str) -> dict:
+    try:
+        ws = api.Workspace(root)
+        status = ws.status()
+        sealed = [t for t in ws.turns() if t.sealed is not None]
+    except CowfsError as e:
+        return {"workdir": root, "exists": os.path.isdir(root), "error": str(e)}
+    return {"workdir": root, "exists": True, "store_size_bytes": status.store_bytes,
+            "turns": len(sealed), "commits": len(sealed), "oldest_turn": sealed[0].number,
+            "created_at": sealed[0].sealed, "last_touch": sealed[-1].sealed,
+            "capture_mode": status.capture_mode}
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _only(ws: api.Workspace, rel: str) -> tuple[str, ...]:
+    """The diff filter for a working directory *rel* below the mount root ("" is the root)."""
+    return (str(ws.path / rel),) if rel else ()
+
+
+def _short(turn: api.Turn) -> str:
+    return turn_hash(turn)[:SHORT_LENGTH]
+
+
+def _restored(turn: api.Turn, abs_dir: Path) -> dict:
+    return {"success": True, "restored_to": _short(turn), "reason": reason_of(turn),
+            "directory": str(abs_dir)}
+
+
+def _failure(e: Exception) -> dict:
+    return {"success": False, "error": str(e) if isinstance(e, CowfsError) else f"failed: {e}"}
+
+
+def _relative_to(paths: list[str], rel: str) -> list[str]:
+    """Paths relative to the mount root, made relative to the working directory *rel*."""
+    return [os.path.relpath(p, rel) if rel else p for p in paths]
+
+
+def _rebase(diffs: list[patch.FileDiff], rel: str) -> list[patch.FileDiff]:
+    if not rel:
+        return diffs
+    return [replace(fd, path=os.path.relpath(fd.path, rel),
+                    old_path=None if fd.old_path is None else os.path.relpath(fd.old_path, rel))
+            for fd in diffs]
+
+
+def _shortstat(ws: api.Workspace, a: api.Turn, b: api.Turn, rel: str) -> dict:
+    """What turn *b* changed since turn *a* below *rel*, as git's --shortstat counts it (no
+    counts if that cannot be told: a turn pruned meanwhile, say)."""
+    try:
+        diffs = ws.file_diffs(a.number, b.number, _only(ws, rel), max_size=LINE_COUNT_LIMIT)
+    except (CowfsError, OSError) as e:
+        logger.debug("no counts for checkpoint %s: %s", _short(b), e)
+        return {}
+    for fd in diffs:
+        patch.file_patch(fd)        # counts its lines
+    return {"files_changed": len(diffs), "insertions": sum(fd.insertions for fd in diffs),
+            "deletions": sum(fd.deletions for fd in diffs)}
+
+
+def _remove_with_new_parents(root: Path, then: Path, path: str, rel: str) -> None:
+    """Remove *path* (made since the checkpoint, in a directory made since too), then each
+    directory above it that did not exist at the checkpoint, while it is empty."""
+    os.unlink(root / path)
+    parent = _parent(path)
+    while parent and parent != rel and not _is_dir_at(then, parent):
+        try:
+            os.rmdir(root / parent)
+        except OSError:
+            return          # someone else's files are in it: it stays
+        parent = _parent(parent)

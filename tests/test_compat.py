@@ -1,0 +1,420 @@
+"""cowfs.compat.CheckpointManager, the shadow-git manager's interface, through real mounts.
+
+Every expectation comes from what the test itself did to the tree (or from a
+copy of the tree taken before), never from reading the mount under test.
+The "user" is a process that does not descend from the test process (a
+double fork whose middle process exits first, as examples/agent_loop.py
+makes); the "agent" is the test process and the commands it runs.
+"""
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+import cowfs
+from cowfs.compat import CheckpointManager, store_status
+from conftest import REPO, TEST_USER, Workspace, as_user, chown_tree, run
+from treeview import tree
+
+XFS_ONLY = pytest.mark.parametrize("backing", ["xfs"], indirect=True)
+ENTRY_KEYS = {"hash", "short_hash", "timestamp", "reason", "files_changed", "insertions", "deletions"}
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("agent_loop", REPO / "examples/agent_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+as_unrelated_process = _example().as_unrelated_process
+
+
+def user_writes(path: Path, text: str, mode: str = "w") -> None:
+    def write():
+        with open(path, mode) as f:
+            f.write(text)
+    as_unrelated_process(write)
+
+
+def turns(path) -> list[int]:
+    return [t.number for t in cowfs.Workspace(path).turns()]
+
+
+def start(workspace, files: dict[str, str], reason="start") -> CheckpointManager:
+    """Files in the unmounted directory, then the manager's first checkpoint (which mounts)."""
+    for name, text in files.items():
+        (workspace.path / name).parent.mkdir(parents=True, exist_ok=True)
+        (workspace.path / name).write_text(text)
+    mgr = CheckpointManager()
+    mgr.new_turn()
+    assert mgr.ensure_checkpoint(str(workspace.path), reason) is True
+    assert workspace.is_mounted()
+    return mgr
+
+
+def checkpoint(mgr, path, reason) -> dict:
+    mgr.new_turn()
+    assert mgr.ensure_checkpoint(str(path), reason) is True
+    newest = mgr.list_checkpoints(str(path))[0]
+    assert newest["reason"] == reason
+    return newest
+
+
+def test_ensure_checkpoint_mounts_once_per_turn_and_only_when_something_changed(workspace, caplog):
+    p = workspace.path
+    with caplog.at_level(logging.INFO, logger="cowfs.compat"):
+        mgr = start(workspace, {"a.txt": "one\ntwo\n"}, "before turn 1")
+    assert any(r.getMessage().startswith(f"cowfs: mounted {p} ") for r in caplog.records)
+    [first] = mgr.list_checkpoints(str(p))
+    assert set(first) == ENTRY_KEYS and first["reason"] == "before turn 1"
+    assert (first["files_changed"], first["insertions"], first["deletions"]) == (0, 0, 0)
+    assert re.fullmatch(r"[0-9a-f]{40}", first["hash"]) and first["hash"].startswith(first["short_hash"])
+    assert 4 <= len(first["short_hash"]) < 40
+    assert datetime.fromisoformat(first["timestamp"]).tzinfo is not None
+    (p / "a.txt").write_text("one\nTWO\nthree\n")
+    assert mgr.ensure_checkpoint(str(p), "same turn") is False       # already taken this turn
+    mgr.new_turn()
+    assert mgr.ensure_checkpoint(str(p / "."), "turn 2") is True
+    newest, older = mgr.list_checkpoints(str(p))
+    assert older == first and newest["reason"] == "turn 2"
+    assert (newest["files_changed"], newest["insertions"], newest["deletions"]) == (1, 2, 1)
+    assert datetime.fromisoformat(newest["timestamp"]) >= datetime.fromisoformat(first["timestamp"])
+    mgr.new_turn()
+    assert mgr.ensure_checkpoint(str(p), "nothing changed") is False
+    with open(p / "a.txt", "r+") as f:      # still open: the write is in the page cache only
+        f.write("ONE")
+        f.flush()
+        mgr.new_turn()
+        assert mgr.ensure_checkpoint(str(p), "open file") is True
+    assert turns(p) == [0, 1, 2, 3]
+    assert (workspace.snapshots / "turn-2/a.txt").read_text() == "ONE\nTWO\nthree\n"
+
+
+def test_ensure_checkpoint_says_false_and_never_raises(workspace, monkeypatch, caplog, tmp_path):
+    p = workspace.path
+    mgr = start(workspace, {"f": "f\n"})
+    (p / "f").write_text("changed\n")
+    off = CheckpointManager(enabled=False)
+    assert off.ensure_checkpoint(str(p), "disabled") is False
+    monkeypatch.setenv("HOME", str(p))
+    mgr.new_turn()
+    assert mgr.ensure_checkpoint(str(p), "home") is False
+    assert mgr.ensure_checkpoint("/", "root") is False
+    monkeypatch.undo()
+    assert mgr.ensure_checkpoint(str(tmp_path / "missing"), "missing") is False
+    assert mgr.ensure_checkpoint(None, "nonsense") is False
+    assert turns(p) == [0, 1]          # nothing was sealed: turn 1 is still open
+    # A directory changed behind cowfs's back while unmounted: the mount is refused, logged.
+    workspace.umount()
+    (p / "f").write_text("behind its back\n")
+    with caplog.at_level(logging.WARNING, logger="cowfs.compat"):
+        assert CheckpointManager().ensure_checkpoint(str(p), "drifted") is False
+    assert not workspace.is_mounted()
+    assert any("changed" in r.getMessage() and "cowfs" in r.getMessage() for r in caplog.records)
+
+
+@XFS_ONLY
+def test_a_remounted_store_lists_the_first_call_as_a_new_checkpoint(workspace):
+    p = workspace.path
+    start(workspace, {"f": "f\n"}, "first session")
+    workspace.umount()
+    mgr = CheckpointManager()
+    assert mgr.ensure_checkpoint(str(p), "second session") is True
+    assert [c["reason"] for c in mgr.list_checkpoints(str(p))] == ["second session", "first session"]
+
+
+@XFS_ONLY
+def test_list_is_newest_first_capped_and_ids_are_stable_across_a_remount(workspace):
+    p = workspace.path
+    mgr = start(workspace, {"n": "0\n"}, "c0")
+    for i in range(1, 5):
+        (p / "n").write_text(f"{i}\n")
+        checkpoint(mgr, p, f"c{i}")
+    full = mgr.list_checkpoints(str(p))
+    assert [c["reason"] for c in full] == ["c4", "c3", "c2", "c1", "c0"]
+    assert len({c["hash"] for c in full}) == 5
+    capped = CheckpointManager(max_snapshots=3).list_checkpoints(str(p))
+    assert capped == full[:3]
+    workspace.umount()
+    workspace.mount()
+    assert CheckpointManager().list_checkpoints(str(p)) == full
+    assert CheckpointManager().list_checkpoints(str(p.parent)) == []        # not a mount
+
+
+@XFS_ONLY
+def test_list_counts_no_lines_of_a_big_file(workspace):
+    p = workspace.path
+    mgr = start(workspace, {"small": "s\n"})
+    (p / "small").write_text("s\nt\n")
+    (p / "big.txt").write_text("line\n" * (3 << 20))         # 15 MiB, 3 Mi lines
+    entry = checkpoint(mgr, p, "big")
+    assert (entry["files_changed"], entry["insertions"], entry["deletions"]) == (2, 1, 0)
+
+
+def test_diff_is_a_git_patch_of_the_checkpoint_against_the_live_tree(workspace, tmp_path):
+    p = workspace.path
+    mgr = start(workspace, {"src/app.py": "def main():\n    return 1\n", "old.txt": "old\n",
+                            "keep.txt": "keep\n"})
+    cp = mgr.list_checkpoints(str(p))[0]
+    before = tmp_path / "before"
+    shutil.copytree(p, before)
+    (p / "src/app.py").write_text("def main():\n    return 2\n")
+    (p / "old.txt").unlink()
+    (p / "new.txt").write_text("new\nfile\n")
+    by_short = mgr.diff(str(p), cp["short_hash"])
+    assert set(by_short) == {"success", "stat", "diff"} and by_short["success"] is True
+    assert mgr.diff(str(p), cp["hash"]) == by_short == mgr.diff(str(p), cp["hash"].upper())
+    assert by_short["stat"].rstrip().endswith("3 files changed, 3 insertions(+), 2 deletions(-)")
+    assert "-    return 1\n+    return 2\n" in by_short["diff"]
+    run(["git", "apply", "-"], input=by_short["diff"], cwd=before)
+    assert tree(before) == tree(p)
+    # A subdirectory as the working directory: its changes only, paths relative to it.
+    sub = mgr.diff(str(p / "src"), cp["short_hash"])
+    assert sub["diff"].startswith("diff --git a/app.py b/app.py\n") and "new.txt" not in sub["diff"]
+    assert mgr.diff(str(p), mgr.list_checkpoints(str(p))[0]["hash"])["diff"] == by_short["diff"]
+
+
+def test_bad_ids_and_paths_fail_with_one_error_and_touch_nothing(workspace, tmp_path):
+    p = workspace.path
+    mgr = start(workspace, {"f": "f\n", "d/g": "g\n"})
+    os.symlink("/etc", p / "out")
+    (p / "f").write_text("live\n")
+    cp = mgr.list_checkpoints(str(p))[0]
+    unknown = "0123456789abcdef"
+    while cp["hash"].startswith(unknown[:8]):
+        unknown = unknown[1:] + unknown[0]
+    before, sealed = tree(p), turns(p)
+    bad_ids = {"xyz1": "hex", "-abc1": "'-'", "--patch": "'-'", "ab1": "4-64", "": "empty",
+               "a" * 65: "4-64", unknown[:8]: "not found", None: "empty"}
+    for bad, says in bad_ids.items():
+        for result in (mgr.diff(str(p), bad), mgr.restore(str(p), bad),
+                       mgr.restore(str(p), bad, safe=True)):
+            assert set(result) == {"success", "error"} and result["success"] is False
+            assert says in result["error"] and "\n" not in result["error"], (bad, result)
+    bad_paths = {"/etc/passwd": "relative", str(p / "f"): "relative", "../x": "escapes",
+                 "d/../../x": "escapes", "out/passwd": "escapes", " ": "empty",
+                 ".snapshots/turn-0/f": "not in the live tree", "missing": "neither",
+                 "nodir/x": "neither"}
+    for bad, says in bad_paths.items():
+        result = mgr.restore(str(p), cp["hash"], file_path=bad)
+        assert result["success"] is False and says in result["error"], (bad, result)
+    (p / "newdir").mkdir()
+    (p / "newdir/x").write_text("x\n")
+    result = mgr.restore(str(p), cp["hash"], file_path="newdir/x")
+    assert result["success"] is False and "newdir/ did not exist" in result["error"]
+    result = mgr.restore(str(p / "newdir"), cp["hash"])
+    assert result["success"] is False and "did not exist at checkpoint" in result["error"]
+    (p / "newdir/x").unlink()
+    (p / "newdir").rmdir()
+    for call in (lambda: mgr.diff(str(tmp_path), cp["hash"]), lambda: mgr.restore(str(tmp_path), cp["hash"])):
+        result = call()
+        assert result["success"] is False and "not under a cowfs mount" in result["error"]
+    assert tree(p) == before and turns(p) == sealed
+
+
+def test_restore_the_whole_tree_and_undo_it(workspace):
+    p = workspace.path
+    mgr = start(workspace, {"a": "a0\n", "sub/b": "b0\n"}, "clean")
+    clean = tree(p)
+    (p / "a").write_text("a1\n")
+    (p / "sub/b").unlink()
+    (p / "later").write_text("made later\n")
+    broken = tree(p)
+    cp = mgr.list_checkpoints(str(p))[-1]
+    result = mgr.restore(str(p), cp["short_hash"])
+    assert result == {"success": True, "restored_to": cp["short_hash"], "reason": "clean",
+                      "directory": str(p)}
+    assert tree(p) == clean                               # exactly: the later file is gone
+    undo = [c for c in mgr.list_checkpoints(str(p))
+            if c["reason"] == f"pre-rollback snapshot (restoring to {cp['short_hash']})"]
+    assert len(undo) == 1
+    assert mgr.restore(str(p), undo[0]["hash"])["success"]
+    assert tree(p) == broken
+
+
+def test_restore_one_file_or_a_subdirectory(workspace):
+    p = workspace.path
+    mgr = start(workspace, {"a": "a0\n", "sub/b": "b0\n", "sub/c": "c0\n"}, "clean")
+    cp = mgr.list_checkpoints(str(p))[0]
+    for name in ("a", "sub/b", "sub/c"):
+        (p / name).write_text("changed\n")
+    (p / "sub/new").write_text("new\n")
+    result = mgr.restore(str(p), cp["hash"], file_path="sub/b")
+    assert result == {"success": True, "restored_to": cp["short_hash"], "reason": "clean",
+                      "directory": str(p), "file": "sub/b"}
+    assert (p / "sub/b").read_text() == "b0\n" and (p / "sub/c").read_text() == "changed\n"
+    assert mgr.list_checkpoints(str(p))[0]["reason"].startswith("pre-rollback snapshot")
+    result = mgr.restore(str(p / "sub"), cp["short_hash"], file_path="c")      # relative to sub
+    assert result["success"] and result["file"] == "c" and result["directory"] == str(p / "sub")
+    assert (p / "sub/c").read_text() == "c0\n"
+    assert mgr.restore(str(p / "sub"), cp["short_hash"])["success"]
+    assert sorted(os.listdir(p / "sub")) == ["b", "c"] and (p / "a").read_text() == "changed\n"
+
+
+def test_safe_restore_reverts_the_agents_changes_and_keeps_the_users(workspace):
+    p = workspace.path
+    names = ("mine", "sed", "gone", "user", "told", "retold", "moved", "both")
+    files = {f"{n}.txt": f"{n} 0\n" for n in names} | {"lib/x.py": "x\n", "lib/y.py": "y\n"}
+    mgr = start(workspace, files, "clean")
+    cp = mgr.list_checkpoints(str(p))[0]
+    (p / "mine.txt").write_text("the harness wrote this\n")                # this process
+    run(["sed", "-i", "s/0/1/", p / "sed.txt"])                            # a child of it
+    run(["sh", "-c", "rm gone.txt && echo made > made.txt && mkdir -p new/deep && echo x > new/deep/x"],
+        cwd=p)
+    os.rename(p / "moved.txt", p / "renamed.txt")
+    run(["rm", "-r", p / "lib"])
+    user_writes(p / "both.txt", "the user first\n")
+    run(["sed", "-i", "s/first/first, then the agent/", p / "both.txt"])     # the agent's, last
+    user_writes(p / "user.txt", "the user's edit\n")                      # not a descendant
+    user_writes(p / "users-own.txt", "the user's new file\n")
+    user_writes(p / "new/deep/user-note", "the user's file in the agent's directory\n")
+    user_writes(p / "told.txt", "a tool server wrote this for the agent\n")
+    mgr.record_agent_write(str(p / "told.txt"))
+    user_writes(p / "retold.txt", "a tool server wrote this\n")
+    mgr.record_agent_write(str(p / "retold.txt"))
+    user_writes(p / "retold.txt", "and then the user\n", "a")
+    after = checkpoint(mgr, p, "after the agent's turn")     # writers are kept with the turn
+    before = tree(p)
+
+    result = mgr.restore(str(p), cp["short_hash"], safe=True)
+    agents = ["both.txt", "gone.txt", "lib/x.py", "lib/y.py", "made.txt", "mine.txt", "moved.txt",
+              "new/deep/x", "renamed.txt", "sed.txt", "told.txt"]
+    users = ["new/deep/user-note", "retold.txt", "user.txt", "users-own.txt"]
+    assert result == {"success": True, "restored_to": cp["short_hash"], "reason": "clean",
+                      "directory": str(p), "restored_files": agents, "skipped_user_edits": users,
+                      "skipped_oversize": []}
+    for name in ("mine", "sed", "gone", "told", "moved", "both"):
+        assert (p / f"{name}.txt").read_text() == f"{name} 0\n", name
+    assert (p / "lib/x.py").read_text() == "x\n" and (p / "lib/y.py").read_text() == "y\n"
+    assert not (p / "made.txt").exists() and not (p / "renamed.txt").exists()
+    assert not (p / "new/deep/x").exists()
+    assert (p / "user.txt").read_text() == "the user's edit\n"
+    assert (p / "users-own.txt").read_text() == "the user's new file\n"
+    assert (p / "retold.txt").read_text() == "a tool server wrote this\nand then the user\n"
+    assert (p / "new/deep/user-note").read_text() == "the user's file in the agent's directory\n"
+    # The state before it was a checkpoint already (none was added), so it can be undone.
+    assert mgr.list_checkpoints(str(p))[0] == after
+    assert mgr.restore(str(p), after["hash"])["success"]
+    assert tree(p) == before
+
+
+@XFS_ONLY
+def test_safe_restore_removes_the_directories_the_agent_made_once_empty(workspace):
+    p = workspace.path
+    mgr = start(workspace, {"keep": "k\n"})
+    cp = mgr.list_checkpoints(str(p))[0]
+    run(["sh", "-c", "mkdir -p build/obj && echo o > build/obj/a.o && echo log > build/log"], cwd=p)
+    result = mgr.restore(str(p), cp["hash"], safe=True)
+    assert result["restored_files"] == ["build/log", "build/obj/a.o"] and result["skipped_user_edits"] == []
+    assert sorted(os.listdir(p)) == ["keep"]
+
+
+@XFS_ONLY
+def test_safe_restore_with_only_user_edits_touches_nothing(workspace):
+    p = workspace.path
+    mgr = start(workspace, {"notes": "n\n"}, "clean")
+    cp = mgr.list_checkpoints(str(p))[0]
+    user_writes(p / "notes", "the user's notes\n")
+    sealed = turns(p)
+    result = mgr.restore(str(p), cp["hash"], safe=True)
+    assert result == {"success": True, "restored_to": cp["short_hash"],
+                      "reason": "nothing to restore (all changed files were user-edited)",
+                      "directory": str(p), "restored_files": [], "skipped_user_edits": ["notes"],
+                      "skipped_oversize": []}
+    assert (p / "notes").read_text() == "the user's notes\n" and turns(p) == sealed
+
+
+@XFS_ONLY
+def test_safe_restore_of_a_subdirectory_reports_paths_relative_to_it(workspace):
+    p = workspace.path
+    mgr = start(workspace, {"lib/a": "a\n", "lib/u": "u\n", "top": "t\n"})
+    cp = mgr.list_checkpoints(str(p))[0]
+    (p / "lib/a").write_text("agent\n")
+    (p / "top").write_text("agent, outside lib\n")
+    user_writes(p / "lib/u", "user\n")
+    result = mgr.restore(str(p / "lib"), cp["hash"], safe=True)
+    assert (result["restored_files"], result["skipped_user_edits"]) == (["a"], ["u"])
+    assert (p / "lib/a").read_text() == "a\n" and (p / "top").read_text() == "agent, outside lib\n"
+
+
+@XFS_ONLY
+def test_get_working_dir_for_path_and_store_status(workspace, tmp_path):
+    p = workspace.path
+    mgr = start(workspace, {"src/x.py": "x\n"})
+    assert mgr.get_working_dir_for_path(str(p / "src/x.py")) == str(p)
+    project = tmp_path / "proj"
+    (project / "pkg").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("")
+    assert mgr.get_working_dir_for_path(str(project / "pkg/mod.py")) == str(project)
+    (p / "src/x.py").write_text("y\n")
+    checkpoint(mgr, p, "second")
+    status = store_status(str(p / "src"))
+    [entry] = status["projects"]
+    assert status["project_count"] == 1 and status["store_size_bytes"] == entry["store_size_bytes"] > 0
+    assert entry["workdir"] == str(p) and entry["turns"] == entry["commits"] == 2
+    assert entry["oldest_turn"] == 0 and entry["capture_mode"] in ("reflink", "copy")
+    assert entry["created_at"] <= entry["last_touch"]
+    assert store_status(str(tmp_path)) == {"store_size_bytes": 0, "project_count": 0, "projects": []}
+
+
+def test_the_example_agent_loop_runs(workspace):
+    p = workspace.path
+    cp = run([sys.executable, REPO / "examples/agent_loop.py", p, "--keep-mounted"])
+    assert "FAILED" not in cp.stdout and cp.stdout.count("  ok: ") == 9, cp.stdout
+    assert (p / "src/greet.py").read_text() == 'def greet(name):\n    return f"goodbye, {name}"\n'
+    assert (p / "notes.md").read_text() == "# notes\n- remember to add tests\n"
+    assert sorted(os.listdir(p)) == ["notes.md", "out.txt", "src"]
+    log = json.loads(workspace.cli("log", "--json").stdout)
+    messages = [t["message"] for t in log if t["sealed"]]
+    assert messages[:3] == ["before turn 1: scaffold", "before turn 2: say goodbye",
+                            "before turn 3: clean up"]
+    assert re.fullmatch(r"pre-rollback snapshot \(restoring to [0-9a-f]{8}\)", messages[3])
+    assert messages[4] == "rollback to turn-2" and messages[5].startswith("pre-rollback snapshot")
+    assert len(messages) == 6           # "before turn 4" found nothing changed since the rollback
+
+
+@XFS_ONLY
+def test_the_example_runs_without_privilege(backing, test_users):
+    backing.chmod(0o755)
+    ws = Workspace(backing / "proj", user=TEST_USER)
+    try:
+        chown_tree(ws.path, TEST_USER)
+        cp = run([*as_user(TEST_USER), sys.executable, REPO / "examples/agent_loop.py", ws.path])
+        assert "FAILED" not in cp.stdout and cp.stdout.count("  ok: ") == 9, cp.stdout
+        assert not ws.is_mounted()           # the example unmounts at the end
+        assert (ws.path / "notes.md").read_text() == "# notes\n- remember to add tests\n"
+        assert {f.owner() for f in ws.path.rglob("*")} == {TEST_USER}
+    finally:
+        ws.cleanup()
+
+
+@XFS_ONLY
+@pytest.mark.skipif(shutil.which("jq") is None, reason="the hook recipe uses jq")
+def test_the_claude_code_hook_recipe_of_docs_harness_md(workspace, tmp_path):
+    text = (REPO / "docs/harness.md").read_text()
+    settings = json.loads(re.search(r'```json\n(\{\n  "hooks".*?)```', text, re.S).group(1))
+    command = {event: hooks[0]["hooks"][0]["command"] for event, hooks in settings["hooks"].items()}
+    workspace.mount()
+    env = {"CLAUDE_PROJECT_DIR": str(workspace.path),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    prompt = f"fix the parser's \"edge\" case $(touch {tmp_path}/ran) `touch {tmp_path}/ran` " + "é" * 200
+    event = json.dumps({"session_id": "s", "hook_event_name": "UserPromptSubmit", "prompt": prompt})
+    before = run(["bash", "-c", command["UserPromptSubmit"]], input=event, env=env, cwd=tmp_path)
+    (workspace.path / "parser.py").write_text("fixed\n")
+    after = run(["bash", "-c", command["Stop"]], input='{"hook_event_name": "Stop"}', env=env, cwd=tmp_path)
+    assert before.stdout == after.stdout == ""        # a UserPromptSubmit hook's output joins the context
+    assert not (tmp_path / "ran").exists()
+    log = json.loads(workspace.cli("log", "--json").stdout)
+    assert [t["message"] for t in log[1:3]] == [f"before: {prompt[:200]}", "agent turn"]
+    assert (workspace.snapshots / "turn-2/parser.py").read_text() == "fixed\n"
+    assert not (workspace.snapshots / "turn-1/parser.py").exists()

@@ -386,6 +386,16 @@ class Catalogue:
         self.db.executemany("DELETE FROM attrs WHERE ino=? AND turn=?", [a[:2] for a in attrs])
         self.db.executemany("DELETE FROM xattrs WHERE ino=? AND turn=?", [a[:2] for a in attrs])
 
+    def drop_writers(self, turn: int, limit: int) -> int:
+        """Delete up to *limit* attribution rows of each table for turns <= *turn* (read only by
+        questions about those turns); how many went."""
+        gone = 0
+        for table, key in (("entry_writers", "turn, parent, name"), ("object_writers", "turn, ino"),
+                           ("processes", "turn, pid")):
+            gone += self.db.execute(f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} "
+                                    "WHERE turn<=? LIMIT ?)", (turn, limit)).rowcount
+        return gone
+
     def last_turn_naming(self, ino: int) -> int | None:
         """The newest turn with a row that names object *ino* (as object or as parent)."""
         return self.db.execute(

@@ -270,7 +270,9 @@ def cmd_log(args) -> int:
         turns = turns[len(turns) - args.n:] if args.n else []
     if args.verbose:
         for t in turns:
-            t["changes_list"] = _turn_changes(ws, t, turns)
+            # The oldest turn kept has no predecessor left to compare with (pruned).
+            t["changes_list"] = ([] if t["number"] <= reply.get("oldest_turn", 0)
+                                 else _turn_changes(ws, t, turns))
     if args.json:
         print(json.dumps(turns, indent=2))
         return 0

@@ -442,7 +442,8 @@ class Pruner:
         catalogue, store = self.catalogue, self.store
         entries, attrs = catalogue.garbage_rows(oldest, limit)
         if not entries and not attrs:
-            return 0, 0
+            with catalogue.transaction():
+                return catalogue.drop_writers(oldest, limit), 0     # who made those changes
         named = {e[0] for e in entries} | {e[3] for e in entries if e[3] is not None} | \
                 {a[0] for a in attrs}
         named.discard(self.root_ino)

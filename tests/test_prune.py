@@ -525,3 +525,30 @@ def test_random_histories_with_prunes(workspace, seed):
     ws.cli("rollback", str(kept[0]))
     assert tree(p, mtimes=True) == manifests[kept[0]]
 
+
+def test_diff_restore_and_log_after_prune(workspace):
+    """Pruned turns are refused by diff and restore too; what is kept still diffs, restores and
+    lists its changes; the attribution rows of the pruned turns go with them."""
+    import sqlite3
+    ws, p = workspace, workspace.path
+    ws.mount()
+    manifests = {}
+    for i in range(5):
+        (p / f"f{i}").write_text(f"file {i}\n")
+        (p / "common").write_text(f"common {i}\n")
+        checkpoint(ws, manifests)
+    ws.cli("prune", "--keep", "2")                           # keeps turns 4 and 5
+    for args in (["diff", "2"], ["diff", "1", "4"], ["diff", "4", "3"], ["restore", "3", "common"]):
+        line = one_line_error(ws.cli(*args, check=False), 2)
+        assert "was pruned; the oldest turn kept is turn-4" in line, (args, line)
+    out = ws.cli("diff", "4", "5").stdout
+    assert "-common 3" in out and "+common 4" in out and "+file 4" in out
+    ws.cli("restore", "4", "common")
+    assert (p / "common").read_text() == "common 3\n"        # turn 4's
+    log = ws.cli("log", "-v").stdout
+    assert log.startswith("(turns before turn-4 were pruned)\n") and "f4" in log
+    ws.umount()
+    db = sqlite3.connect(ws.store / "catalogue.db")
+    for table in ("entries", "attrs", "entry_writers", "object_writers", "processes"):
+        assert db.execute(f"SELECT count(*) FROM {table} WHERE turn<=4").fetchone() == (0,), table
+    db.close()

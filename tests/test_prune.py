@@ -89,6 +89,14 @@ def history(ws, manifests: dict, turns: int, big: int = 2 * MB) -> None:
     checkpoint(ws, manifests, "after the rollback")
 
 
+def numbered_turns(ws, manifests: dict, count: int) -> None:
+    """*count* turns, turn i+1 adding f<i> and rewriting `common`."""
+    for i in range(count):
+        (ws.path / f"f{i}").write_text(f"file {i}\n")
+        (ws.path / "common").write_text(f"common {i}\n")
+        checkpoint(ws, manifests)
+
+
 def assert_kept_exact(ws, manifests: dict, kept: list[int]) -> None:
     assert listed_turns(ws) == kept
     assert sealed_turns(ws) == kept
@@ -217,11 +225,8 @@ def test_export_after_prune(workspace, backing):
     run(["git", "init", "-q", "--bare", repo])
     ws.mount()
     manifests = {}
-    for i in range(4):
-        (p / f"f{i}").write_text(f"file {i}\n")
-        (p / "common").write_text(f"common {i}\n")
-        checkpoint(ws, manifests)
-    ws.cli("export-git", "--to", repo, "--branch", "early")          # turns 0..2 ...
+    numbered_turns(ws, manifests, 4)
+    ws.cli("export-git", "--to", repo, "--branch", "early")          # turns 0..4 ...
     (p / "f0").unlink()
     checkpoint(ws, manifests)
     ws.cli("export-git", "--to", repo, "--branch", "late")           # ... and 0..5
@@ -533,10 +538,7 @@ def test_diff_restore_and_log_after_prune(workspace):
     ws, p = workspace, workspace.path
     ws.mount()
     manifests = {}
-    for i in range(5):
-        (p / f"f{i}").write_text(f"file {i}\n")
-        (p / "common").write_text(f"common {i}\n")
-        checkpoint(ws, manifests)
+    numbered_turns(ws, manifests, 5)
     ws.cli("prune", "--keep", "2")                           # keeps turns 4 and 5
     for args in (["diff", "2"], ["diff", "1", "4"], ["diff", "4", "3"], ["restore", "3", "common"]):
         line = one_line_error(ws.cli(*args, check=False), 2)

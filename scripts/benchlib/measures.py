@@ -19,6 +19,7 @@ from pathlib import Path
 from .cowfs_cli import CowfsError
 from .results import Row, Variant, attempt, geomean
 from .system import log, run, syncfs, timed, timed_run, used_bytes
+from .turns import measure_t
 from .trees import (
     ShadowGit, file_bytes, git_env, make_git_repo, make_tree, mixed_change,
     reflink_copy, reverted, rewrite_files, stdlib_tarball, tree_path, write_big_file,
@@ -59,6 +60,7 @@ class Config:
     x_files: int
     x_turns: int
     image_gib: int
+    t_reps: int = 1      # repetitions of the agent turns (row T)
 
     @classmethod
     def preset(cls, quick):
@@ -67,11 +69,12 @@ class Config:
         if quick:
             return cls(quick=True, sizes=[1_000], reps=3, c_reps=1, c_stdlib_tests=False,
                        b_bytes=100 * MiB, c_repo_files=1_000, d_files=1_000, d_turns=20,
-                       e_files=1_000, e_changes=100, x_files=1_000, x_turns=10, image_gib=8)
+                       e_files=1_000, e_changes=100, x_files=1_000, x_turns=10, image_gib=8,
+                       t_reps=1)
         return cls(quick=False, sizes=[1_000, 20_000, 100_000], reps=5, c_reps=3,
                    c_stdlib_tests=True, b_bytes=1 << 30, c_repo_files=20_000,
                    d_files=100_000, d_turns=1_000, e_files=20_000, e_changes=1_000,
-                   x_files=20_000, x_turns=100, image_gib=64)
+                   x_files=20_000, x_turns=100, image_gib=64, t_reps=3)
 
 
 class Context:
@@ -545,5 +548,5 @@ def x_shadow_git(ctx, base, nfiles, turns, v):
     v.add(total)
 
 
-MEASUREMENTS = {"A": measure_a, "B": measure_b, "C": measure_c, "D": measure_d,
+MEASUREMENTS = {"T": measure_t, "A": measure_a, "B": measure_b, "C": measure_c, "D": measure_d,
                 "E": measure_e, "X": measure_export_git}

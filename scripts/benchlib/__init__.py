@@ -7,6 +7,7 @@ Modules:
   results     Variant/Row records, medians, ratios, verdicts
   measures    measurements A-E and the export-git comparison
   turns       row T: whole agent turns, natively + shadow git vs through cowfs
+  requests    row R: FUSE requests and daemon CPU per primitive operation
   report      terminal table, JSON, docs/benchmarks.md and its plot
 
 Importing this package has no side effects.

@@ -19,6 +19,7 @@ from pathlib import Path
 from .cowfs_cli import CowfsError
 from .results import Row, Variant, attempt, geomean
 from .system import log, run, syncfs, timed, timed_run, used_bytes
+from .requests import measure_r
 from .turns import measure_t
 from .trees import (
     ShadowGit, file_bytes, git_env, make_git_repo, make_tree, mixed_change,
@@ -554,4 +555,4 @@ def x_shadow_git(ctx, base, nfiles, turns, v):
 
 
 MEASUREMENTS = {"T": measure_t, "A": measure_a, "B": measure_b, "C": measure_c, "D": measure_d,
-                "E": measure_e, "X": measure_export_git}
+                "E": measure_e, "X": measure_export_git, "R": measure_r}

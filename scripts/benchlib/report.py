@@ -296,6 +296,11 @@ MEASURED = """\
 - **E** — `cowfs rollback` to the turn sealed just before a change of that many files (80 %
   rewritten, 10 % deleted, 10 % created) vs `git checkout -- . && git clean -fdq` in a
   shadow git repository. Both are checked to have restored the files.
+- **R** — FUSE requests per primitive operation (issue 13): each operation done by the bench
+  with plain system calls on 50 fresh objects of one mount (files of turn 0, or created in the
+  open turn), the daemon's per-handler counts (`cowfs status --json`) and CPU time
+  (`/proc/PID/task/*/schedstat`) before and after, divided by 50, less what reading the counts
+  costs by itself. Diagnostics, no target: they name the requests behind the T and C counts.
 - **X** — `cowfs export-git` of that many turns vs committing each turn into a shadow git
   repository (issue 4); skipped while the command does not exist.
 """

@@ -357,11 +357,15 @@ class CowfsWay(Way):
 
 
 def _cpu_ms(pid):
-    """utime + stime of a process in ms, or None."""
+    """CPU time of a process (all its live threads) in ms, or None: the schedulers'
+    nanosecond counters (/proc/PID/task/*/schedstat), not utime + stime, which
+    count in 10 ms ticks."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) * 1000.0 / os.sysconf("SC_CLK_TCK")
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e6
     except (OSError, ValueError, IndexError, TypeError):
         return None
 

@@ -169,6 +169,40 @@ def turns_markdown(rows, meta):
     ]
 
 
+REQUESTS_WHY = """\
+## Why the requests of row R are there
+
+What each kind of request in the R rows answers, and whether cowfs could have prevented it
+with what pyfuse3 and the kernel allow:
+
+- **lookup**: one per name the kernel has not resolved yet, existing or not. Entries and
+  negative entries are cached for an hour (cowfs is the only writer), so each name costs one,
+  once; readdirplus fills the entries of a listed directory. Not avoidable.
+- **getattr after an entry change** (create, mkdir, unlink, rename: about one per change
+  when the next one is in the same directory; none when each file is in a directory of its
+  own): the kernel drops a directory's cached attributes when its entries change, and with
+  `default_permissions` it fetches them again for the permission check of the next path walk
+  through it. A reply cannot carry the parent's new attributes. Avoidable only without
+  `default_permissions`, which the design brief fixes (decision 10).
+- **getattr of a file written since it was last stat'ed**: write-back leaves the kernel's
+  attributes of the file stale. Not avoidable with the writeback cache.
+- **getxattr** (`security.capability`) on the first write, and on a truncation, after each
+  open: the kernel asks whether privileges must be dropped, unless the filesystem negotiates
+  `HANDLE_KILLPRIV_V2`, which pyfuse3 cannot. The daemon can only answer it faster.
+- **setattr after unlink, rename and link** (about one per unlink, nearly three per rename over
+  a file): with the writeback cache the kernel owns ctime and mtime and writes them back to the
+  daemon, also for an inode whose last name just went. cowfs answers them on its fast path
+  (times already set: nothing captured). Without the writeback cache each `write()` would be a
+  request instead, and dirty pages would not be batched.
+- **read before a 1-byte write in place**: the writeback cache fills the page before the
+  partial write. Not avoidable with it.
+- **open + release** for every open, even of cached data: zero-message opens
+  (`FUSE_NO_OPEN_SUPPORT`) cannot be negotiated through pyfuse3.
+- **forget**: one per object the kernel drops from its cache (batched when the kernel can).
+- **flush**: answered `ENOSYS` once, so the kernel never sends it again (already cut).
+"""
+
+
 def turns_text(rows):
     figures, kept = turn_lines(rows)
     if not figures:
@@ -341,6 +375,8 @@ def write_docs(docs_dir, meta, rows, config):
         "",
     ]
     lines += turns_markdown(rows, meta)
+    if any(r.key.startswith("R/") for r in rows):
+        lines += [REQUESTS_WHY]
     lines += [
         "## What is measured",
         "",

@@ -56,12 +56,15 @@ class Cowfs:
     @contextlib.contextmanager
     def checkpoint_client(self, ws):
         """A long-lived Python process that checkpoints *ws* on request, the way a
-        harness embedding cowfs would (no interpreter start per checkpoint)."""
+        harness embedding cowfs would: ``cowfs.Workspace(ws).checkpoint(msg)``, the
+        Python API of issue 10 (no interpreter start per checkpoint).  The Workspace
+        is made once, as a harness would keep it."""
         code = ("import sys, time\n"
-                "from cowfs import control\n"
+                "import cowfs\n"
+                "ws = cowfs.Workspace(sys.argv[1])\n"
                 "for line in sys.stdin:\n"
                 "    t0 = time.perf_counter()\n"
-                "    control.checkpoint(sys.argv[1], 'bench (in-process client)')\n"
+                "    ws.checkpoint('bench (Python API)')\n"
                 "    print((time.perf_counter() - t0) * 1000.0, flush=True)\n")
         proc = subprocess.Popen([self.argv0[0], "-c", code, str(ws)], env=self.env,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -68,8 +69,12 @@ def cells(row, width=None):
 
 
 def text_table(rows):
-    table = [HEADER] + [cells(r, width=40) for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
+    return text_grid(HEADER, [cells(r, width=40) for r in rows])
+
+
+def text_grid(header, lines):
+    table = [header] + lines
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     out = []
     for n, line in enumerate(table):
         out.append("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
@@ -79,12 +84,131 @@ def text_table(rows):
 
 
 def markdown_table(rows):
+    return markdown_grid(HEADER, [cells(r) for r in rows])
+
+
+def markdown_grid(header, lines):
     def esc(text):
         return text.replace("|", "\\|")
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for line in lines:
+        out.append("| " + " | ".join(esc(c) for c in line) + " |")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------
+# row T in detail: per turn, work and checkpoint of each way, and what each keeps
+
+T_WAYS = ["shadow git", "shadow git, excludes", "cowfs"]
+T_HEADER = (["turn"] + [f"{w}: work + checkpoint" for w in T_WAYS]
+            + ["cowfs ÷ shadow git", "cowfs ÷ shadow git, excludes", "FUSE requests",
+               "daemon CPU per request"])
+T_KEPT_HEADER = ["after turn", "files in the tree"] + [f"{w} keeps" for w in T_WAYS]
+
+
+def _median(v):
+    return v.get("median") if isinstance(v, dict) else None
+
+
+def turn_lines(rows):
+    """(per-turn figures, what each way keeps), as table lines, from the T rows."""
+    figures, kept = [], []
     for r in rows:
-        lines.append("| " + " | ".join(esc(c) for c in cells(r)) + " |")
-    return "\n".join(lines)
+        if not r.key.startswith("T/") or not (r.extra or {}).get("turn"):
+            continue
+        e = r.extra
+        line = [e["turn"]]
+        for w in T_WAYS:
+            work, ckpt = _median(e["work"][w]), _median(e["checkpoint"][w])
+            line.append(f"{fmt_number(work)} + {fmt_number(ckpt)} ms"
+                        if work is not None and ckpt is not None
+                        else (e["work"][w].get("error") or e["checkpoint"][w].get("error")
+                              or "—")[:40])
+        line += [fmt_ratio(r.ratio(b)) for b in r.baselines]
+        reqs, cpu = e.get("requests") or [], e.get("daemon_cpu_ms") or []
+        n = statistics.median(reqs) if reqs else None
+        line.append(f"{n:,.0f}" if n is not None else "—")
+        line.append(f"{statistics.median(cpu) * 1000 / n:.0f} µs" if cpu and n else "—")
+        figures.append(line)
+        k = e["kept"]
+        tree = next((k[w]["tree"] for w in T_WAYS if (k.get(w) or {}).get("tree") is not None),
+                    None)
+        kept.append([e["turn"], f"{tree:,}" if tree is not None else "—"]
+                    + [_kept_cell(k.get(w)) for w in T_WAYS])
+    return figures, kept
+
+
+def _kept_cell(kept):
+    if not kept or kept.get("files") is None:
+        return (kept or {}).get("text", "—")
+    text = f"{kept['files']:,}"
+    if kept.get("gitlinks"):
+        text += f" + {kept['gitlinks']} gitlink (no file of the clone)"
+    return text
+
+
+def turns_markdown(rows, meta):
+    figures, kept = turn_lines(rows)
+    if not figures:
+        return []
+    load = meta.get("load", {}).get("T", {})
+    return [
+        "## Row T per turn",
+        "",
+        "Medians over the repetitions; each cell is the turn's work, then its checkpoint."
+        " Load average (1, 5, 15 min) at the start of T: "
+        f"{load.get('start', '?')}; at its end: {load.get('end', '?')}.",
+        "",
+        markdown_grid(T_HEADER, figures),
+        "",
+        "What each way's checkpoint after the turn keeps (files and symlinks; cowfs's counted in"
+        " `.snapshots/turn-N`):",
+        "",
+        markdown_grid(T_KEPT_HEADER, kept),
+        "",
+    ]
+
+
+REQUESTS_WHY = """\
+## Why the requests of row R are there
+
+What each kind of request in the R rows answers, and whether cowfs could have prevented it
+with what pyfuse3 and the kernel allow:
+
+- **lookup**: one per name the kernel has not resolved yet, existing or not. Entries and
+  negative entries are cached for an hour (cowfs is the only writer), so each name costs one,
+  once; readdirplus fills the entries of a listed directory. Not avoidable.
+- **getattr after an entry change** (create, mkdir, unlink, rename: about one per change
+  when the next one is in the same directory; none when each file is in a directory of its
+  own): the kernel drops a directory's cached attributes when its entries change, and with
+  `default_permissions` it fetches them again for the permission check of the next path walk
+  through it. A reply cannot carry the parent's new attributes. Avoidable only without
+  `default_permissions`, which the design brief fixes (decision 10).
+- **getattr of a file written since it was last stat'ed**: write-back leaves the kernel's
+  attributes of the file stale. Not avoidable with the writeback cache.
+- **getxattr** (`security.capability`) on the first write, and on a truncation, after each
+  open: the kernel asks whether privileges must be dropped, unless the filesystem negotiates
+  `HANDLE_KILLPRIV_V2`, which pyfuse3 cannot. The daemon can only answer it faster.
+- **setattr after unlink, rename and link** (about one per unlink, nearly three per rename over
+  a file): with the writeback cache the kernel owns ctime and mtime and writes them back to the
+  daemon, also for an inode whose last name just went. cowfs answers them on its fast path
+  (times already set: nothing captured). Without the writeback cache each `write()` would be a
+  request instead, and dirty pages would not be batched.
+- **read before a 1-byte write in place**: the writeback cache fills the page before the
+  partial write. Not avoidable with it.
+- **open + release** for every open, even of cached data: zero-message opens
+  (`FUSE_NO_OPEN_SUPPORT`) cannot be negotiated through pyfuse3.
+- **forget**: one per object the kernel drops from its cache (batched when the kernel can).
+- **flush**: answered `ENOSYS` once, so the kernel never sends it again (already cut).
+"""
+
+
+def turns_text(rows):
+    figures, kept = turn_lines(rows)
+    if not figures:
+        return ""
+    return ("Row T per turn (medians):\n" + text_grid(T_HEADER, figures)
+            + "\n\nWhat each way's checkpoint keeps:\n" + text_grid(T_KEPT_HEADER, kept))
 
 
 def detail_lines(rows):
@@ -168,11 +292,30 @@ def _plot_ratios(ax, rows):
 
 
 MEASURED = """\
+- **T** — whole agent turns (issue 13), three ways in one run, each on a fresh directory of
+  the same XFS image, the turns interleaved across the ways: natively then a shadow-git
+  checkpoint of the whole workspace (GIT_DIR outside it, `git add -A` + `git commit`);
+  natively then the same with the exclude list harnesses ship (`.venv/`, `node_modules/`,
+  `__pycache__/`, `.git/`, build outputs, ...: `info/exclude`); through a cowfs mount then
+  `cowfs checkpoint` (the CLI). The turns: `git clone` of a local repository (the Flask 3.0.3
+  sdist, ~230 files) into the workspace; `python -m venv .venv` and `pip install --no-index`
+  of the clone in editable mode plus pytest and the test extras from a wheelhouse downloaded
+  once into /var/tmp/cowfs-bench-wheelhouse; Flask's test suite with pytest; `grep -rn`, `sed -i`
+  of ten files, `git status`, `git diff`; extracting the Click 8.1.7 sdist and running its tests;
+  `rm -rf` of the virtualenv and caches and `git checkout -- .`. Work and checkpoint are timed
+  apart; each turn's result (pytest summary, grep hits, diff stat, ...) must be the same in every
+  way. FUSE requests and the daemon's CPU time (`/proc/PID/stat`) are read between turns.
+  `--quick` makes each turn small (a venv without pip filled by `pip --python`, one test module
+  per suite) and does not walk the snapshots. Shadow git keeps less than cowfs: the clone is a
+  nested git repository, which `git add -A` records as a gitlink (none of its files), and the
+  excludes drop the virtualenv and caches; cowfs keeps every file of every turn.
 - **A** — `cowfs checkpoint` timed as a whole process, after a turn that rewrote 10 files
   of a tree of 10 KB files (100 per directory). Baselines: a shadow git repository
   (GIT_DIR outside the tree, `git add -A` + `git commit -q`, the incremental commit of the
   same 10-file turn; the first commit is only a note) and `cp -r --reflink=always` of the
-  whole tree. The `python -c pass` time is noted: no Python CLI can be faster.
+  whole tree. The `python -c pass` time is noted: no Python CLI can be faster. The
+  "via the Python API" row times `cowfs.Workspace(path).checkpoint(msg)` (issue 10) in a
+  long-running process after the same kind of turn, against the same baselines.
 - **B** — open `O_WRONLY`, `pwrite` of 1 byte in the middle, close, on a non-sparse file, as
   the first change of a fresh turn, through the mount vs directly on XFS. Store growth is the
   XFS image's used blocks (`statvfs`, shared extents counted once) before vs after, the
@@ -187,6 +330,11 @@ MEASURED = """\
 - **E** — `cowfs rollback` to the turn sealed just before a change of that many files (80 %
   rewritten, 10 % deleted, 10 % created) vs `git checkout -- . && git clean -fdq` in a
   shadow git repository. Both are checked to have restored the files.
+- **R** — FUSE requests per primitive operation (issue 13): each operation done by the bench
+  with plain system calls on 50 fresh objects of one mount (files of turn 0, or created in the
+  open turn), the daemon's per-handler counts (`cowfs status --json`) and CPU time
+  (`/proc/PID/task/*/schedstat`) before and after, divided by 50, less what reading the counts
+  costs by itself. Diagnostics, no target: they name the requests behind the T and C counts.
 - **X** — `cowfs export-git` of that many turns vs committing each turn into a shadow git
   repository (issue 4); skipped while the command does not exist.
 """
@@ -212,6 +360,8 @@ def write_docs(docs_dir, meta, rows, config):
         "|---|---|",
     ]
     lines += [f"| {k} | {v} |" for k, v in machine.items() if k != "date"]
+    lines += [f"| load average (1, 5, 15 min) during {k} | {v['start']} → {v.get('end', '?')} |"
+              for k, v in meta.get("load", {}).items()]
     lines += [
         "",
         "## Results",
@@ -223,6 +373,11 @@ def write_docs(docs_dir, meta, rows, config):
         "",
         "![benchmark plot](benchmarks.png)" if not no_plot else f"(No plot: {no_plot}.)",
         "",
+    ]
+    lines += turns_markdown(rows, meta)
+    if any(r.key.startswith("R/") for r in rows):
+        lines += [REQUESTS_WHY]
+    lines += [
         "## What is measured",
         "",
         MEASURED,

@@ -50,6 +50,7 @@ class Row:
     verdict: str = "-"              # PASS, FAIL, ERROR, SKIP, -
     notes: dict = field(default_factory=dict)
     ratio_note: str = None          # replaces the ratio cell when the target is not a ratio
+    extra: dict = None              # structured detail of the row (T: work/checkpoint per way)
 
     def ratio(self, baseline):
         if self.cowfs.ok and baseline.ok and baseline.median > 0:
@@ -74,6 +75,7 @@ class Row:
             "ratios": {b.label: self.ratio(b) for b in self.baselines},
             "ratio_note": self.ratio_note,
             "notes": self.notes,
+            **({"extra": self.extra} if self.extra is not None else {}),
         }
 
 

@@ -31,9 +31,9 @@ and return shapes:
 
 `ensure_checkpoint` never raises (it returns False and logs); `diff` and
 `restore` return `{"success": False, "error": ...}` for anything cowfs
-refuses, having touched nothing. Not here: pruning (`cowfs prune` is being
-added on another branch; until `Workspace.prune` exists there is no pruning
-helper, and `max_total_size_mb` is accepted and ignored).
+refuses, having touched nothing. Housekeeping: `store_status()` and `prune()`
+(delegating to `cowfs prune`); `max_total_size_mb` becomes the store limit of
+the mounts this manager makes (`cowfs mount --max-store`).
 """
 
 from __future__ import annotations
@@ -164,16 +164,18 @@ class CheckpointManager:
     `CheckpointManager`): call `new_turn()` when a conversation turn starts and
     `ensure_checkpoint(dir, reason)` before the first file-changing tool call.
     `max_snapshots` caps what `list_checkpoints` shows; the history itself is
-    bounded by cowfs's retention, not here. `max_total_size_mb` and
-    `max_file_size_mb` are accepted for compatibility and ignored: cowfs keeps
-    a changed file's old version as a reflink (a copy on ext4), so large files
-    cost what changed, and store limits belong to `cowfs prune`.
+    bounded by cowfs's retention, not here: `max_total_size_mb` becomes the
+    store limit (`--max-store`) of the mounts this manager makes, applied after
+    each checkpoint. `max_file_size_mb` is accepted for compatibility and
+    ignored: cowfs keeps a changed file's old version as a reflink (a copy on
+    ext4), so large files cost what changed.
     """
 
     def __init__(self, enabled: bool = True, max_snapshots: int = 50,
                  max_total_size_mb: int | None = None, max_file_size_mb: int | None = None):
         self.enabled = enabled
         self.max_snapshots = max(1, int(max_snapshots))
+        self.max_store = f"{int(max_total_size_mb)}M" if max_total_size_mb else None
         self._checkpointed_dirs: set[Path] = set()
         self._agent_writes: dict[Path, object] = {}     # path -> its writer when recorded
 
@@ -223,7 +225,7 @@ class CheckpointManager:
             logger.debug("checkpoint skipped: %s is not a directory", abs_dir)
             return False
         before = datetime.now().timestamp()
-        ws = api.mount(abs_dir, message=reason)
+        ws = api.mount(abs_dir, message=reason, max_store=self.max_store)
         fresh = ws.turns()[0].started >= before
         if not fresh:       # a store from an earlier mount: the state now is a new checkpoint
             ws.checkpoint(reason)
@@ -419,6 +421,26 @@ def store_status(working_dir: str | None = None) -> dict:
     projects = [_project_status(root) for root in roots]
     return {"store_size_bytes": sum(p.get("store_size_bytes", 0) for p in projects),
             "project_count": len(projects), "projects": projects}
+
+
+def prune(working_dir: str, keep: int | None = None, older_than: float | str | None = None,
+          max_store: int | str | None = None, dry_run: bool = False) -> dict:
+    """Free the store of the cowfs mount holding *working_dir* of its oldest checkpoints:
+    keep the newest *keep*, drop those older than *older_than* ("7d", seconds), or the oldest
+    until the store fits *max_store* ("2G", bytes), as `cowfs prune` does. Never raises:
+
+        {"success": True, "removed": [turn numbers], "oldest_turn": N, "freed_bytes": N}
+        {"success": False, "error": "..."}
+    """
+    try:
+        ws = _workspace(_normalize(working_dir))
+        if ws is None:
+            raise NotMounted(f"{working_dir} is not under a cowfs mount")
+        result = ws.prune(keep=keep, older_than=older_than, max_store=max_store, dry_run=dry_run)
+    except (CowfsError, OSError) as e:
+        return _failure(e)
+    return {"success": True, "removed": result.removed, "oldest_turn": result.oldest,
+            "freed_bytes": result.freed_bytes, "dry_run": result.dry_run}
 
 
 def _project_status(root: str) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import cowfs
-from cowfs.compat import CheckpointManager, store_status
+from cowfs.compat import CheckpointManager, prune, store_status
 from conftest import REPO, TEST_USER, Workspace, as_user, chown_tree, run
 from treeview import tree
 
@@ -365,6 +365,24 @@ def test_get_working_dir_for_path_and_store_status(workspace, tmp_path):
     assert entry["oldest_turn"] == 0 and entry["capture_mode"] in ("reflink", "copy")
     assert entry["created_at"] <= entry["last_touch"]
     assert store_status(str(tmp_path)) == {"store_size_bytes": 0, "project_count": 0, "projects": []}
+
+
+def test_prune_helper_and_the_managers_store_limit(workspace, tmp_path):
+    p = workspace.path
+    mgr = start(workspace, {"f": "0\n"})
+    for i in range(1, 5):
+        mgr.new_turn()
+        (p / "f").write_text(f"{i}\n")
+        assert mgr.ensure_checkpoint(str(p), f"turn {i}")
+    sealed = turns(p)[:-1]          # the last one is the open turn
+    result = prune(str(p), keep=2)
+    assert result["success"] and result["removed"] == sealed[:-2]
+    assert result["oldest_turn"] == sealed[-2] and turns(p)[:2] == sealed[-2:]
+    assert [c["reason"] for c in mgr.list_checkpoints(str(p))][-1] == "turn 3"
+    assert prune(str(tmp_path), keep=1) == {"success": False,
+                                            "error": f"{tmp_path} is not under a cowfs mount"}
+    assert not prune(str(p), older_than="soon")["success"]
+    assert CheckpointManager(max_total_size_mb=64).max_store == "64M"
 
 
 def test_the_example_agent_loop_runs(workspace):

@@ -155,12 +155,14 @@ def _backing_flags(flags: int) -> int:
     return flags | os.O_CLOEXEC
 
 
-def _only_times_already_set(attr, fields, fd: int) -> bool:
-    """A setattr of mtime (and ctime, which no one can set) to the mtime the object has."""
+def _only_times_already_set(attr, fields, fd: int) -> os.stat_result | None:
+    """The object's stat if a setattr sets only mtime (and ctime, which no one can set) to the
+    mtime the object has; None otherwise (then it is a change)."""
     if (fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid
             or fields.update_atime):
-        return False
-    return not fields.update_mtime or attr.st_mtime_ns == os.stat(fd).st_mtime_ns
+        return None
+    st = os.stat(fd)
+    return st if not fields.update_mtime or attr.st_mtime_ns == st.st_mtime_ns else None
 
 
 class _Listing:
@@ -338,11 +340,12 @@ class CowFS(pyfuse3.Operations):
         if nodeid >= VIRTUAL_BASE:
             raise _erofs()
         node = self._node(nodeid)
-        if _only_times_already_set(attr, fields, node.fd):
+        unchanged = _only_times_already_set(attr, fields, node.fd)
+        if unchanged is not None:
             # With the writeback cache the kernel flushes its cached mtime and ctime
             # after every unlink, rename or link of a file: mostly the mtime it has.
             # Not a change: nothing to capture, nothing to count.
-            return _entry(os.stat(node.fd), nodeid, LIVE_TIMEOUT)
+            return _entry(unchanged, nodeid, LIVE_TIMEOUT)
         if ctx.pid != self.refresher_tid or nodeid not in self.refreshing:
             if fields.update_size:
                 with self.inodes.pinned(node):

@@ -94,7 +94,7 @@ def pytest_configure(config):
 # write them: tests/test_rootless.py exports as the user instead.
 ROOTLESS_MODULES = {"test_scenarios", "test_model", "test_model_regressions", "test_cli", "test_api",
                     "test_rollback_stale_size", "test_parity", "test_recovery",
-                    "test_checkpoint_cost", "test_everyday"}
+                    "test_checkpoint_cost", "test_everyday", "test_ignore"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -245,3 +245,22 @@ def test_renames_between_ignored_and_kept_names(workspace):
     workspace.cli("rollback", "1")
     assert (root / "b.txt").read_text() == "b0\n" and (root / "src/lib/x.py").read_text() == "x0\n"
     assert not os.path.exists(root / "a.txt")
+
+
+def test_a_tree_there_at_the_first_mount_with_its_rules_is_ignored_from_the_start(workspace):
+    root = workspace.path
+    (root / ".cowfsignore").write_text(".venv/\n")
+    (root / ".venv/lib").mkdir(parents=True)
+    (root / ".venv/lib/site.py").write_text("s0\n")
+    (root / "main.py").write_text("m0\n")
+    workspace.mount()
+    assert sorted(os.listdir(root / ".snapshots/turn-0")) == [".cowfsignore", "main.py"]
+    (root / ".venv/lib/site.py").write_text("s1\n")
+    (root / ".venv/lib/new.py").write_text("n1\n")
+    run(["rm", "-rf", str(root / ".venv/lib")])
+    (root / "main.py").write_text("m1\n")
+    workspace.cli("checkpoint")
+    assert (root / ".snapshots/turn-0/main.py").read_text() == "m0\n"
+    workspace.umount()
+    entries, attrs = rows_of(workspace, 1)
+    assert entries == [] and [path for _, path in attrs] == [b"main.py"], (entries, attrs)

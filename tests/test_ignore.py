@@ -13,6 +13,7 @@ import pytest
 
 from conftest import run
 from test_everyday import name_status, one_line_error
+from test_recovery import kill_daemon
 
 
 def rows_of(ws, turn: int) -> tuple[list, list]:
@@ -264,3 +265,29 @@ def test_a_tree_there_at_the_first_mount_with_its_rules_is_ignored_from_the_star
     workspace.umount()
     entries, attrs = rows_of(workspace, 1)
     assert entries == [] and [path for _, path in attrs] == [b"main.py"], (entries, attrs)
+
+
+def test_ignored_changes_through_a_daemon_that_died_are_not_drift(workspace):
+    root = mounted_with(workspace, "node_modules/\n*.log\n")
+    (root / "node_modules").mkdir()
+    (root / "node_modules/a.js").write_text("a1\n")
+    (root / "src/old.log").write_text("o\n")
+    workspace.cli("checkpoint")
+    (root / "node_modules/a.js").write_text("a2\n")                  # no row: ignored
+    (root / "node_modules/b.js").write_text("b\n")
+    os.unlink(root / "src/old.log")
+    (root / "src/app.py").write_text("v1\n")
+    kill_daemon(workspace)
+    workspace.umount()
+    assert "recovered" in workspace.mount().stderr                    # no --force needed
+    assert (root / "node_modules/a.js").read_text() == "a2\n"
+    workspace.cli("checkpoint")
+    assert not os.path.exists(root / ".snapshots/turn-2/node_modules")
+    assert (root / ".snapshots/turn-1/src/app.py").read_text() == "v0\n"
+    (root / "node_modules/a.js").write_text("a3\n")
+    workspace.umount()
+    workspace.mount()                                                 # a clean remount, no drift
+    (root / "node_modules/c.js").write_text("c\n")
+    workspace.cli("checkpoint")
+    workspace.umount()
+    assert rows_of(workspace, 3) == ([], [])

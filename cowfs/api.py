@@ -107,6 +107,7 @@ class Status:
     daemon_pid: int
     snapdir: str
     drift: str | None = None
+    ignore: dict = field(default_factory=dict)     # "rules": the patterns in force, "ignored_things"
     requests: dict[str, int] = field(default_factory=dict)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 

@@ -9,7 +9,8 @@ the backing filesystem (record before mutate). Knows nothing about FUSE.
 
 Objects born in the open turn need no pre-image (they did not exist at its
 start), and neither do entries of directories born in it: `npm install`
-into a new directory records one entry, not thousands.
+into a new directory records one entry, not thousands. Ignored things
+(ignore.py) need none either: capture passes over them (`passed`).
 """
 
 import errno
@@ -21,6 +22,7 @@ import trio
 
 from . import libc
 from .attribution import Attribution
+from .ignore import INSIDE, RECORD, BadRules, Ignore, Rules, load_rules
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class Capture:
         self.root_prefix = root_path.rstrip(b"/") + b"/"
         self.turn = self.catalogue.open_turn()
         self.writers = Attribution()      # who changes what in the open turn
+        self.ignore = Ignore(self.catalogue, store.root_fd, self.root_prefix, self.turn)
         self._reset_turn_state()
         # A turn left open by a daemon that died: never capture twice in it.
         self.entries_done, self.attrs_done, self.content_done = self.catalogue.captured_in(self.turn)
@@ -57,14 +60,19 @@ class Capture:
         self.entries_done: set[tuple[int, bytes]] = set()
         self.attrs_done: set[int] = set()
         self.content_done: set[int] = set()
+        self.passed: set[int] = set()          # ignored objects and directories (ignore.py)
         self.unconfirmed: set[int] = set()     # captured at open for writing, not written yet
         self.changes = 0
         self.bytes = 0
         self._in_flight: dict[int, trio.Event] = {}
 
     # -- turns -----------------------------------------------------------------
-    def seal(self, message: str, kind: str = "turn", target: int | None = None) -> int:
-        """Close the open turn (O(1): nothing is scanned) and open the next. Returns the sealed number."""
+    def seal(self, message: str, kind: str = "turn", target: int | None = None,
+             rules: Rules | None = None) -> int:
+        """Close the open turn (O(1): nothing is scanned) and open the next. Returns the sealed number.
+
+        The next turn uses *rules*, else `.cowfsignore` as it is now (the
+        rules in force if it is not valid: a checkpoint checks it first)."""
         sealed = self.turn
         w = self.writers
         with self.catalogue.transaction():
@@ -73,7 +81,15 @@ class Capture:
         w.reset()
         self.turn = self.catalogue.open_turn()
         self._reset_turn_state()
+        self.ignore.open_turn_rules(self.turn, rules if rules is not None else self._next_rules(sealed))
         return sealed
+
+    def _next_rules(self, sealed: int) -> Rules:
+        try:
+            return load_rules(self.store.root_fd)
+        except BadRules as e:
+            log.warning("%s: turn %d keeps the rules of turn %d", e, self.turn, sealed)
+            return self.ignore.rules
 
     def has_changes(self) -> bool:
         return self.changes > 0
@@ -89,7 +105,12 @@ class Capture:
     # -- entries -----------------------------------------------------------------
     def before_entry_change(self, parent: int, parent_fd: int, name: bytes) -> None:
         """Record what (parent, name) holds now, before it is created, removed or replaced."""
-        if parent in self.born or (parent, name) in self.entries_done:
+        if parent in self.born or parent in self.passed or (parent, name) in self.entries_done:
+            return
+        spared = self.ignore.entry(parent, parent_fd, name)
+        if spared == INSIDE:
+            self.passed.add(parent)
+        if spared != RECORD:
             return
         try:
             ino = os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_ino
@@ -107,6 +128,34 @@ class Capture:
     def is_born(self, ino: int) -> bool:
         return ino in self.born
 
+    def created(self, parent: int, parent_fd: int, name: bytes, st: os.stat_result) -> None:
+        """Entry *name* of *parent* was just made, holding *st*'s object (born in this turn)."""
+        if not self.ignore.rules.empty and parent not in self.passed:
+            self.ignore.created(parent, parent_fd, name, st.st_ino, stat.S_ISDIR(st.st_mode))
+
+    def moving(self, ino: int, is_dir: bool, new_parent: int, new_parent_fd: int, new_name: bytes) -> None:
+        """Object *ino* is about to be renamed to entry *new_name* of *new_parent*."""
+        if new_parent not in self.passed or ino in self.ignore.things:
+            self.ignore.moved(ino, ino in self.born, new_parent, new_parent_fd, new_name, is_dir)
+
+    def removal_spared(self, parent: int, parent_fd: int, name: bytes, st: os.stat_result) -> bool:
+        """Whether removing entry *name* of *parent* (holding *st*'s object) must not keep the
+        object in the store: it is ignored, and no row refers to it (see `removed`)."""
+        if parent in self.passed:
+            spared = True
+        else:
+            kind = self.ignore.entry(parent, parent_fd, name)
+            if kind == INSIDE:
+                self.passed.add(parent)
+            spared = kind != RECORD
+        return spared and self.catalogue.ref(st.st_ino) is None
+
+    def removed(self, st: os.stat_result) -> None:
+        """A spared removal of *st*'s object happened: if that was its last name, its inode
+        number may be reused, and must not be taken for an ignored thing."""
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+            self.ignore.removed(st.st_ino)
+
     # -- attributes ----------------------------------------------------------------
     def before_attr_change(self, ino: int, fd: int) -> None:
         """Record mode, owner, size, mtime and xattrs of the object open as *fd* (O_PATH)."""
@@ -116,9 +165,12 @@ class Capture:
             self.confirm(ino)
 
     def _record_attrs(self, ino: int, fd: int) -> bool:
-        if ino in self.born or ino in self.attrs_done:
+        if ino in self.born or ino in self.attrs_done or ino in self.passed:
             return False
         st = os.stat(fd)
+        if self.ignore.active and self.ignore.object_passes(ino, fd, st):
+            self.passed.add(ino)
+            return False
         xattrs = {} if stat.S_ISLNK(st.st_mode) else read_xattrs(libc.proc_path(fd))
         self.store.record_object(ino, fd)
         self.catalogue.record_attrs(ino, self.turn, st, xattrs, self._path_of(fd))
@@ -142,7 +194,7 @@ class Capture:
     # -- content ----------------------------------------------------------------------
     def content_captured(self, ino: int) -> bool:
         """True when an in-place change to *ino* needs no capture in the open turn (hot path)."""
-        return ino in self.content_done or ino in self.born
+        return ino in self.content_done or ino in self.born or ino in self.passed
 
     async def before_content_change(self, ino: int, fd: int, ahead: bool = False) -> None:
         """Keep *ino*'s current content in the store before it is changed in place.
@@ -180,6 +232,8 @@ class Capture:
     async def _capture_content(self, ino: int, fd: int, ahead: bool, threaded: bool) -> None:
         turn = self.turn
         recorded_attrs = self._record_attrs(ino, fd)
+        if ino in self.passed:
+            return      # ignored: no pre-image
         src = os.open(libc.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
         dst, name = self.store.new_content(turn, ino)
         done = False

@@ -41,6 +41,14 @@ CREATE TABLE IF NOT EXISTS git_exports (
     PRIMARY KEY (repo, branch, turn)) WITHOUT ROWID;
 """
 
+# Ignore rules (ignore.py): the text of `.cowfsignore` from each turn where it changed, and the
+# ignored things with the turn since which no snapshot shows them. Stores made before ignore
+# rules get the tables when they are opened.
+_IGNORE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ignore_rules (turn INTEGER PRIMARY KEY, rules TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ignored (ino INTEGER PRIMARY KEY, since INTEGER NOT NULL);
+"""
+
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE turns (
@@ -74,7 +82,7 @@ CREATE INDEX attrs_by_turn ON attrs (turn);
 CREATE TABLE xattrs (
     ino INTEGER NOT NULL, turn INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (ino, turn, name)) WITHOUT ROWID;
-""" + _GIT_EXPORTS_SCHEMA + _WRITERS_SCHEMA
+""" + _GIT_EXPORTS_SCHEMA + _WRITERS_SCHEMA + _IGNORE_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,8 @@ class Catalogue:
             raise FormatError(version)
         if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='processes'").fetchone():
             self.db.executescript(_WRITERS_SCHEMA)
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='ignored'").fetchone():
+            self.db.executescript(_IGNORE_SCHEMA)
 
     def _create(self) -> None:
         now = time.time()
@@ -487,6 +497,28 @@ class Catalogue:
             "SELECT p.pid, p.ppid, p.uid, p.comm, p.cmdline, p.ancestors FROM object_writers w JOIN processes p "
             "ON p.turn = w.turn AND p.pid = w.pid WHERE w.ino=? AND w.turn>? AND w.turn<=? "
             "ORDER BY w.turn DESC LIMIT 1", (ino, after, upto)).fetchone()
+
+    # -- ignore rules (ignore.py) -----------------------------------------------------------
+    def rules_rows(self) -> list[tuple[int, str]]:
+        return list(self.db.execute("SELECT turn, rules FROM ignore_rules ORDER BY turn"))
+
+    def set_rules(self, turn: int, text: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO ignore_rules (turn, rules) VALUES (?, ?)", (turn, text))
+
+    def ignored_things(self) -> dict[int, int]:
+        return dict(self.db.execute("SELECT ino, since FROM ignored"))
+
+    def set_ignored(self, ino: int, since: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO ignored (ino, since) VALUES (?, ?)", (ino, since))
+
+    def drop_ignored(self, ino: int) -> None:
+        self.db.execute("DELETE FROM ignored WHERE ino=?", (ino,))
+
+    def named_since(self, inos: list[int], turn: int) -> bool:
+        """Whether an entry row of *turn* or later holds one of *inos* (one of them moved)."""
+        marks = ",".join("?" * len(inos))
+        return self.db.execute(f"SELECT 1 FROM entries WHERE ino IN ({marks}) AND turn>=? LIMIT 1",
+                               (*inos, turn)).fetchone() is not None
 
     # -- diff (history.py) -----------------------------------------------------------------
     def changed_between(self, after: int, upto: int

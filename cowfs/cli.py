@@ -415,6 +415,9 @@ def cmd_status(args) -> int:
           ("" if s["capture_mode"] == "reflink" else " (this filesystem cannot clone: pre-images are copies)"))
     print(f"store size:   {_size(s['store_bytes'])}")
     print(f"snapshots:    .snapshots ({s['snapdir']})")
+    rules = (s.get("ignore") or {}).get("rules") or []
+    print("ignore rules: " + ("; ".join(rules) + " (.cowfsignore, in force in this turn)" if rules
+                              else "none (nothing is ignored)"))
     print(f"daemon pid:   {s['daemon_pid']}")
     requests = sorted(s.get("requests", {}).items(), key=lambda kv: -kv[1])
     print(f"requests:     {sum(n for _, n in requests):,} since mount" +

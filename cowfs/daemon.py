@@ -34,6 +34,7 @@ from .errors import BadInput, CowfsError, OperationFailed
 from .fs import SNAPDIR, SNAPDIR_ID, CowFS
 from .gitexport import DEFAULT_BRANCH, ExportError, ExportRunner, TargetError
 from .history import HistoryRunner, TurnTrees
+from .ignore import BadRules, load_rules
 from .restore import Restore
 from .rollback import Rollback
 from .store import STORE_NAME, Store, StoreBusy
@@ -105,7 +106,21 @@ class Daemon:
         self._setup_logging()
         retention.recover(self.store)     # what a prune that died left in the store's trash
         self.capture = Capture(self.store, os.fsencode(self.opts.workspace))
+        self._open_turn_rules()
         self.control = _control_socket()
+
+    def _open_turn_rules(self) -> None:
+        """The open turn's ignore rules: `.cowfsignore` as it is now, unless the turn already has
+        changes (a turn a daemon that died left open keeps the rules it had)."""
+        turn = self.capture.turn
+        if self.store.catalogue.layer_size(turn) != (0, 0):
+            return
+        try:
+            rules = load_rules(self.root_fd)
+        except BadRules as e:
+            raise MountError(f"{e}; nothing was mounted (the rules recorded before stay in force): "
+                             "fix it and mount again") from None
+        self.capture.ignore.open_turn_rules(turn, rules)
 
     def _check_drift(self) -> None:
         """Refuse (unless --force) a tree changed behind cowfs's back since it last had it in
@@ -118,12 +133,18 @@ class Daemon:
         wanted = catalogue.recorded_objects()
         if not (unmounted or mounted or wanted):
             return      # a new store
+        ignored, seen = catalogue.ignored_things(), set()
         records = None
         if mounted > unmounted:
             first = int(catalogue.get_meta("mounted_turn") or 0)
             records = CrashRecords(catalogue, first, catalogue.open_turn())
-        visit = (lambda dir_fd, name, st: self.store.find_recorded(dir_fd, name, st, wanted))
-        drift = find_drift(self.root_fd, max(mounted, unmounted) or None, records, visit)
+        def visit(dir_fd, name, st):
+            self.store.find_recorded(dir_fd, name, st, wanted)
+            if st.st_ino in ignored:
+                seen.add(st.st_ino)
+        drift = find_drift(self.root_fd, max(mounted, unmounted) or None, records, visit, ignored=ignored)
+        for ino in ignored.keys() - seen:
+            catalogue.drop_ignored(ino)     # gone: its number may be another object's now
         if records is not None:
             changes = catalogue.recount(records.open_turn)
             self.startup_note = (f"recovered: the previous daemon stopped without unmounting; its open "
@@ -272,7 +293,9 @@ class Daemon:
     # -- control requests ------------------------------------------------------------
     async def _op_status(self, req: dict) -> dict:
         turns = self.store.catalogue.sealed_turns()
+        ignore = self.capture.ignore
         return {
+            "ignore": {"rules": ignore.rules.patterns(), "ignored_things": len(ignore.things)},
             "workspace": self.opts.workspace,
             "mountpoint": self.opts.mountpoint,
             "backing": self.opts.workspace,
@@ -300,7 +323,12 @@ class Daemon:
 
     async def _op_checkpoint(self, req: dict) -> dict:
         message = str(req.get("message") or "")
-        turn = self.capture.seal(message)
+        try:
+            rules = load_rules(self.root_fd)
+        except BadRules as e:
+            raise BadInput(f"{e}; turn-{self.capture.turn} was not sealed, and its rules stay in force "
+                           "for it") from None
+        turn = self.capture.seal(message, rules=rules)
         return {"turn": turn, "record": self.store.catalogue.turn(turn).__dict__}
 
     async def _op_log(self, req: dict) -> dict:
@@ -340,6 +368,8 @@ class Daemon:
         paths = self._paths(req)
         if not paths:
             raise BadInput("restore needs at least one path")
+        for path in paths:
+            self._refuse_ignored(turn, path)
         tid, uid = req.get("tid"), req.get("uid", 0)
         while self.capture.captures_in_flight():
             await trio.sleep(0.005)
@@ -357,6 +387,17 @@ class Daemon:
                 "restored": [[os.fsdecode(p), what] for p, what in done],
                 "refresh": self.kernel_refresh_list(result, tid)}
 
+    def _refuse_ignored(self, turn: int, path: bytes) -> None:
+        """A path the rules ignore now, or that turn *turn*'s snapshot hides, has no history."""
+        history = self.capture.ignore.history
+        for rules, when in ((self.capture.ignore.rules, "now"),
+                            (history.snapshot_rules(turn), f"in turn-{turn}")):
+            parts = path.split(b"/") if path else []
+            for i in range(len(parts)):
+                if rules.hides(b"/".join(parts[:i + 1]), None if i == len(parts) - 1 else True):
+                    raise BadInput(f"{os.fsdecode(path)} is ignored {when} (.cowfsignore): "
+                                   "cowfs keeps no history of it")
+
     def _attribute(self, result, tid, uid) -> None:
         """Changes the daemon made on a client's request are that client's (log -v shows it)."""
         if isinstance(tid, int) and isinstance(uid, int):
@@ -369,11 +410,16 @@ class Daemon:
         target = self._sealed_turn(req.get("turn"))
         while self.capture.captures_in_flight():
             await trio.sleep(0.005)
+        # No await from here to the seal: every other request waits.
+        rollback = Rollback(self.store, self.capture, self._writers, os.fsencode(self.opts.workspace))
+        try:
+            rollback.refuse_losing_ignored(target)
+        except BaseException:
+            rollback.close()
+            raise
         pending = None
         if self.capture.has_changes() or self._persisted_changes():
             pending = self.capture.seal("changes before rollback")
-        # No await from here to the seal: every other request waits.
-        rollback = Rollback(self.store, self.capture, self._writers, os.fsencode(self.opts.workspace))
         result = rollback.run(target)
         self._attribute(result, req.get("tid"), req.get("uid", 0))
         self.fs.epoch += 1      # what readdir knew of the live tree is history now

@@ -8,6 +8,8 @@ object has a row in a turn of the dead daemon's session is not drift. A path
 below a directory created in the turn that was open at the crash has no
 older state that a sealed snapshot could show wrongly, so it is not either.
 Everything else is drift: the snapshots of earlier turns would be wrong.
+Ignored things (ignore.py) and everything below them are not drift either:
+no snapshot shows them.
 """
 
 import os
@@ -46,13 +48,13 @@ class CrashRecords:
 
 
 def find_drift(root_fd: int, since_ns: int | None, records: CrashRecords | None = None,
-               visit=None, limit: int = 5) -> Drift:
+               visit=None, limit: int = 5, ignored=()) -> Drift:
     """Paths under the backing root changed after *since_ns* (None: do not look) and not
     explained by *records*.
 
     *visit(dir_fd, name, st)* sees every entry on the way, the store's own `objects/`
     included (rollback leaves whole directories there): the mount takes its descriptors
-    of recorded objects in the same walk.
+    of recorded objects in the same walk. Nothing at or below an object in *ignored* is judged.
     """
     drift = Drift()
     root = os.fstat(root_fd)
@@ -75,15 +77,16 @@ def find_drift(root_fd: int, since_ns: int | None, records: CrashRecords | None 
                     name, st = os.fsencode(entry.name), entry.stat(follow_symlinks=False)
                     if visit is not None:
                         visit(dir_fd, name, st)
+                    spared = new or st.st_ino in ignored
                     judged = prefix is not None and since_ns is not None and st.st_ctime_ns > since_ns
-                    if judged and new:
+                    if judged and spared:
                         drift.explained += 1
                     elif judged:
                         _judge(drift, records, dir_ino, name, st, prefix + entry.name, limit)
                     if stat.S_ISDIR(st.st_mode):
                         sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-                        below_new = new or bool(records and prefix is not None
-                                                and records.created_in_open_turn(dir_ino, name))
+                        below_new = spared or bool(records and prefix is not None
+                                                   and records.created_in_open_turn(dir_ino, name))
                         stack.append((sub, st.st_ino, None if prefix is None else prefix + entry.name + "/",
                                       below_new))
         finally:

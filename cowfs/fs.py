@@ -202,7 +202,8 @@ class CowFS(pyfuse3.Operations):
         self.writers = capture.writers      # attribution: a dict store per change
         self.inodes = InodeTable(root_fd, store)
         self.root_fd = root_fd
-        self.view = SnapshotView(store, self.inodes.root_ino, ObjectRef(self.inodes.root_ino))
+        self.view = SnapshotView(store, self.inodes.root_ino, ObjectRef(self.inodes.root_ino),
+                                 capture.ignore.history)
         self.snap_nodes = SnapshotNodes(VIRTUAL_BASE + 16)
         self.control_path = control_path
         self.snapdir_visible = snapdir_visible
@@ -265,6 +266,7 @@ class CowFS(pyfuse3.Operations):
         if (uid, gid) != (st.st_uid, st.st_gid):
             os.chown(name, uid, gid, dir_fd=parent.fd, follow_symlinks=False)
         self.capture.note_born(st.st_ino)
+        self.capture.created(parent.ino, parent.fd, name, st)
         self.inodes.remember(parent, name, st.st_ino)
         entry = _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
         entry.st_uid, entry.st_gid = uid, gid
@@ -487,14 +489,17 @@ class CowFS(pyfuse3.Operations):
         if stat.S_ISDIR(st.st_mode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         keep = await self._prepare_removal(st)
+        spared = self.capture.removal_spared(parent.ino, parent.fd, name, st)
         self._before_entry_change(parent_id, parent, name)
         self._before_link_count_change(st)
         self._drop_listed(st.st_ino)
         self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
-        if keep and st.st_nlink == 1:
+        if keep and not spared and st.st_nlink == 1:
             self.store.keep_by_rename(parent.fd, name, st.st_ino)
         else:
             os.unlink(name, dir_fd=parent.fd)
+        if spared:
+            self.capture.removed(st)
 
     @fuse_op
     async def rmdir(self, parent_id, name, ctx):
@@ -503,12 +508,15 @@ class CowFS(pyfuse3.Operations):
         if not stat.S_ISDIR(st.st_mode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         self._check_empty(parent.fd, name)
+        spared = self.capture.removal_spared(parent.ino, parent.fd, name, st)
         self._before_entry_change(parent_id, parent, name)
         self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
-        if self.capture.is_born(st.st_ino):
+        if spared or self.capture.is_born(st.st_ino):
             os.rmdir(name, dir_fd=parent.fd)
         else:
             self.store.keep_by_rename(parent.fd, name, st.st_ino)
+        if spared:
+            self.capture.removed(st)
 
     @staticmethod
     def _check_empty(dir_fd: int, name: bytes) -> None:
@@ -531,12 +539,18 @@ class CowFS(pyfuse3.Operations):
             victim = None
         replaces = (victim is not None and not flags & (pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE)
                     and victim.st_ino != src.st_ino)
-        keep = False
+        keep = spared = False
         if replaces:
             self._check_rename_over(src, victim, old_parent.fd, old_name, new_parent.fd, new_name)
             keep = await self._prepare_removal(victim)
+            spared = self.capture.removal_spared(new_parent.ino, new_parent.fd, new_name, victim)
+            keep = keep and not spared
         self._before_entry_change(old_parent_id, old_parent, old_name)
         self._before_entry_change(new_parent_id, new_parent, new_name)
+        self.capture.moving(src.st_ino, stat.S_ISDIR(src.st_mode), new_parent.ino, new_parent.fd, new_name)
+        if victim is not None and flags & pyfuse3.RENAME_EXCHANGE:
+            self.capture.moving(victim.st_ino, stat.S_ISDIR(victim.st_mode), old_parent.ino,
+                                old_parent.fd, old_name)
         if replaces:
             self._before_link_count_change(victim)
             self._drop_listed(victim.st_ino)
@@ -547,6 +561,8 @@ class CowFS(pyfuse3.Operations):
             libc.renameat2(old_parent.fd, old_name, new_parent.fd, new_name, flags)
         else:
             self._rename_keeping_victim(old_parent.fd, old_name, new_parent.fd, new_name, victim)
+        if spared:
+            self.capture.removed(victim)
         # Where to reopen them by once their descriptors are closed (inodes.py).
         self.inodes.moved(src.st_ino, new_parent, new_name)
         if victim is not None and flags & pyfuse3.RENAME_EXCHANGE:

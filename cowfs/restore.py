@@ -12,6 +12,10 @@ turn-N object is made anew: a clone of its content (a copy where the
 filesystem cannot clone), a directory, a symlink, a device node. Names that
 were hard links of one file at turn N become hard links again.
 
+Ignored things (ignore.py) are left alone: a path the rules ignore cannot
+be restored (the daemon refuses it), a directory's ignored names are not
+later additions, and a directory to remove that holds one is refused.
+
 Every change goes through the capture path first (record before mutate),
 so the restore shows in `cowfs diff` and a rollback to the last sealed turn
 undoes it. Cost: O(what the restored paths hold), never O(tree).
@@ -23,7 +27,7 @@ import stat
 from . import libc
 from .capture import Capture
 from .catalogue import AttrRecord
-from .errors import BadInput
+from .errors import BadInput, OperationFailed
 from .history import TurnTrees, join
 from .rollback import Rollback
 from .snapshot import SnapObject
@@ -170,10 +174,34 @@ class Restore(Rollback):
         live = set(os.listdir(libc.proc_path(fd)))
         if obj.ino == self.root_ino:
             live.discard(STORE_NAME)
+        ignore = self.capture.ignore
+        path = ignore.path_of(fd) if ignore.active else None
         for name in sorted(live - set(wanted)):
+            if path is not None and ignore.rules.hides(join(path, name), None):
+                continue    # ignored: no history says it should not be there
             self._detach(obj.ino, name, None)
         for name in wanted:
             self._make(turn, obj.ino, fd, name, *self.view.child(turn, obj, name))
+
+    def _detach(self, parent: int, name: bytes, target: int | None) -> None:
+        """As a rollback's, refusing to remove a directory that holds an ignored thing."""
+        ignore = self.capture.ignore
+        if ignore.things:
+            dir_fd = self._fd(parent)
+            live = self._current(dir_fd, name)
+            if live is not None and live.st_ino != target and stat.S_ISDIR(live.st_mode) \
+                    and live.st_ino not in ignore.things:
+                fd = os.open(name, _OBJ_FLAGS, dir_fd=dir_fd)
+                try:
+                    found = ignore.ignored_below(fd)
+                finally:
+                    os.close(fd)
+                if found is not None:
+                    where = os.fsdecode(join(ignore.path_of(dir_fd) or b"", name))
+                    raise OperationFailed(f"cannot remove {where}/: it holds {where}/{os.fsdecode(found)}, "
+                                          "ignored by .cowfsignore (cowfs keeps no history of it); "
+                                          "move it out or delete it first")
+        super()._detach(parent, name, target)
 
     def _fd_of(self, ino: int, handle) -> int:
         fd = self._fds.get(ino)

@@ -12,6 +12,11 @@ detached (the object moves into the store, whole directories included),
 then every entry that must get an object is attached (from the store, or
 by a new hard link), then contents and attributes are restored, directory
 mtimes last of all.
+
+Ignored things (ignore.py) have no history: a rollback leaves them where
+they are, as they are, and refuses, before it changes anything, to go where
+that cannot be done (a directory it would remove holds one, or turn N had
+something else in the place of one).
 """
 
 import errno
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 from . import libc
 from .capture import Capture, read_xattrs
 from .catalogue import AttrRecord
+from .errors import OperationFailed
 from .store import STORE_NAME, Store
 
 log = logging.getLogger(__name__)
@@ -65,6 +71,46 @@ class Rollback:
         finally:
             self._close()
         return self.result
+
+    def refuse_losing_ignored(self, target: int) -> None:
+        """Raise OperationFailed, before anything is changed, if rolling back to *target* would
+        move an ignored thing (no history: it would be lost from the tree) or need its place.
+        O(changed entries), plus the subtree of each directory the rollback would remove."""
+        ignore = self.capture.ignore
+        if not ignore.things:
+            return
+        for (parent, name), ino in self.catalogue.changed_entries_after(target).items():
+            if not self._in_tree(parent):
+                continue
+            dir_fd = self._fd(parent)
+            live = self._current(dir_fd, name)
+            if live is None or live.st_ino == ino:
+                continue
+            where = os.fsdecode(self._join(ignore.path_of(dir_fd), name))
+            if live.st_ino in ignore.things:
+                if ino is not None:
+                    raise OperationFailed(f"cannot roll back to turn-{target}: {where} is ignored "
+                                          f"(.cowfsignore) and turn-{target} had something else there; "
+                                          "move it away first")
+                continue
+            if stat.S_ISDIR(live.st_mode):
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    found = ignore.ignored_below(fd)
+                finally:
+                    os.close(fd)
+                if found is not None:
+                    raise OperationFailed(
+                        f"cannot roll back to turn-{target}: it would remove {where}/, which holds "
+                        f"{where}/{os.fsdecode(found)}, ignored by .cowfsignore (cowfs keeps no history "
+                        "of it): move it out or delete it first")
+
+    @staticmethod
+    def _join(parent: bytes | None, name: bytes) -> bytes:
+        return parent + b"/" + name if parent else name
+
+    def close(self) -> None:
+        self._close()
 
     def _close(self) -> None:
         for fd in self._fds.values():
@@ -133,8 +179,8 @@ class Rollback:
     def _detach(self, parent: int, name: bytes, target: int | None) -> None:
         dir_fd = self._fd(parent)
         live = self._current(dir_fd, name)
-        if live is None or live.st_ino == target:
-            return
+        if live is None or live.st_ino == target or live.st_ino in self.capture.ignore.things:
+            return      # already right, or ignored: left alone
         if live.st_ino not in self._fds:
             self._fds[live.st_ino] = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         if not stat.S_ISDIR(live.st_mode) and live.st_nlink == 1 and self.writers(live.st_ino):
@@ -174,7 +220,7 @@ class Rollback:
     def _attach(self, parent: int, name: bytes, ino: int) -> bool:
         dir_fd = self._fd(parent)
         live = self._current(dir_fd, name)
-        if live is not None and live.st_ino == ino:
+        if live is not None and (live.st_ino == ino or live.st_ino in self.capture.ignore.things):
             return False
         obj_fd = self._fd(ino)
         self._before_entry_change(parent, dir_fd, name)

@@ -7,6 +7,10 @@ pre-image recorded after K, or else the live object's. Objects are reached
 through their file handles wherever they live now (tree or store), so
 directory renames never need a path rewrite. Knows nothing about FUSE
 replies: it returns plain values that fs.py turns into them.
+
+A snapshot hides every path that the ignore rules of the turn after it match
+(ignore.py): such paths may have changed since without a pre-image. So a
+view knows the path of each directory it resolved (a directory has one).
 """
 
 import errno
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 
 from . import libc
 from .capture import read_xattrs
+from .ignore import RuleHistory
 from .store import STORE_NAME, ObjectRef, Store
 
 
@@ -49,13 +54,34 @@ def _not_found() -> OSError:
 class SnapshotView:
     FD_CACHE = 256
 
-    def __init__(self, store: Store, root_ino: int, root_handle: ObjectRef):
+    def __init__(self, store: Store, root_ino: int, root_handle: ObjectRef,
+                 rules: RuleHistory | None = None):
         self.store = store
         self.catalogue = store.catalogue
         self.root_ino = root_ino
         self.root_handle = root_handle
         self._fds: OrderedDict[int, int] = OrderedDict()   # ino -> O_PATH fd, LRU
         self.oldest_turn = 0        # turns before it were pruned (retention.Pruner keeps it)
+        # The rules of every turn: the daemon's own (kept current at each seal), or read from
+        # this view's catalogue at first use (a view of a worker thread, made for one job).
+        self._rules = rules
+        self._dir_paths: dict[tuple[int, int], bytes] = {}   # (turn, directory ino) -> its path
+
+    @property
+    def rules(self) -> RuleHistory:
+        if self._rules is None:
+            self._rules = RuleHistory(self.catalogue.rules_rows())
+        return self._rules
+
+    def _hidden(self, turn: int, parent: "SnapObject", name: bytes, is_dir: bool | None) -> bool:
+        """Whether the ignore rules of the turn after *turn* match entry *name* of *parent*."""
+        rules = self.rules.snapshot_rules(turn)
+        if rules.empty:
+            return False
+        parent_path = b"" if parent.ino == self.root_ino else self._dir_paths.get((turn, parent.ino))
+        if parent_path is None:
+            return False    # only reached top-down, where each directory's path is known
+        return rules.hides(parent_path + b"/" + name if parent_path else name, is_dir)
 
     # -- reaching objects -----------------------------------------------------
     def object_fd(self, ino: int, handle: ObjectRef) -> int:
@@ -104,13 +130,24 @@ class SnapshotView:
         if not found:
             if live is None:
                 raise _not_found()
-            return live.st_ino, live_handle, live
+            return self._shown(turn, parent, name, (live.st_ino, live_handle, live))
         if ino is None:
             raise _not_found()
         handle = self.catalogue.ref(ino)
         if handle is None:
             raise OSError(errno.EIO, f"no row records object {ino}")
-        return ino, handle, os.stat(self.object_fd(ino, handle))
+        return self._shown(turn, parent, name, (ino, handle, os.stat(self.object_fd(ino, handle))))
+
+    def _shown(self, turn: int, parent: "SnapObject", name: bytes, found: tuple):
+        """*found* unless the rules hide it; a directory's path is remembered."""
+        is_dir = stat.S_ISDIR(found[2].st_mode)
+        if self._hidden(turn, parent, name, is_dir):
+            raise _not_found()
+        if is_dir:
+            parent_path = b"" if parent.ino == self.root_ino else self._dir_paths.get((turn, parent.ino))
+            if parent_path is not None:
+                self._dir_paths[(turn, found[0])] = parent_path + b"/" + name if parent_path else name
+        return found
 
     def names(self, obj: SnapObject) -> list[bytes]:
         """The sorted names of directory *obj* in its turn's snapshot."""
@@ -123,7 +160,18 @@ class SnapshotView:
                 live.add(name)
         if obj.ino == self.root_ino:
             live.discard(STORE_NAME)
-        return sorted(live)
+        return [name for name in sorted(live) if not self._hidden_name(obj, name)]
+
+    def _hidden_name(self, obj: "SnapObject", name: bytes) -> bool:
+        if not self._hidden(obj.turn, obj, name, None):
+            return False
+        if self._hidden(obj.turn, obj, name, True) == self._hidden(obj.turn, obj, name, False):
+            return True
+        try:        # the rules tell directories from files: ask what it is
+            self.child(obj.turn, obj, name)
+        except FileNotFoundError:
+            return True
+        return False
 
     def attrs(self, turn: int, ino: int, st: os.stat_result) -> SnapAttrs:
         record = self.catalogue.attrs_after(ino, turn)

@@ -16,6 +16,7 @@ import os
 import resource
 import secrets
 import socket
+import sqlite3
 import stat
 import struct
 import sys
@@ -34,7 +35,7 @@ from .errors import BadInput, CowfsError, OperationFailed, UnknownTurn
 from .fs import SNAPDIR, CowFS
 from .gitexport import DEFAULT_BRANCH, ExportError, ExportRunner, TargetError
 from .rollback import Rollback
-from .store import STORE_NAME, Store, StoreBusy
+from .store import STORE_NAME, CatalogueLost, Store, StoreBusy
 
 log = logging.getLogger("cowfs")
 
@@ -89,6 +90,18 @@ class Daemon:
         except FileNotFoundError:
             pass
         try:
+            self._open_store()
+            self._check_drift()
+            self._setup_logging()
+            self.capture = Capture(self.store, os.fsencode(self.opts.workspace))
+        except sqlite3.Error as e:
+            raise MountError(f"the catalogue {opts.workspace}/.cowfs/catalogue.db cannot be read "
+                             f"({e})") from None
+        self.control = _control_socket()
+
+    def _open_store(self) -> None:
+        opts = self.opts
+        try:
             self.store = Store(self.root_fd)
         except StoreBusy:
             raise MountError(f"{opts.workspace} is already mounted by another cowfs daemon") from None
@@ -96,12 +109,10 @@ class Daemon:
             raise MountError(f"cannot open the store {opts.workspace}/.cowfs: {e.strerror}") from None
         except FormatError as e:
             raise MountError(f"{opts.workspace}/.cowfs: {e}") from None
+        except CatalogueLost as e:
+            raise MountError(f"{opts.workspace}/.cowfs: {e}") from None
         if self.store.catalogue.created and opts.initial_message:
             self.store.catalogue.name_initial_turn(opts.initial_message)
-        self._check_drift()
-        self._setup_logging()
-        self.capture = Capture(self.store, os.fsencode(self.opts.workspace))
-        self.control = _control_socket()
 
     def _check_drift(self) -> None:
         """Refuse (unless --force) a tree changed behind cowfs's back since it last had it in

@@ -36,6 +36,10 @@ class StoreBusy(Exception):
     """Another daemon holds the store."""
 
 
+class CatalogueLost(Exception):
+    """The store has history files but no catalogue to name them."""
+
+
 class Store:
     def __init__(self, root_fd: int):
         """Open (creating if needed) the store under the backing directory open as *root_fd*."""
@@ -63,7 +67,25 @@ class Store:
         self.content_fd = os.open(CONTENT, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
         self._write_gitignore()
         self.path = libc.proc_path(self.fd)
+        self._refuse_lost_catalogue()
         self.catalogue = Catalogue(os.fsdecode(self.path + b"/catalogue.db"))
+
+    def _refuse_lost_catalogue(self) -> None:
+        """A store with pre-images or kept objects but no catalogue lost its history: making a new
+        one would start a new history over it silently."""
+        try:
+            if os.stat(b"catalogue.db", dir_fd=self.fd).st_size > 0:
+                return
+        except FileNotFoundError:
+            pass
+        if os.listdir(self.content_fd) or os.listdir(self.objects_fd):
+            self.close_dirs()
+            raise CatalogueLost("the store holds pre-images but its catalogue is missing or empty")
+
+    def close_dirs(self) -> None:
+        for fd in (self.objects_fd, self.content_fd, self.lock_fd, self.fd, *self.held.values()):
+            os.close(fd)
+        self.held.clear()
 
     def _lock(self) -> None:
         self.lock_fd = os.open(b"lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
@@ -82,9 +104,7 @@ class Store:
 
     def close(self) -> None:
         self.catalogue.close()
-        for fd in (self.objects_fd, self.content_fd, self.lock_fd, self.fd, *self.held.values()):
-            os.close(fd)
-        self.held.clear()
+        self.close_dirs()
 
     # -- keeping objects alive ------------------------------------------------
     @staticmethod

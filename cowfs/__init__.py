@@ -3,6 +3,7 @@
 Layers, from the disk up (see docs/architecture.md):
   libc, store, catalogue   the on-disk store; nothing about FUSE
   capture, snapshot, rollback   turns and layers; nothing about the CLI
+  drift, fsck              changes behind cowfs's back; the store's consistency checks and repairs
   inodes, fs               the pyfuse3 operations, thin
   daemon, control          one mount's life, the control channel
   api, errors, cli         the Python API (typed results, errors that know their exit code), the CLI on it

@@ -95,6 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_c(p)
     p.add_argument("--to", metavar="REPO", help="an existing git repository outside the workspace")
     p.add_argument("--branch", default="cowfs", help="the branch to create or extend (default: cowfs)")
+
+    p = sub.add_parser(
+        "fsck", help="check an unmounted workspace's store (and --repair it)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check the store of an unmounted WORKSPACE: the catalogue file, turn records, "
+                    "rows against the store's files (missing pre-images, orphans, objects gone), "
+                    "and the tree against the last session (drift). One line per finding, then "
+                    "a summary.",
+        epilog="exit codes:\n"
+               "  0  the store is consistent (with --repair: after the repairs)\n"
+               "  1  problems found (with --repair: some could not be repaired)\n"
+               "  2  bad input: not a directory, no store, mounted, a newer format\n\n"
+               "--repair loses nothing: orphan files are moved into .cowfs/lost+found, a lost\n"
+               "pre-image or object is recorded as lost (snapshots that need it answer EIO),\n"
+               "a damaged catalogue is copied row by row into a new one (the old one kept).\n"
+               "Drift is only reported: `cowfs mount --force` accepts it.")
+    p.add_argument("workspace", nargs="?", default=".", metavar="WORKSPACE",
+                   help="the workspace directory (default: the current directory)")
+    p.add_argument("--repair", action="store_true",
+                   help="mend what can be mended without losing anything")
     return parser
 
 
@@ -241,6 +261,15 @@ def _print_export(reply: dict) -> None:
               + ": left out")
 
 
+def cmd_fsck(args) -> int:
+    from . import api
+    report = api.fsck(args.workspace, args.repair)
+    for finding in report.findings:
+        print(finding.line())
+    print(report.summary())
+    return 0 if report.clean else EXIT_FAILED
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -251,7 +280,7 @@ def _size(n: int) -> str:
 
 COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "checkpoint": cmd_checkpoint,
             "rollback": cmd_rollback, "log": cmd_log, "status": cmd_status,
-            "export-git": cmd_export_git}
+            "export-git": cmd_export_git, "fsck": cmd_fsck}
 
 
 def main(argv: list[str] | None = None) -> int:

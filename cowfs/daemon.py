@@ -30,7 +30,7 @@ from . import libc
 from .capture import Capture
 from .catalogue import FormatError
 from .control import MAX_MESSAGE, REFRESH_PREFIX
-from .drift import CrashRecords, find_drift
+from .drift import find_drift, since_last_session
 from .errors import BadInput, CowfsError, OperationFailed, UnknownTurn
 from .fs import SNAPDIR, CowFS
 from .gitexport import DEFAULT_BRANCH, ExportError, ExportRunner, TargetError
@@ -96,7 +96,7 @@ class Daemon:
             self.capture = Capture(self.store, os.fsencode(self.opts.workspace))
         except sqlite3.Error as e:
             raise MountError(f"the catalogue {opts.workspace}/.cowfs/catalogue.db cannot be read "
-                             f"({e})") from None
+                             f"({e}): `cowfs fsck --repair {opts.workspace}` recovers what it can") from None
         self.control = _control_socket()
 
     def _open_store(self) -> None:
@@ -110,7 +110,8 @@ class Daemon:
         except FormatError as e:
             raise MountError(f"{opts.workspace}/.cowfs: {e}") from None
         except CatalogueLost as e:
-            raise MountError(f"{opts.workspace}/.cowfs: {e}") from None
+            raise MountError(f"{opts.workspace}/.cowfs: {e}; `cowfs fsck {opts.workspace}` says "
+                             "more, and --repair sets the files aside so that a new history can start") from None
         if self.store.catalogue.created and opts.initial_message:
             self.store.catalogue.name_initial_turn(opts.initial_message)
 
@@ -120,18 +121,15 @@ class Daemon:
         holds the recorded objects of the tree: one in the tree is reached through the
         descriptor found here (ObjectRef), one in the store by its name."""
         catalogue = self.store.catalogue
-        unmounted = int(catalogue.get_meta("unmounted_at") or 0)
-        mounted = int(catalogue.get_meta("mounted_at") or 0)
+        catalogue.open_turn()       # the dead daemon may have sealed its last turn and no more
+        since, records = since_last_session(catalogue)
         wanted = catalogue.recorded_objects()
-        if not (unmounted or mounted or wanted):
+        if not (since or wanted):
             return      # a new store
-        records = None
-        if mounted > unmounted:
-            first = int(catalogue.get_meta("mounted_turn") or 0)
-            records = CrashRecords(catalogue, first, catalogue.open_turn())
         visit = (lambda dir_fd, name, st: self.store.find_recorded(dir_fd, name, st, wanted))
-        drift = find_drift(self.root_fd, max(mounted, unmounted) or None, records, visit)
+        drift = find_drift(self.root_fd, since, records, visit)
         if records is not None:
+            self.crashed_turn = records.open_turn
             changes = catalogue.recount(records.open_turn)
             self.startup_note = (f"recovered: the previous daemon stopped without unmounting; its open "
                                  f"turn-{records.open_turn} is kept ({changes} change(s) recorded)")

@@ -45,6 +45,19 @@ class CrashRecords:
         return self.catalogue.entry_created_in(parent, name, self.open_turn)
 
 
+def since_last_session(catalogue: Catalogue) -> tuple[int | None, CrashRecords | None]:
+    """From when changes are drift, and what explains some of them: since the clean unmount,
+    or (the last daemon died) since its mount, explained by its records. (None, None) for a
+    store never mounted."""
+    unmounted = int(catalogue.get_meta("unmounted_at") or 0)
+    mounted = int(catalogue.get_meta("mounted_at") or 0)
+    records = None
+    if mounted > unmounted:
+        first = int(catalogue.get_meta("mounted_turn") or 0)
+        records = CrashRecords(catalogue, first, catalogue.current_turn())
+    return (max(mounted, unmounted) or None), records
+
+
 def find_drift(root_fd: int, since_ns: int | None, records: CrashRecords | None = None,
                visit=None, limit: int = 5) -> Drift:
     """Paths under the backing root changed after *since_ns* (None: do not look) and not

@@ -35,6 +35,7 @@ from .errors import BadInput, CowfsError, OperationFailed, UnknownTurn
 from .fs import SNAPDIR, CowFS
 from .gitexport import DEFAULT_BRANCH, ExportError, ExportRunner, TargetError
 from .rollback import Rollback
+from .fsck import Fsck
 from .store import STORE_NAME, CatalogueLost, Store, StoreBusy
 
 log = logging.getLogger("cowfs")
@@ -73,6 +74,7 @@ class Daemon:
         self.root_fd = -1
         self.store: Store | None = None
         self.drift_note = ""
+        self.crashed_turn: int | None = None    # the open turn of a daemon that died
         self.startup_note = ""     # one line for the user, after "mounted ..."
 
     # -- start-up ------------------------------------------------------------------
@@ -92,6 +94,7 @@ class Daemon:
         try:
             self._open_store()
             self._check_drift()
+            self._check_store()
             self._setup_logging()
             self.capture = Capture(self.store, os.fsencode(self.opts.workspace))
         except sqlite3.Error as e:
@@ -145,6 +148,23 @@ class Daemon:
                 "Mount with --force to accept the tree as it is now")
         self.drift_note = f"accepted {count} path(s) changed while unmounted (e.g. {shown})"
         catalogue.set_meta("drift", f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {self.drift_note}")
+
+    def _check_store(self) -> None:
+        """Before serving: the quick check after an unclean stop (what the dead daemon could have
+        left: O(rows of its open turn)); the whole check when a daemon marked the store after an
+        internal fault. Refuse to mount a store with problems: `cowfs fsck --repair` first."""
+        marks = self.store.needs_check()
+        if not marks and self.crashed_turn is None:
+            return
+        check = Fsck(self.store, self.opts.workspace)
+        report = check.run(drift=False) if marks else check.quick(self.crashed_turn)
+        why = f"the last session noted a fault ({marks[-1]})" if marks else "after the unclean stop"
+        if report.clean:
+            log.info("checked the store %s: clean", why)
+            return
+        first = report.left[0].message
+        raise MountError(f"checked the store {why}: {len(report.left)} problem(s), e.g. {first}; "
+                         f"`cowfs fsck --repair {self.opts.workspace}` mends what it can")
 
     def _setup_logging(self) -> None:
         # The daemon's umask is 0 (it creates files for their callers): the log is its own, 0600.

@@ -75,8 +75,9 @@ def fuse_op(method):
             raise
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
+        except Exception as e:
             log.exception("internal error in %s%r", method.__name__, args[:2])
+            self.internal_fault(f"internal error in {name}: {e!r}")
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             if mutates:
@@ -206,6 +207,13 @@ class CowFS(pyfuse3.Operations):
         if nodeid == pyfuse3.ROOT_INODE and name in (SNAPDIR, STORE_NAME):
             raise pyfuse3.FUSEError(errno.EPERM)
         return self._node(nodeid)
+
+    def internal_fault(self, why: str) -> None:
+        """A fault the errno mapping hides: the next mount checks the store first (STYLE 4)."""
+        try:
+            self.store.mark_needs_check(why)
+        except OSError:
+            log.exception("cannot mark the store as needing a check")
 
     def is_own(self, tid: int) -> bool:
         """Whether thread *tid* (a request's caller) is one of the daemon's (cached)."""

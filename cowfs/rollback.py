@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from . import libc
 from .capture import Capture, read_xattrs
 from .catalogue import AttrRecord
+from .errors import OperationFailed
 from .store import STORE_NAME, Store
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Rollback:
     def run(self, target: int) -> RollbackResult:
         entries = self.catalogue.changed_entries_after(target)
         objects = self.catalogue.changed_objects_after(target)
+        self._refuse_lost_content(target, objects)
         try:
             for (parent, name), ino in entries.items():
                 self._detach(parent, name, ino)
@@ -65,6 +67,16 @@ class Rollback:
         finally:
             self._close()
         return self.result
+
+    def _refuse_lost_content(self, target: int, objects: dict[int, AttrRecord]) -> None:
+        """A rollback that would need a pre-image file that is gone refuses before it changes
+        anything, rather than stop half way (`cowfs fsck` tells what is lost)."""
+        for record in objects.values():
+            if record.content is not None and not self.store.has_content(record.content):
+                raise OperationFailed(
+                    f"turn-{target} cannot be restored exactly: the pre-image content/{record.content} "
+                    "is gone from the store (see `cowfs fsck`); nothing was rolled back") from \
+                    self.store.content_gone(record.content)
 
     def _close(self) -> None:
         for fd in self._fds.values():

@@ -279,8 +279,31 @@ class Store:
             finally:
                 os.close(base)
         if fd is None:
-            raise OSError(errno.EIO, f"recorded object {ref.ino} is gone from the store")
+            raise self._gone(ref.ino)
         return fd
+
+    def _gone(self, ino: int) -> OSError:
+        """The error for a recorded object that cannot be reached: a fault that asks for a check
+        (unless a repair already found it lost). An object no row names (a snapshot's live
+        entry, an unlinked new file) can be gone without anything being wrong."""
+        why = f"recorded object {ino} is gone from the store"
+        if self.catalogue is not None and self.catalogue.ref(ino) is not None \
+                and not self.catalogue.is_lost("object", str(ino)):
+            self.mark_needs_check(why)
+        return OSError(errno.EIO, why)
+
+    def content_gone(self, name: str) -> OSError:
+        """The error for a pre-image file a row names that is missing (see _gone)."""
+        why = f"the pre-image content/{name} is gone from the store"
+        if self.catalogue is not None and not self.catalogue.is_lost("content", name):
+            self.mark_needs_check(why)
+        return OSError(errno.EIO, why)
+
+    def has_content(self, name: str) -> bool:
+        try:
+            return stat.S_ISREG(os.stat(name, dir_fd=self.content_fd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
 
     def _open_held(self, ino: int) -> int | None:
         held = self.held.get(ino)

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from conftest import run
+from test_recovery import kill_daemon
 from treeview import tree
 
 
@@ -86,6 +87,24 @@ def test_a_fresh_workload_checks_clean(workspace):
     out = fsck(ws)
     assert out.returncode == 0 and out.stdout.startswith("clean: "), out.stdout + out.stderr
     assert len(out.stdout.splitlines()) == 1
+
+
+def test_a_missing_preimage_is_found_and_then_answers_eio(workspace):
+    ws = workspace
+    f_ino, _, turn0, _ = two_turns(ws)
+    os.unlink(ws.store / "content" / f"1-{f_ino}")
+    out = expect_found(ws, "content of f at the start of turn-1", "is missing")
+    assert "content/1-" in out
+    ws.mount()
+    with pytest.raises(OSError) as e:
+        (ws.snapshots / "turn-0" / "f").read_bytes()
+    assert e.value.errno == errno.EIO
+    live = tree(ws.path)
+    refused = ws.cli("rollback", "0", check=False)
+    assert refused.returncode == 1 and "cannot be restored exactly" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert tree(ws.path) == live                       # nothing was rolled back
+    assert (ws.snapshots / "turn-0" / "g").read_text() == "g at turn 0\n"   # the rest still reads
 
 
 def test_orphan_store_files_are_moved_aside(workspace):
@@ -174,6 +193,49 @@ def test_fsck_refuses_a_mounted_workspace_and_bad_paths(workspace, tmp_path):
     out = run([*ws.cowfs_cmd, "fsck", tmp_path / "missing"], check=False)
     assert out.returncode == 2 and "is not a directory" in out.stderr
     assert "exit codes" in run([*ws.cowfs_cmd, "fsck", "--help"]).stdout
+
+
+def test_a_mount_after_a_crash_checks_the_open_turn(workspace):
+    """The quick form: a pre-image of the turn the dead daemon left open is gone."""
+    ws, p = workspace, workspace.path
+    (p / "f").write_text("before\n")
+    ws.mount()
+    ino = os.stat(p / "f").st_ino
+    with open(p / "f", "a") as f:
+        f.write("after\n")
+    turn = json.loads(ws.cli("status", "--json").stdout)["open_turn"]
+    kill_daemon(ws)
+    ws.umount()                                            # clears the dead mount
+    os.unlink(ws.store / "content" / f"{turn}-{ino}")
+    refused = ws.mount(check=False)
+    assert refused.returncode == 2 and "after the unclean stop" in refused.stderr
+    assert f"content/{turn}-{ino}" in refused.stderr and "cowfs fsck --repair" in refused.stderr
+    assert fsck(ws, "--repair").returncode == 0
+    assert "recovered" in ws.mount().stderr
+    assert (p / "f").read_text() == "before\nafter\n"
+
+
+@pytest.mark.parametrize("backing", ["xfs"], indirect=True)
+def test_a_fault_while_serving_makes_the_next_mount_check(workspace):
+    """A pre-image the store should keep vanishes while mounted: the snapshot answers EIO and
+    marks the store; the next mount runs the whole check and refuses until a repair."""
+    ws = workspace
+    f_ino, _, _, _ = two_turns(ws)
+    ws.mount()
+    pid = json.loads(ws.cli("status", "--json").stdout)["daemon_pid"]
+    # The daemon's own mount namespace shows the backing directory, store included.
+    os.unlink(f"/proc/{pid}/root{ws.path}/.cowfs/content/1-{f_ino}")
+    with pytest.raises(OSError) as e:
+        (ws.snapshots / "turn-0" / "f").read_bytes()
+    assert e.value.errno == errno.EIO
+    ws.umount()
+    assert "is gone from the store" in (ws.store / "needs-check").read_text()
+    refused = ws.mount(check=False)
+    assert refused.returncode == 2 and "noted a fault" in refused.stderr and "is missing" in refused.stderr
+    repaired = fsck(ws, "--repair")
+    assert repaired.returncode == 0 and "the mark is removed" in repaired.stdout
+    assert not (ws.store / "needs-check").exists()
+    ws.mount()
 
 
 def test_the_api_returns_a_typed_report(workspace):

@@ -25,6 +25,7 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,26 +46,25 @@ with open(log_path, "w") as log:
     while not os.path.exists(stop):
         r = rng.random()
         start = time.monotonic()
-        if r < 0.35:
-            op = ["write", rng.choice(names), rng.randrange(1, 200_000)]
-            data = (b"%%d:%%d|" %% (me, seq)) * (op[2] // 8 + 1)
-            # Whole, then renamed into place: a checkpoint may fall between open and close.
-            with open(os.path.join(root, f"w{me}-tmp"), "wb") as f:
-                f.write(data[:op[2]])
-            os.rename(os.path.join(root, f"w{me}-tmp"), os.path.join(root, op[1]))
-        elif r < 0.65:
-            op = ["append", f"w{me}-log"]
-            with open(os.path.join(root, op[1]), "ab") as f:
-                f.write(b"%%-60s\n" %% (b"writer %%d op %%d" %% (me, seq)))
-        elif r < 0.85:
-            op = ["rename", rng.choice(names), rng.choice(names)]
-        else:
-            op = ["delete", rng.choice(names)]
         outcome = "ok"
         try:
-            if op[0] == "rename":
+            if r < 0.35:
+                op = ["write", rng.choice(names), rng.randrange(1, 200_000)]
+                data = (b"%%d:%%d|" %% (me, seq)) * (op[2] // 8 + 1)
+                # Whole, then renamed into place: a checkpoint may fall between open and close.
+                # (A rollback in between takes the new file away: ENOENT, nothing written.)
+                with open(os.path.join(root, f"w{me}-tmp"), "wb") as f:
+                    f.write(data[:op[2]])
+                os.rename(os.path.join(root, f"w{me}-tmp"), os.path.join(root, op[1]))
+            elif r < 0.65:
+                op = ["append", f"w{me}-log"]
+                with open(os.path.join(root, op[1]), "ab") as f:
+                    f.write(b"%%-60s\n" %% (b"writer %%d op %%d" %% (me, seq)))
+            elif r < 0.85:
+                op = ["rename", rng.choice(names), rng.choice(names)]
                 os.rename(os.path.join(root, op[1]), os.path.join(root, op[2]))
-            elif op[0] == "delete":
+            else:
+                op = ["delete", rng.choice(names)]
                 os.unlink(os.path.join(root, op[1]))
         except FileNotFoundError:
             outcome = "ENOENT"
@@ -90,7 +90,9 @@ def replay(writer: int, ops: list[dict]) -> list[dict | None]:
     states: list[dict | None] = [dict(state)]
     for entry in ops:
         op, ok = entry["op"], entry["outcome"] == "ok"
-        if op[0] == "write":
+        if op[0] == "write" and not ok:
+            pass                                # a rollback took its new file away
+        elif op[0] == "write":
             state[op[1]] = write_data(writer, entry["seq"], op[2])
         elif op[0] == "append":
             state[op[1]] = state.get(op[1], b"") + append_data(writer, entry["seq"])
@@ -167,10 +169,18 @@ def test_parallel_writers_checkpoints_and_a_rollback(workspace, backing):
 
     logs = [[json.loads(line) for line in path.read_text().splitlines()] for path in logs]
     latencies += [e["end"] - e["start"] for log in logs for e in log]
-    print(f"\n{WRITERS} writers, {sum(map(len, logs))} operations, {len(checkpoints)} checkpoints, "
+    print(f"\nseed {seed}: {WRITERS} writers, {sum(map(len, logs))} operations, {len(checkpoints)} checkpoints, "
           f"1 rollback in {SECONDS:g} s; slowest operation/checkpoint/rollback {max(latencies):.3f} s")
     assert max(latencies) < BOUND, f"something waited {max(latencies):.1f} s"
 
+    keep = os.environ.get("COWFS_CONCURRENCY_KEEP")
+    if keep:
+        import shutil
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.copytree(backing, keep, ignore=shutil.ignore_patterns(".cowfs", ".snapshots"))
+        (Path(keep) / "meta.json").write_text(json.dumps({"checkpoints": checkpoints, "rollback": rollback}))
+        for t, _, _ in checkpoints + [(rollback["pending"], 0, 0), (rollback["turn"], 0, 0)]:
+            shutil.copytree(ws.snapshots / f"turn-{t}", Path(keep) / f"turn-{t}")
     for writer, ops in enumerate(logs):
         check_writer(ws, writer, ops, checkpoints, rollback)
     ws.umount()
@@ -179,6 +189,9 @@ def test_parallel_writers_checkpoints_and_a_rollback(workspace, backing):
 
 
 def check_writer(ws, writer, ops, checkpoints, rollback) -> None:
+    for e in ops:       # only a rollback can take a writer's new file away before its rename
+        assert e["op"][0] != "write" or e["outcome"] == "ok" or \
+            e["end"] > rollback["begun"] and e["start"] < rollback["ended"], e
     before = [e for e in ops if e["end"] < rollback["ended"]]
     states = replay(writer, ops)
     for turn, begun, ended in checkpoints:
@@ -203,4 +216,19 @@ def check_writer(ws, writer, ops, checkpoints, rollback) -> None:
                for turn, begun, ended in checkpoints if begun > rollback["ended"]):
             return
     pytest.fail(f"writer {writer}: no replay of its log after the rollback (from operation "
-                f"{first} to {last}) gives the live tree and every later snapshot")
+                f"{first} to {last}) gives the live tree and every later snapshot; live "
+                f"{_sizes(live)}, replayed from {first}: {_sizes(replay(writer, ops[first:])[-1])}"
+                + "".join(f"; from {i}: " + _contradiction(writer, ops[i:]) for i in range(first, last + 1)))
+
+
+def _contradiction(writer, ops) -> str:
+    states = replay(writer, ops)
+    bad = next((i for i, s in enumerate(states) if s is None), None)
+    if bad is None:
+        return "consistent"
+    return f"op {ops[bad - 1]['seq']} {ops[bad - 1]['op']} {ops[bad - 1]['outcome']} on {_sizes(states[bad - 1])}"
+
+
+def _sizes(files: dict | None) -> dict | None:
+    return None if files is None else {name: len(data) for name, data in sorted(files.items())}
+

@@ -330,7 +330,11 @@ class Daemon:
         self.fs.epoch += 1      # what readdir knew of the live tree is history now
         self.fs.generation += 1
         turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
-        await self._invalidate(result)
+        self.fs.detached = result.detached      # until the kernel has dropped their dentries
+        try:
+            await self._invalidate(result)
+        finally:
+            self.fs.detached = set()
         return {"turn": turn, "target": target, "sealed_pending": pending,
                 "entries": len(result.entries), "objects": len(result.objects),
                 "refresh": self.kernel_refresh_list(result, req.get("tid", req.get("pid")))}

@@ -35,6 +35,7 @@ class RollbackResult:
     entries: set[tuple[int, bytes]] = field(default_factory=set)   # (parent ino, name) changed
     objects: set[int] = field(default_factory=set)                 # inos whose content/attrs changed
     restored: dict[int, int] = field(default_factory=dict)         # regular file ino -> size before
+    detached: set[int] = field(default_factory=set)                # moved into the store, not back
 
 
 class Rollback:
@@ -57,6 +58,7 @@ class Rollback:
             for (parent, name), ino in entries.items():
                 self._detach(parent, name, ino)
             attached = self._attach_all(entries)
+            self.result.detached -= attached
             for ino in attached:
                 if not stat.S_ISDIR(os.stat(self._fd(ino)).st_mode):
                     self.store.unkeep(ino)
@@ -155,6 +157,7 @@ class Rollback:
         self.result.objects.add(live.st_ino)
         if stat.S_ISDIR(live.st_mode) or live.st_nlink == 1:
             self.store.keep_by_rename(dir_fd, name, live.st_ino)
+            self.result.detached.add(live.st_ino)
         else:
             os.unlink(name, dir_fd=dir_fd)
         if stat.S_ISDIR(live.st_mode):

@@ -246,10 +246,11 @@ class Catalogue:
         self.db.execute("UPDATE turns SET changes=max(changes, ?) WHERE turn=?", (rows, turn))
         return self.db.execute("SELECT changes FROM turns WHERE turn=?", (turn,)).fetchone()[0]
 
-    def entry_created_in(self, parent: int, name: bytes, turn: int) -> bool:
-        """Entry (parent, name) held nothing at the start of *turn* (it was created in it)."""
-        return self.db.execute("SELECT 1 FROM entries WHERE parent=? AND name=? AND turn=? "
-                               "AND ino IS NULL", (parent, name, turn)).fetchone() is not None
+    def entry_created_since(self, parent: int, name: bytes, turn: int) -> bool:
+        """Entry (parent, name) held nothing at the start of some turn >= *turn* (it was created
+        then)."""
+        return self.db.execute("SELECT 1 FROM entries WHERE parent=? AND name=? AND turn>=? "
+                               "AND ino IS NULL LIMIT 1", (parent, name, turn)).fetchone() is not None
 
     # -- turns --------------------------------------------------------------
     def open_turn(self) -> int:

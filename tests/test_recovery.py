@@ -210,3 +210,17 @@ def _daemon_alive(p) -> bool:
             return True
         fcntl.flock(f, fcntl.LOCK_UN)
         return False
+
+
+def test_files_in_a_directory_made_earlier_in_the_session_are_not_drift(workspace):
+    """They were new in their turn, so no row recorded them: the recovery took them for changes
+    behind cowfs's back (only a directory of the open turn was allowed for)."""
+    ws, p = workspace, workspace.path
+    ws.mount()
+    (p / "new").mkdir()
+    (p / "new" / "x").write_text("x\n")
+    ws.cli("checkpoint")
+    (p / "f").write_text("f\n")
+    kill_daemon(ws)
+    ws.umount()
+    assert "recovered" in ws.mount().stderr                 # no --force

@@ -274,7 +274,7 @@ class Fsck:
 
     def _seal(self, number: int, at: float) -> str:
         self.catalogue.seal_left_open(number, at, "sealed by cowfs fsck: it was left open")
-        return f"sealed turn-{number} as it is (its snapshot shows the tree when the next turn began)"
+        return f"sealed turn-{number} as it was, dated when the next turn started; its snapshot is listed"
 
     # -- rows against rows ----------------------------------------------------------------
     def check_rows(self) -> None:

@@ -5,6 +5,7 @@ Layers, from the disk up (see docs/architecture.md):
   capture, attribution     turns, layers and who made each change; nothing about the CLI
   snapshot, history        any turn's tree, and what changed between two turns
   rollback, restore        the live tree made (part of) a sealed turn again
+  drift, fsck              changes behind cowfs's back; the store's consistency checks and repairs
   inodes, fs               the pyfuse3 operations, thin
   daemon, control          one mount's life, the control channel
   api, errors, patch, cli  the Python API (typed results, errors that know their exit code),

@@ -323,6 +323,34 @@ def mounted(path: str | os.PathLike, **options):
             umount(ws.path)
 
 
+def fsck(path: str | os.PathLike, repair: bool = False):
+    """Check the store of the unmounted workspace *path* against itself and the tree; with
+    *repair*, mend what can be mended without losing anything. Returns a `fsck.Report`
+    (`.findings`, one plain line each; `.clean`: consistent now). A dead mount there is cleared
+    first; a live one raises BadInput, as do a missing store and a newer format."""
+    from . import fsck as fsck_, mounting
+    from .catalogue import FormatError
+    from .store import StoreBusy
+    workspace = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    if not os.path.isdir(workspace):
+        raise BadInput(f"{path} is not a directory")
+    try:
+        notes = mounting.refuse_mounted(workspace)
+    except BadInput as e:
+        raise BadInput(f"{e}: fsck checks an unmounted workspace (`cowfs umount` it first)") from None
+    try:
+        report = fsck_.check_workspace(workspace, repair)
+    except FileNotFoundError:
+        raise BadInput(f"{workspace} has no cowfs store (.cowfs): nothing to check") from None
+    except StoreBusy:
+        raise BadInput(f"the store of {workspace} is in use by a cowfs daemon (mounted elsewhere "
+                       "with --at?): unmount it first") from None
+    except FormatError as e:
+        raise BadInput(f"{workspace}/.cowfs: {e}") from None
+    report.findings[:0] = [fsck_.Finding("mount", n, problem=False) for n in notes]
+    return report
+
+
 def _cwd() -> str | None:
     try:
         return os.getcwd()

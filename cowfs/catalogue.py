@@ -12,6 +12,7 @@ is none, with the live object.
 
 import sqlite3
 import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -84,6 +85,18 @@ CREATE TABLE xattrs (
     PRIMARY KEY (ino, turn, name)) WITHOUT ROWID;
 """ + _GIT_EXPORTS_SCHEMA + _WRITERS_SCHEMA + _IGNORE_SCHEMA
 
+# What `cowfs fsck --repair` found lost and accepted (a pre-image file or a recorded object
+# gone): snapshots that need it answer EIO, and the next check reports it as known.
+# Created at the first such repair; older cowfs ignore it (they gave ENOENT or EIO there too).
+_LOST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS lost (
+    kind TEXT NOT NULL, name TEXT NOT NULL, noted REAL NOT NULL, detail TEXT NOT NULL,
+    PRIMARY KEY (kind, name)) WITHOUT ROWID;
+"""
+
+# The tables whose rows a damaged catalogue's recovery copies (all but the schema's own).
+TABLES = ("meta", "turns", "objects", "entries", "attrs", "xattrs", "git_exports", "lost")
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -149,6 +162,23 @@ class FormatError(Exception):
 
 
 class Catalogue:
+    @classmethod
+    def existing(cls, path: str, readonly: bool) -> "Catalogue":
+        """Open a catalogue as it is, creating and upgrading nothing, reading nothing yet (fsck:
+        a damaged file must still open for what can be read). `created` is False: ask
+        `has_schema`."""
+        self = cls.__new__(cls)
+        if readonly:
+            uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.created = False
+        return self
+
+    def has_schema(self) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone() is not None
+
     def __init__(self, path: str):
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -243,10 +273,11 @@ class Catalogue:
         self.db.execute("UPDATE turns SET changes=max(changes, ?) WHERE turn=?", (rows, turn))
         return self.db.execute("SELECT changes FROM turns WHERE turn=?", (turn,)).fetchone()[0]
 
-    def entry_created_in(self, parent: int, name: bytes, turn: int) -> bool:
-        """Entry (parent, name) held nothing at the start of *turn* (it was created in it)."""
-        return self.db.execute("SELECT 1 FROM entries WHERE parent=? AND name=? AND turn=? "
-                               "AND ino IS NULL", (parent, name, turn)).fetchone() is not None
+    def entry_created_since(self, parent: int, name: bytes, turn: int) -> bool:
+        """Entry (parent, name) held nothing at the start of some turn >= *turn* (it was created
+        then)."""
+        return self.db.execute("SELECT 1 FROM entries WHERE parent=? AND name=? AND turn>=? "
+                               "AND ino IS NULL LIMIT 1", (parent, name, turn)).fetchone() is not None
 
     # -- turns --------------------------------------------------------------
     def open_turn(self) -> int:
@@ -257,6 +288,12 @@ class Catalogue:
             return last
         self.db.execute("INSERT INTO turns (turn, started) VALUES (?, ?)", (last + 1, time.time()))
         return last + 1
+
+    def current_turn(self) -> int:
+        """The open turn's number, or the number the next one will get; creates nothing."""
+        last, sealed = self.db.execute(
+            "SELECT turn, sealed FROM turns ORDER BY turn DESC LIMIT 1").fetchone()
+        return last if sealed is None else last + 1
 
     def seal(self, turn: int, message: str, changes: int, nbytes: int,
              kind: str = "turn", target: int | None = None) -> None:
@@ -566,3 +603,103 @@ class Catalogue:
         """Drop the mapping of the turns after *after* (all of them by default)."""
         self.db.execute("DELETE FROM git_exports WHERE repo=? AND branch=? AND turn>?",
                         (repo, branch, after))
+
+    # -- consistency (fsck.py) ---------------------------------------------------------
+    def integrity_problems(self) -> list[str]:
+        """SQLite's own check of the database file: empty if sound."""
+        rows = [r[0] for r in self.db.execute("PRAGMA integrity_check")]
+        return [] if rows == ["ok"] else rows
+
+    def row_count(self) -> int:
+        return sum(self.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("entries", "attrs"))
+
+    def tables(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+    def open_turns(self) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT turn FROM turns WHERE sealed IS NULL ORDER BY turn")]
+
+    def turns_with_rows(self, first: int = 0) -> set[int]:
+        """Every turn number >= *first* that some layer row names."""
+        return {r[0] for r in self.db.execute(
+            "SELECT DISTINCT turn FROM entries WHERE turn>=? UNION SELECT DISTINCT turn FROM attrs "
+            "WHERE turn>=? UNION SELECT DISTINCT turn FROM xattrs WHERE turn>=?", (first, first, first))}
+
+    def content_rows(self, turn: int | None = None) -> list[tuple[int, int, str, int, bytes | None]]:
+        """(ino, turn, content file, recorded size, path hint) of each content pre-image
+        (of *turn* only, if given)."""
+        where = "" if turn is None else " AND turn=?"
+        return list(self.db.execute(
+            "SELECT ino, turn, content, size, path FROM attrs WHERE content IS NOT NULL" + where,
+            () if turn is None else (turn,)))
+
+    def unrecorded_objects(self) -> set[int]:
+        """Objects a layer row names that have no `objects` row (so `ref` cannot reach them)."""
+        return {r[0] for r in self.db.execute(
+            "SELECT ino FROM entries WHERE ino IS NOT NULL UNION SELECT parent FROM entries "
+            "UNION SELECT ino FROM attrs EXCEPT SELECT ino FROM objects")}
+
+    def objects_of_turn(self, turn: int) -> set[int]:
+        """The objects the rows of *turn* name (entries held, their directories, attrs)."""
+        return {r[0] for r in self.db.execute(
+            "SELECT ino FROM entries WHERE turn=? AND ino IS NOT NULL UNION SELECT parent FROM entries "
+            "WHERE turn=? UNION SELECT ino FROM attrs WHERE turn=?", (turn, turn, turn))}
+
+    def object_modes(self) -> dict[int, int]:
+        """The file type bits each object was recorded with (an object's type never changes)."""
+        return {ino: mode for ino, mode in self.db.execute("SELECT ino, max(mode) FROM attrs GROUP BY ino")}
+
+    def describe_object(self, ino: int) -> tuple[list[int], bytes | None]:
+        """(the turns whose rows name *ino*, a name it had: a path hint or an entry name)."""
+        turns = sorted({r[0] for r in self.db.execute(
+            "SELECT turn FROM entries WHERE ino=? UNION SELECT turn FROM attrs WHERE ino=?", (ino, ino))})
+        row = self.db.execute("SELECT path FROM attrs WHERE ino=? AND path IS NOT NULL "
+                              "ORDER BY turn LIMIT 1", (ino,)).fetchone()
+        if row is None:
+            row = self.db.execute("SELECT name FROM entries WHERE ino=? ORDER BY turn LIMIT 1",
+                                  (ino,)).fetchone()
+        return turns, (bytes(row[0]) if row else None)
+
+    def lost(self) -> dict[tuple[str, str], str]:
+        """What an earlier repair accepted as lost: (kind, name) -> detail."""
+        if "lost" not in self.tables():
+            return {}
+        return {(k, n): d for k, n, d in self.db.execute("SELECT kind, name, detail FROM lost")}
+
+    def is_lost(self, kind: str, name: str) -> bool:
+        try:
+            return self.db.execute("SELECT 1 FROM lost WHERE kind=? AND name=?",
+                                   (kind, name)).fetchone() is not None
+        except sqlite3.OperationalError:
+            return False    # no such table: nothing was ever found lost
+
+    def note_lost(self, kind: str, name: str, detail: str) -> None:
+        self.db.executescript(_LOST_SCHEMA)
+        self.db.execute("INSERT OR REPLACE INTO lost (kind, name, noted, detail) VALUES (?, ?, ?, ?)",
+                        (kind, name, time.time(), detail))
+
+    def seal_left_open(self, turn: int, at: float, message: str) -> None:
+        self.db.execute("UPDATE turns SET sealed=?, message=CASE WHEN message='' THEN ? ELSE message END "
+                        "WHERE turn=? AND sealed IS NULL", (at, message, turn))
+
+    def restore_turn(self, turn: int, at: float, message: str) -> None:
+        """Give rows of *turn* a turn record again (its own was lost), sealed at *at*."""
+        self.db.execute("INSERT OR IGNORE INTO turns (turn, started, sealed, message) VALUES (?, ?, ?, ?)",
+                        (turn, at, at, message))
+
+    def rows_of(self, table: str):
+        """Every row of *table*, as far as it can be read (a damaged file ends the scan early)."""
+        if table not in TABLES:
+            raise ValueError(table)
+        return self.db.execute(f"SELECT * FROM {table}")
+
+    def copy_rows(self, table: str, rows: list[tuple]) -> None:
+        if table not in TABLES:
+            raise ValueError(table)
+        if table == "lost":
+            self.db.executescript(_LOST_SCHEMA)
+        elif table == "git_exports":
+            self.ensure_git_exports()
+        if rows:
+            marks = ", ".join("?" * len(rows[0]))
+            self.db.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", rows)

@@ -16,6 +16,7 @@ import os
 import resource
 import secrets
 import socket
+import sqlite3
 import stat
 import struct
 import sys
@@ -29,15 +30,16 @@ from . import libc, retention
 from .capture import Capture
 from .catalogue import FormatError
 from .control import MAX_MESSAGE, REFRESH_PREFIX
-from .drift import CrashRecords, find_drift
-from .errors import BadInput, CowfsError, OperationFailed
+from .drift import find_drift, since_last_session
+from .errors import BadInput, CowfsError, OperationFailed, UnknownTurn
 from .fs import SNAPDIR, SNAPDIR_ID, CowFS
 from .gitexport import DEFAULT_BRANCH, ExportError, ExportRunner, TargetError
 from .history import HistoryRunner, TurnTrees
 from .ignore import BadRules, load_rules
 from .restore import Restore
 from .rollback import Rollback
-from .store import STORE_NAME, Store, StoreBusy
+from .fsck import Fsck
+from .store import STORE_NAME, CatalogueLost, Store, StoreBusy
 
 log = logging.getLogger("cowfs")
 
@@ -76,6 +78,7 @@ class Daemon:
         self.root_fd = -1
         self.store: Store | None = None
         self.drift_note = ""
+        self.crashed_turn: int | None = None    # the open turn of a daemon that died
         self.startup_note = ""     # one line for the user, after "mounted ..."
 
     # -- start-up ------------------------------------------------------------------
@@ -93,6 +96,21 @@ class Daemon:
         except FileNotFoundError:
             pass
         try:
+            self._open_store()
+            self._check_drift()
+            retention.recover(self.store)     # what a prune that died left in the store's trash
+            self._check_store()
+            self._setup_logging()
+            self.capture = Capture(self.store, os.fsencode(self.opts.workspace))
+            self._open_turn_rules()
+        except sqlite3.Error as e:
+            raise MountError(f"the catalogue {opts.workspace}/.cowfs/catalogue.db cannot be read "
+                             f"({e}): `cowfs fsck --repair {opts.workspace}` recovers what it can") from None
+        self.control = _control_socket()
+
+    def _open_store(self) -> None:
+        opts = self.opts
+        try:
             self.store = Store(self.root_fd)
         except StoreBusy:
             raise MountError(f"{opts.workspace} is already mounted by another cowfs daemon") from None
@@ -100,14 +118,11 @@ class Daemon:
             raise MountError(f"cannot open the store {opts.workspace}/.cowfs: {e.strerror}") from None
         except FormatError as e:
             raise MountError(f"{opts.workspace}/.cowfs: {e}") from None
+        except CatalogueLost as e:
+            raise MountError(f"{opts.workspace}/.cowfs: {e}; `cowfs fsck {opts.workspace}` says "
+                             "more, and --repair sets the files aside so that a new history can start") from None
         if self.store.catalogue.created and opts.initial_message:
             self.store.catalogue.name_initial_turn(opts.initial_message)
-        self._check_drift()
-        self._setup_logging()
-        retention.recover(self.store)     # what a prune that died left in the store's trash
-        self.capture = Capture(self.store, os.fsencode(self.opts.workspace))
-        self._open_turn_rules()
-        self.control = _control_socket()
 
     def _open_turn_rules(self) -> None:
         """The open turn's ignore rules: `.cowfsignore` as it is now, unless the turn already has
@@ -128,24 +143,22 @@ class Daemon:
         holds the recorded objects of the tree: one in the tree is reached through the
         descriptor found here (ObjectRef), one in the store by its name."""
         catalogue = self.store.catalogue
-        unmounted = int(catalogue.get_meta("unmounted_at") or 0)
-        mounted = int(catalogue.get_meta("mounted_at") or 0)
+        catalogue.open_turn()       # the dead daemon may have sealed its last turn and no more
+        since, records = since_last_session(catalogue)
         wanted = catalogue.recorded_objects()
-        if not (unmounted or mounted or wanted):
+        if not (since or wanted):
             return      # a new store
         ignored, seen = catalogue.ignored_things(), set()
-        records = None
-        if mounted > unmounted:
-            first = int(catalogue.get_meta("mounted_turn") or 0)
-            records = CrashRecords(catalogue, first, catalogue.open_turn())
+
         def visit(dir_fd, name, st):
             self.store.find_recorded(dir_fd, name, st, wanted)
             if st.st_ino in ignored:
                 seen.add(st.st_ino)
-        drift = find_drift(self.root_fd, max(mounted, unmounted) or None, records, visit, ignored=ignored)
+        drift = find_drift(self.root_fd, since, records, visit, ignored=ignored)
         for ino in ignored.keys() - seen:
             catalogue.drop_ignored(ino)     # gone: its number may be another object's now
         if records is not None:
+            self.crashed_turn = records.open_turn
             changes = catalogue.recount(records.open_turn)
             self.startup_note = (f"recovered: the previous daemon stopped without unmounting; its open "
                                  f"turn-{records.open_turn} is kept ({changes} change(s) recorded)")
@@ -161,6 +174,23 @@ class Daemon:
                 "Mount with --force to accept the tree as it is now")
         self.drift_note = f"accepted {count} path(s) changed while unmounted (e.g. {shown})"
         catalogue.set_meta("drift", f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {self.drift_note}")
+
+    def _check_store(self) -> None:
+        """Before serving: the quick check after an unclean stop (what the dead daemon could have
+        left: O(rows of its open turn)); the whole check when a daemon marked the store after an
+        internal fault. Refuse to mount a store with problems: `cowfs fsck --repair` first."""
+        marks = self.store.needs_check()
+        if not marks and self.crashed_turn is None:
+            return
+        check = Fsck(self.store, self.opts.workspace)
+        report = check.run(drift=False) if marks else check.quick(self.crashed_turn)
+        why = f"the last session noted a fault ({marks[-1]})" if marks else "after the unclean stop"
+        if report.clean:
+            log.info("checked the store %s: clean", why)
+            return
+        first = report.left[0].message
+        raise MountError(f"checked the store {why}: {len(report.left)} problem(s), e.g. {first}; "
+                         f"`cowfs fsck --repair {self.opts.workspace}` mends what it can")
 
     def _setup_logging(self) -> None:
         # The daemon's umask is 0 (it creates files for their callers): the log is its own, 0600.
@@ -425,7 +455,11 @@ class Daemon:
         self.fs.epoch += 1      # what readdir knew of the live tree is history now
         self.fs.generation += 1
         turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
-        await self._invalidate(result)
+        self.fs.detached = result.detached      # until the kernel has dropped their dentries
+        try:
+            await self._invalidate(result)
+        finally:
+            self.fs.detached = set()
         return {"turn": turn, "target": target, "sealed_pending": pending,
                 "entries": len(result.entries), "objects": len(result.objects),
                 "refresh": self.kernel_refresh_list(result, req.get("tid", req.get("pid")))}

@@ -5,8 +5,8 @@ tree in hand, and the rule that tells, after a daemon that died, which of
 those changes went through it. A change through the daemon was recorded
 before it reached the disk (record before mutate), so a path whose entry or
 object has a row in a turn of the dead daemon's session is not drift. A path
-below a directory created in the turn that was open at the crash has no
-older state that a sealed snapshot could show wrongly, so it is not either.
+below a directory created in a turn of that session needed no row in that
+turn (it was new), and later turns recorded its changes: not drift either.
 Everything else is drift: the snapshots of earlier turns would be wrong.
 Ignored things (ignore.py) and everything below them are not drift either:
 no snapshot shows them.
@@ -43,8 +43,23 @@ class CrashRecords:
         return (parent is not None and self.catalogue.entry_recorded_since(parent, name, self.first)
                 or self.catalogue.attrs_recorded_since(st.st_ino, self.first))
 
-    def created_in_open_turn(self, parent: int, name: bytes) -> bool:
-        return self.catalogue.entry_created_in(parent, name, self.open_turn)
+    def created_in_session(self, parent: int, name: bytes) -> bool:
+        """Entry (parent, name) was created in a turn of the dead daemon's session: what lies
+        below it needed no rows in that turn, and has them for every later one."""
+        return self.catalogue.entry_created_since(parent, name, self.first)
+
+
+def since_last_session(catalogue: Catalogue) -> tuple[int | None, CrashRecords | None]:
+    """From when changes are drift, and what explains some of them: since the clean unmount,
+    or (the last daemon died) since its mount, explained by its records. (None, None) for a
+    store never mounted."""
+    unmounted = int(catalogue.get_meta("unmounted_at") or 0)
+    mounted = int(catalogue.get_meta("mounted_at") or 0)
+    records = None
+    if mounted > unmounted:
+        first = int(catalogue.get_meta("mounted_turn") or 0)
+        records = CrashRecords(catalogue, first, catalogue.current_turn())
+    return (max(mounted, unmounted) or None), records
 
 
 def find_drift(root_fd: int, since_ns: int | None, records: CrashRecords | None = None,
@@ -86,7 +101,7 @@ def find_drift(root_fd: int, since_ns: int | None, records: CrashRecords | None 
                     if stat.S_ISDIR(st.st_mode):
                         sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
                         below_new = spared or bool(records and prefix is not None
-                                                   and records.created_in_open_turn(dir_ino, name))
+                                                   and records.created_in_session(dir_ino, name))
                         stack.append((sub, st.st_ino, None if prefix is None else prefix + entry.name + "/",
                                       below_new))
         finally:

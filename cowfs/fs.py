@@ -81,8 +81,9 @@ def fuse_op(method):
             raise
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
+        except Exception as e:
             log.exception("internal error in %s%r", method.__name__, args[:2])
+            self.internal_fault(f"internal error in {name}: {e!r}")
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             if mutates:
@@ -215,6 +216,9 @@ class CowFS(pyfuse3.Operations):
         # (see Daemon.kernel_refresh_list): those setattrs are not changes to capture.
         self.refreshing: set[int] = set()
         self.refresher_tid = 0
+        # Objects a rollback took out of the tree, while the kernel may still hold dentries
+        # of their old names (until the rollback's invalidation is done): see _not_detached.
+        self.detached: set[int] = set()
         self.snap_files: dict[int, _SnapFile] = {}
         self.listings: dict[int, _Listing] = {}
         self._next_fh = SNAP_FH_BASE
@@ -244,7 +248,23 @@ class CowFS(pyfuse3.Operations):
             raise _erofs()
         if nodeid == pyfuse3.ROOT_INODE and name in (SNAPDIR, STORE_NAME):
             raise pyfuse3.FUSEError(errno.EPERM)
-        return self._node(nodeid)
+        return self._not_detached(self._node(nodeid))
+
+    def _not_detached(self, node: Node) -> Node:
+        """Refuse, with ESTALE, to open or change entries in an object a rollback has just taken
+        out of the tree, reached through a dentry the kernel has not dropped yet: what was
+        written there would be in the store, under no name. The kernel's path walk retries an
+        ESTALE with a fresh lookup (LOOKUP_REVAL), which finds the tree as the rollback left it."""
+        if node.ino in self.detached:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def internal_fault(self, why: str) -> None:
+        """A fault the errno mapping hides: the next mount checks the store first (STYLE 4)."""
+        try:
+            self.store.mark_needs_check(why)
+        except OSError:
+            log.exception("cannot mark the store as needing a check")
 
     def is_own(self, tid: int) -> bool:
         """Whether thread *tid* (a request's caller) is one of the daemon's (cached)."""
@@ -617,7 +637,7 @@ class CowFS(pyfuse3.Operations):
     async def open(self, nodeid, flags, ctx):
         if nodeid >= VIRTUAL_BASE:
             return self._snap_open(nodeid, flags)
-        node = self._node(nodeid)
+        node = self._not_detached(self._node(nodeid))
         if flags & (_WRITE_FLAGS | os.O_TRUNC) and not self.capture.content_captured(node.ino):
             # Captured at open, not at the first write: with the writeback cache a
             # write() only fills the page cache, so a capture that fails (ENOSPC)

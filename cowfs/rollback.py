@@ -40,6 +40,7 @@ class RollbackResult:
     entries: set[tuple[int, bytes]] = field(default_factory=set)   # (parent ino, name) changed
     objects: set[int] = field(default_factory=set)                 # inos whose content/attrs changed
     restored: dict[int, int] = field(default_factory=dict)         # regular file ino -> size before
+    detached: set[int] = field(default_factory=set)                # moved into the store, not back
 
 
 class Rollback:
@@ -57,10 +58,12 @@ class Rollback:
     def run(self, target: int) -> RollbackResult:
         entries = self.catalogue.changed_entries_after(target)
         objects = self.catalogue.changed_objects_after(target)
+        self._refuse_lost_content(target, objects)
         try:
             for (parent, name), ino in entries.items():
                 self._detach(parent, name, ino)
             attached = self._attach_all(entries)
+            self.result.detached -= attached
             for ino in attached:
                 if not stat.S_ISDIR(os.stat(self._fd(ino)).st_mode):
                     self.store.unkeep(ino)
@@ -111,6 +114,16 @@ class Rollback:
 
     def close(self) -> None:
         self._close()
+
+    def _refuse_lost_content(self, target: int, objects: dict[int, AttrRecord]) -> None:
+        """A rollback that would need a pre-image file that is gone refuses before it changes
+        anything, rather than stop half way (`cowfs fsck` tells what is lost)."""
+        for record in objects.values():
+            if record.content is not None and not self.store.has_content(record.content):
+                raise OperationFailed(
+                    f"turn-{target} cannot be restored exactly: the pre-image content/{record.content} "
+                    "is gone from the store (see `cowfs fsck`); nothing was rolled back") from \
+                    self.store.content_gone(record.content)
 
     def _close(self) -> None:
         for fd in self._fds.values():
@@ -189,6 +202,7 @@ class Rollback:
         self.result.objects.add(live.st_ino)
         if stat.S_ISDIR(live.st_mode) or live.st_nlink == 1:
             self.store.keep_by_rename(dir_fd, name, live.st_ino)
+            self.result.detached.add(live.st_ino)
         else:
             os.unlink(name, dir_fd=dir_fd)
         if stat.S_ISDIR(live.st_mode):

@@ -206,7 +206,10 @@ class SnapshotView:
         """
         name = self.catalogue.content_after(obj.ino, obj.turn)
         if name is not None:
-            return self.store.open_content(name), True
+            try:
+                return self.store.open_content(name), True
+            except FileNotFoundError:
+                raise self.store.content_gone(name) from None
         fd = self.object_fd(obj.ino, obj.handle)
         return os.open(libc.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC), False
 

@@ -15,12 +15,15 @@ Layout (see docs/architecture.md)::
       content/<T>-<INO>  pre-image copies (reflink or plain copy) of content
       lock               flock()ed by the daemon while mounted
       daemon.log
+      needs-check        written when the daemon hit an internal fault: the next mount checks
+      lost+found/        what `cowfs fsck --repair` moved aside (orphans, a damaged catalogue)
 """
 
 import errno
 import fcntl
 import os
 import stat
+import time
 
 from . import libc
 from .catalogue import Catalogue, ObjectRef
@@ -30,40 +33,83 @@ _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 STORE_NAME = b".cowfs"
 OBJECTS = b"objects"
 CONTENT = b"content"
+CATALOGUE = b"catalogue.db"
+LOST_FOUND = b"lost+found"
+NEEDS_CHECK = b"needs-check"
 
 
 class StoreBusy(Exception):
     """Another daemon holds the store."""
 
 
+class CatalogueLost(Exception):
+    """The store has history files but no catalogue to name them (fsck sorts it out)."""
+
+
+def _mkdir(dir_fd: int, name: bytes) -> None:
+    try:
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+
+
 class Store:
-    def __init__(self, root_fd: int):
-        """Open (creating if needed) the store under the backing directory open as *root_fd*."""
+    def __init__(self, root_fd: int, create: bool = True):
+        """Open (creating if needed) the store under the backing directory open as *root_fd*.
+
+        With *create* False (fsck) nothing is created: a missing store raises
+        FileNotFoundError, a missing `objects/` or `content/` leaves its descriptor -1,
+        and the catalogue is not opened (`catalogue` is None).
+        """
         self.root_fd = root_fd
         # ino -> O_PATH descriptor of a recorded object while it may be in the tree:
         # it follows the object through any rename, of it or of a directory above.
         self.held: dict[int, int] = {}
+        self._marked: set[str] = set()      # faults noted in needs-check by this process
         root = os.fstat(root_fd)
         self.dev = root.st_dev
         self.hold(root.st_ino, root_fd)
-        try:
-            os.mkdir(STORE_NAME, 0o700, dir_fd=root_fd)
-        except FileExistsError:
-            pass
+        if create:
+            _mkdir(root_fd, STORE_NAME)
         self.fd = os.open(STORE_NAME, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                           dir_fd=root_fd)
         self.ino = os.fstat(self.fd).st_ino
         self._lock()
-        for sub in (OBJECTS, CONTENT):
-            try:
-                os.mkdir(sub, 0o700, dir_fd=self.fd)
-            except FileExistsError:
-                pass
-        self.objects_fd = os.open(OBJECTS, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
-        self.content_fd = os.open(CONTENT, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
-        self._write_gitignore()
+        self.objects_fd = self.subdir(OBJECTS, create)
+        self.content_fd = self.subdir(CONTENT, create)
         self.path = libc.proc_path(self.fd)
-        self.catalogue = Catalogue(os.fsdecode(self.path + b"/catalogue.db"))
+        self.catalogue = None
+        if create:
+            self._write_gitignore()
+            self._refuse_lost_catalogue()
+            self.catalogue = Catalogue(self.catalogue_path())
+
+    def _refuse_lost_catalogue(self) -> None:
+        """A store with pre-images or kept objects but no catalogue lost its history: making a new
+        one would start a new history over it silently."""
+        try:
+            if os.stat(CATALOGUE, dir_fd=self.fd).st_size > 0:
+                return
+        except FileNotFoundError:
+            pass
+        if os.listdir(self.content_fd) or os.listdir(self.objects_fd):
+            self.close()
+            raise CatalogueLost("the store holds pre-images but its catalogue is missing or empty")
+
+    def catalogue_path(self) -> str:
+        return os.fsdecode(self.path + b"/" + CATALOGUE)
+
+    def subdir(self, name: bytes, create: bool = True) -> int:
+        """A descriptor of the store's directory *name*; -1 if it is missing and not *create*."""
+        if create:
+            _mkdir(self.fd, name)
+        try:
+            return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           dir_fd=self.fd)
+        except FileNotFoundError:
+            if create:
+                raise
+            return -1
 
     def _lock(self) -> None:
         self.lock_fd = os.open(b"lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
@@ -81,10 +127,61 @@ class Store:
             f.write("*\n")
 
     def close(self) -> None:
-        self.catalogue.close()
+        if self.catalogue is not None:
+            self.catalogue.close()
         for fd in (self.objects_fd, self.content_fd, self.lock_fd, self.fd, *self.held.values()):
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self.held.clear()
+
+    # -- marks and what fsck moved aside ----------------------------------------------
+    def mark_needs_check(self, why: str) -> None:
+        """Leave a note that the store must be checked before it is trusted again (the next
+        mount runs `cowfs fsck`'s check; a clean check removes it). One line per fault."""
+        if why in self._marked:
+            return
+        self._marked.add(why)
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {why}".replace("\n", " ")[:500] + "\n"
+        fd = os.open(NEEDS_CHECK, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.fd)
+        try:
+            os.write(fd, line.encode(errors="replace"))
+        finally:
+            os.close(fd)
+
+    def needs_check(self) -> list[str]:
+        """The faults noted by mark_needs_check since the last clean check (empty: none)."""
+        try:
+            fd = os.open(NEEDS_CHECK, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.fd)
+        except FileNotFoundError:
+            return []
+        with os.fdopen(fd, "rb") as f:
+            return [line.decode(errors="replace") for line in f.read().splitlines() if line.strip()]
+
+    def clear_needs_check(self) -> None:
+        try:
+            os.unlink(NEEDS_CHECK, dir_fd=self.fd)
+        except FileNotFoundError:
+            pass
+
+    def move_to_lost_found(self, dir_fd: int, name: bytes, prefix: bytes) -> bytes:
+        """Move entry *name* of *dir_fd* into `lost+found/` as *prefix*-*name* (a suffix if taken).
+        Returns its new name there. Nothing is deleted."""
+        _mkdir(self.fd, LOST_FOUND)
+        lost = os.open(LOST_FOUND, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=self.fd)
+        try:
+            base = prefix + b"-" + name
+            for n in range(1000):
+                new = base if n == 0 else b"%s.%d" % (base, n)
+                try:
+                    libc.renameat2(dir_fd, name, lost, new, libc.RENAME_NOREPLACE)
+                    return new
+                except FileExistsError:
+                    continue
+            raise OSError(errno.EEXIST, f"lost+found has too many entries named {base!r}")
+        finally:
+            os.close(lost)
 
     # -- keeping objects alive ------------------------------------------------
     @staticmethod
@@ -182,8 +279,31 @@ class Store:
             finally:
                 os.close(base)
         if fd is None:
-            raise OSError(errno.EIO, f"recorded object {ref.ino} is gone from the store")
+            raise self._gone(ref.ino)
         return fd
+
+    def _gone(self, ino: int) -> OSError:
+        """The error for a recorded object that cannot be reached: a fault that asks for a check
+        (unless a repair already found it lost). An object no row names (a snapshot's live
+        entry, an unlinked new file) can be gone without anything being wrong."""
+        why = f"recorded object {ino} is gone from the store"
+        if self.catalogue is not None and self.catalogue.ref(ino) is not None \
+                and not self.catalogue.is_lost("object", str(ino)):
+            self.mark_needs_check(why)
+        return OSError(errno.EIO, why)
+
+    def content_gone(self, name: str) -> OSError:
+        """The error for a pre-image file a row names that is missing (see _gone)."""
+        why = f"the pre-image content/{name} is gone from the store"
+        if self.catalogue is not None and not self.catalogue.is_lost("content", name):
+            self.mark_needs_check(why)
+        return OSError(errno.EIO, why)
+
+    def has_content(self, name: str) -> bool:
+        try:
+            return stat.S_ISREG(os.stat(name, dir_fd=self.content_fd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
 
     def _open_held(self, ino: int) -> int | None:
         held = self.held.get(ino)

@@ -1,6 +1,7 @@
 """The command line: bad input gets one line and exit code 2, failures exit 1, --help answers."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -69,3 +70,21 @@ def test_status_counts_the_fuse_requests(workspace):
     assert after["create"] - before.get("create", 0) == 20
     assert after["open"] - before.get("open", 0) == 20     # the reads: the creates were closed
     assert "requests:" in workspace.cli("status").stdout
+
+
+@pytest.mark.parametrize("damage", ["truncated", "emptied"])
+def test_mount_of_a_damaged_or_emptied_catalogue_is_one_line(workspace, damage):
+    """A truncated catalogue was a traceback in the daemon ("failed to start (timed out)"); an
+    emptied one silently started a new history over the old pre-images."""
+    ws, p = workspace, workspace.path
+    (p / "f").write_text("a\n")
+    ws.mount()
+    (p / "f").write_text("b\n")
+    ws.cli("checkpoint")
+    ws.umount()
+    db = ws.store / "catalogue.db"
+    os.truncate(db, db.stat().st_size // 2 if damage == "truncated" else 0)
+    refused = ws.mount(check=False)
+    one_line_error(refused, 2)
+    assert "catalogue" in refused.stderr and not ws.is_mounted()
+    assert db.stat().st_size == (0 if damage == "emptied" else db.stat().st_size)   # not recreated

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from conftest import run
 from treeview import tree
 
 
@@ -210,3 +211,97 @@ def _daemon_alive(p) -> bool:
             return True
         fcntl.flock(f, fcntl.LOCK_UN)
         return False
+
+
+def _many_changes(ws, p, count: int) -> tuple[int, dict]:
+    """Turn K with *count* files, then a turn that edits, renames and deletes them: a rollback to K
+    has much to do. Returns K and its tree."""
+    (p / "d").mkdir()
+    for i in range(count):
+        (p / "d" / f"f{i}").write_text(f"turn K {i}\n")
+    k = int(ws.cli("checkpoint").stdout.strip().removeprefix("turn-"))
+    for i in range(count):
+        name = p / "d" / f"f{i}"
+        if i % 3 == 0:
+            name.write_text(f"edited {i}\n")
+        elif i % 3 == 1:
+            os.rename(name, p / "d" / f"g{i}")
+        else:
+            os.unlink(name)
+    (p / "new").mkdir()
+    (p / "new" / "x").write_text("x\n")
+    ws.cli("checkpoint")
+    return k, tree(ws.snapshots / f"turn-{k}")
+
+
+def _kill_during(ws, argv, delay: float) -> None:
+    import subprocess
+    command = subprocess.Popen([*ws.cowfs_cmd, *argv], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    kill_daemon_quietly(ws)
+    command.wait(timeout=60)
+
+
+@pytest.mark.parametrize("backing", ["xfs"], indirect=True)
+def test_kill_during_a_rollback(workspace):
+    """After a daemon killed in the middle of a rollback and a plain mount, the live tree is the
+    state before the rollback or a state from which the same rollback completes exactly."""
+    ws, p = workspace, workspace.path
+    ws.mount()
+    k, turn_k = _many_changes(ws, p, 1500)
+    before = tree(p)
+    for delay in (0.05, 0.3):
+        _kill_during(ws, ["rollback", "-C", p, str(k)], delay)
+        ws.umount()
+        assert "recovered" in ws.mount().stderr
+        now = tree(p)
+        print(f"killed {delay} s into the rollback: the tree is "
+              + ("as before" if now == before else "part way"))
+        ws.cli("rollback", str(k))
+        assert tree(p) == turn_k
+        assert tree(ws.snapshots / f"turn-{k}") == turn_k
+        ws.cli("rollback", str(k + 1))          # the state before, again, for the next round
+        assert tree(p) == before
+    ws.umount()
+    assert run([*ws.cowfs_cmd, "fsck", p], check=False).returncode == 0
+
+
+@pytest.mark.parametrize("backing", ["xfs"], indirect=True)
+def test_kill_during_an_export(workspace):
+    """An export killed half way leaves the live tree as it was; the next export completes, with
+    one commit per sealed turn."""
+    import subprocess
+    ws, p = workspace, workspace.path
+    ws.mount()
+    _many_changes(ws, p, 1500)
+    for i in range(5):
+        (p / f"t{i}").write_text(f"{i}\n")
+        ws.cli("checkpoint")
+    before = tree(p)
+    sealed = [t["number"] for t in turns(ws) if t["sealed"] is not None]
+    _kill_during(ws, ["export-git", "-C", p], 0.3)
+    ws.umount()
+    ws.mount()
+    assert tree(p) == before
+    out = ws.cli("export-git").stdout
+    assert f"tip turn-{sealed[-1]}" in out, out
+    ws.umount()
+    log = subprocess.run(["git", "-C", p / ".cowfs" / "git", "log", "--format=%(trailers:key=Cowfs-Turn,valueonly)",
+                          "cowfs"], capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(map(int, log)) == sealed
+    assert run([*ws.cowfs_cmd, "fsck", p], check=False).returncode == 0
+
+
+def test_files_in_a_directory_made_earlier_in_the_session_are_not_drift(workspace):
+    """They were new in their turn, so no row recorded them: the recovery took them for changes
+    behind cowfs's back (only a directory of the open turn was allowed for)."""
+    ws, p = workspace, workspace.path
+    ws.mount()
+    (p / "new").mkdir()
+    (p / "new" / "x").write_text("x\n")
+    ws.cli("checkpoint")
+    (p / "f").write_text("f\n")
+    kill_daemon(ws)
+    ws.umount()
+    assert "recovered" in ws.mount().stderr                 # no --force

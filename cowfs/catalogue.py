@@ -95,7 +95,8 @@ CREATE TABLE IF NOT EXISTS lost (
 """
 
 # The tables whose rows a damaged catalogue's recovery copies (all but the schema's own).
-TABLES = ("meta", "turns", "objects", "entries", "attrs", "xattrs", "git_exports", "lost")
+TABLES = ("meta", "turns", "objects", "entries", "attrs", "xattrs", "git_exports", "lost",
+          "processes", "entry_writers", "object_writers", "ignore_rules", "ignored")
 
 
 @dataclass(frozen=True)
@@ -693,13 +694,21 @@ class Catalogue:
             raise ValueError(table)
         return self.db.execute(f"SELECT * FROM {table}")
 
-    def copy_rows(self, table: str, rows: list[tuple]) -> None:
+    def copy_rows(self, table: str, rows: list[tuple]) -> int:
+        """Copy *rows* into *table*; returns how many could not be (garbled beyond use)."""
         if table not in TABLES:
             raise ValueError(table)
         if table == "lost":
             self.db.executescript(_LOST_SCHEMA)
         elif table == "git_exports":
             self.ensure_git_exports()
+        skipped = 0
         if rows:
             marks = ", ".join("?" * len(rows[0]))
-            self.db.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", rows)
+            with self.transaction():
+                for row in rows:
+                    try:
+                        self.db.execute(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", row)
+                    except sqlite3.IntegrityError:
+                        skipped += 1        # a row a damaged page garbled (a NULL key, say)
+        return skipped

@@ -228,8 +228,10 @@ class Fsck:
                     rows.append(row)
             except sqlite3.Error:
                 unreadable.append(table)
-            new.copy_rows(table, rows)
-            copied += len(rows)
+            garbled = new.copy_rows(table, rows)
+            if garbled:
+                unreadable.append(f"{table} ({garbled} garbled row(s) left out)")
+            copied += len(rows) - garbled
         old.close()
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(salvage + suffix):

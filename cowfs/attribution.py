@@ -4,8 +4,8 @@ Owns the in-memory record of the open turn (the last process to change each
 entry and each object, and what each of those processes is) and how it is
 kept with the turn when it is sealed. A FUSE request carries its caller's
 thread id; what that process is (command, command line, parent, uid) is read
-from /proc once per process per turn, when it first changes something, so a
-request costs a dictionary store and nothing more. Knows nothing about FUSE.
+from /proc once per calling thread per turn, when it first changes something,
+so a request costs a dictionary store and nothing more. Knows nothing about FUSE.
 
 A write carries no caller, so content is attributed to the process that
 opened the file for writing. Attribution of the open turn is lost if the
@@ -100,6 +100,13 @@ class Attribution:
             self.processes.setdefault(process.pid, process)
             pid = self._tids[tid] = process.pid
         return pid
+
+    def copy(self) -> "Attribution":
+        """A snapshot of the record, for a reader in another thread."""
+        other = Attribution()
+        other.entries, other.objects = dict(self.entries), dict(self.objects)
+        other.processes = dict(self.processes)
+        return other
 
     def entry(self, parent: int, name: bytes, tid: int, uid: int) -> None:
         self.entries[(parent, name)] = self._pid(tid, uid)

@@ -473,8 +473,10 @@ class HistoryRunner:
 
     async def diff(self, a: int, b: int, filters: list[bytes], open_turn: int,
                    open_writers: Attribution) -> list[dict]:
+        # A copy, taken here on the trio thread: a seal during the diff resets the live record.
+        writers = open_writers.copy()
         async with self._lock:
-            return await trio.to_thread.run_sync(self._diff, a, b, filters, open_turn, open_writers)
+            return await trio.to_thread.run_sync(self._diff, a, b, filters, open_turn, writers)
 
     def _diff(self, a: int, b: int, filters: list[bytes], open_turn: int,
               open_writers: Attribution) -> list[dict]:

@@ -114,6 +114,8 @@ class Restore(Rollback):
         live = self._current(parent_fd, name)
         if live is not None and live.st_ino == ino and stat.S_IFMT(live.st_mode) == stat.S_IFMT(attrs.mode):
             self._in_place(turn, obj, record, children)
+            if not stat.S_ISDIR(attrs.mode):
+                self._made.setdefault(ino, (parent_fd, name))   # its other names of then link here
             return
         if live is not None:
             self._detach(parent, name, None)

@@ -243,3 +243,17 @@ def test_auto_checkpoint_seals_after_quiet_seconds(workspace):
     assert (workspace.path / ".snapshots/turn-1/big").read_bytes() == data
     time.sleep(3)       # quiet, with nothing pending: no empty turns
     assert len(json.loads(workspace.cli("log", "--json").stdout)) == 3
+
+
+def test_restore_keeps_a_surviving_name_and_its_lost_hard_link_one_file(workspace):
+    (workspace.path / "a").write_text("hi\n")
+    os.link(workspace.path / "a", workspace.path / "b")
+    workspace.mount()
+    ws = workspace.path
+    os.unlink(ws / "b")
+    with open(ws / "a", "a") as f:
+        f.write("x\n")
+    workspace.cli("checkpoint")
+    workspace.cli("restore", "0", "a", "b")
+    assert os.stat(ws / "a").st_ino == os.stat(ws / "b").st_ino and os.stat(ws / "a").st_nlink == 2
+    assert (ws / "b").read_text() == "hi\n"

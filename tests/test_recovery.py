@@ -285,7 +285,8 @@ def test_kill_during_an_export(workspace):
     ws.mount()
     assert tree(p) == before
     out = ws.cli("export-git").stdout
-    assert f"tip turn-{sealed[-1]}" in out, out
+    # Finishing it, or finding it finished (a fast machine exports before the kill lands).
+    assert f"tip turn-{sealed[-1]} " in out or f"is at turn-{sealed[-1]} " in out, out
     ws.umount()
     log = subprocess.run(["git", "-C", p / ".cowfs" / "git", "log", "--format=%(trailers:key=Cowfs-Turn,valueonly)",
                           "cowfs"], capture_output=True, text=True, check=True).stdout.split()

@@ -275,11 +275,16 @@ class Daemon:
             conn, _ = await listener.accept()
             nursery.start_soon(self._handle_connection, conn)
 
-    def _may_command(self, conn) -> bool:
-        """Root and the mount's owner are served; the socket is reachable by anyone."""
+    @staticmethod
+    def _peer(conn) -> tuple[int, int]:
+        """(pid, uid) of the client, from the kernel (SO_PEERCRED), not from what it says."""
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _, uid, _ = struct.unpack("3i", creds)
-        return uid in (0, self.opts.owner_uid)
+        pid, uid, _ = struct.unpack("3i", creds)
+        return pid, uid
+
+    def _may_command(self, peer: tuple[int, int]) -> bool:
+        """Root and the mount's owner are served; the socket is reachable by anyone."""
+        return peer[1] in (0, self.opts.owner_uid)
 
     async def _handle_connection(self, conn) -> None:
         # One bad client must never take the mount down with it.
@@ -292,15 +297,19 @@ class Daemon:
                         return
                     data += chunk
                 # Read first: a client still sending when we close would see EPIPE, not this.
-                reply = (await self._reply(data) if self._may_command(conn)
+                peer = self._peer(conn)
+                reply = (await self._reply(data, peer) if self._may_command(peer)
                          else {"ok": False, "error": "permission denied"})
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             log.warning("control connection failed: %s", e)
 
-    async def _reply(self, data: bytes) -> dict:
+    async def _reply(self, data: bytes, peer: tuple[int, int] | None = None) -> dict:
         try:
-            return await self.handle_request(json.loads(data))
+            req = json.loads(data)
+            if isinstance(req, dict) and peer is not None:
+                _vouch(req, *peer)
+            return await self.handle_request(req)
         except CowfsError as e:
             return {"ok": False, "error": str(e), "kind": e.kind}
         except Exception as e:
@@ -648,6 +657,18 @@ class Daemon:
         if self.store is not None:
             self.store.close()
         return sealed
+
+
+def _vouch(req: dict, pid: int, uid: int) -> None:
+    """Make the request's caller claims true: its uid and pid are the peer's, and a thread it
+    names (the refresher of a rollback, the writer of a restore) must be one of the peer's own."""
+    req["uid"] = uid
+    if "pid" in req:
+        req["pid"] = pid        # whose mount namespace an export's --to is resolved in
+    tid = req.get("tid")
+    if not (isinstance(tid, int) and not isinstance(tid, bool) and tid > 0
+            and os.path.exists(f"/proc/{pid}/task/{tid}")):
+        req["tid"] = pid
 
 
 def _invalidate_entries(names: list[tuple[int, bytes]]) -> None:

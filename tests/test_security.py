@@ -122,3 +122,22 @@ def test_the_control_channel_survives_garbage(workspace):
     assert json.loads(workspace.cli("status", "--json").stdout)["open_turn"] == 1
     (workspace.path / "f").write_text("still works\n")
     assert workspace.cli("checkpoint").stdout.strip() == "turn-1"
+
+
+def test_a_client_cannot_claim_another_process_as_the_writer(workspace):
+    from cowfs import control
+    (workspace.path / "f").write_text("f0\n")
+    workspace.mount()
+    (workspace.path / "f").write_text("changed\n")
+    mount = control.find_mount(str(workspace.path))
+    control.restore(mount, 0, ["f"])    # the honest call names our own thread
+    control.request(mount, "restore", turn=0, paths=["f"], tid=1, uid=12345)   # a lie
+    [change] = json.loads(workspace.cli("diff", "--json").stdout) or [None]
+    assert change is None or change["process"]["pid"] == os.getpid()
+    workspace.cli("checkpoint")
+    (workspace.path / "g").write_text("g\n")
+    workspace.cli("checkpoint")
+    control.request(mount, "restore", turn=1, paths=["g"], tid=1, uid=12345)
+    [change] = json.loads(workspace.cli("diff", "--json").stdout)
+    assert change["kind"] == "D" and change["process"]["pid"] == os.getpid()
+    assert change["process"]["uid"] == os.getuid()

@@ -4,6 +4,8 @@ import os
 import stat
 import subprocess
 
+import pytest
+
 
 def test_o_direct_reads_and_writes(workspace):
     workspace.mount()
@@ -93,3 +95,48 @@ def test_readdir_lists_dot_and_dotdot_with_their_inodes(workspace):
         inos = {line.split()[1]: int(line.split()[0]) for line in listing.splitlines()}
         assert inos["."] == os.stat(d).st_ino and inos[".."] == os.stat(parent).st_ino, listing
     assert subprocess.run(["ls", "-a1", p], capture_output=True, text=True).stdout.split()[:2] == [".", ".."]
+
+
+def _open_by_handle_after_eviction(path) -> int:
+    """name_to_handle_at of *path*, the kernel's caches dropped, then open_by_handle_at:
+    0, or the errno of the call that failed."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class FileHandle(ctypes.Structure):
+        _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                    ("f_handle", ctypes.c_ubyte * 128)]
+    fh, mount_id = FileHandle(128, 0), ctypes.c_int()
+    if libc.name_to_handle_at(-100, os.fsencode(path), ctypes.byref(fh), ctypes.byref(mount_id), 0):
+        return ctypes.get_errno()
+    mount_fd = os.open(os.path.dirname(os.path.dirname(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2\n")
+        fd = libc.open_by_handle_at(mount_fd, ctypes.byref(fh), os.O_RDONLY)
+        if fd < 0:
+            return ctypes.get_errno()
+        os.close(fd)
+        return 0
+    finally:
+        os.close(mount_fd)
+
+
+@pytest.mark.root_only
+def test_the_documented_limits_file_handles_and_nodev(workspace):
+    """README: file handles are not supported, and the mount is nosuid,nodev. These hold as
+    documented (a change here must change the README too)."""
+    import errno as errno_
+    (workspace.path / "d").mkdir()
+    (workspace.path / "d/f").write_text("f\n")
+    os.link(workspace.path / "d/f", workspace.path / "d/g")
+    workspace.mount()
+    p = workspace.path
+    assert _open_by_handle_after_eviction(p / "d/f") == errno_.ESTALE
+    os.mknod(p / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    with pytest.raises(OSError) as e:
+        open(p / "null", "rb")
+    assert e.value.errno in (errno_.EACCES, errno_.EPERM)
+    options = next(line.split()[5] for line in open("/proc/self/mountinfo")
+                   if line.split()[4] == str(p))
+    assert {"nosuid", "nodev"} <= set(options.split(","))

@@ -554,6 +554,10 @@ class Workspace:
     ``ws.path``     the workspace (the mount point once mounted)
     ``ws.store``    ``ws.path / ".cowfs"``: only visible while unmounted
     ``ws.snapshots`` ``ws.path / ".snapshots"``: only exists while mounted
+    ``ws.backing``  the directory underneath the mount, as ``/proc/PID/fd/N`` of a
+                    descriptor opened before the first mount: the backing files
+                    themselves, reached without the mount (the ground truth a test
+                    compares the mount with); ``.cowfs`` is in it
     ``ws.mount(*extra_args, check=True)``   ``cowfs mount PATH ...``
     ``ws.umount(check=True)``               ``cowfs umount PATH``
     ``ws.cli(cmd, *args, check=True)``      ``cowfs CMD -C PATH ...``
@@ -574,6 +578,7 @@ class Workspace:
         # The argv prefix of every cowfs command; tests of the fixtures
         # replace it with a stub.
         self.cowfs_cmd = [*(as_user(user) if user else []), sys.executable, "-m", "cowfs"]
+        self._backing_fd: int | None = None
 
     def __repr__(self):
         return f"Workspace({str(self.path)!r}, mounted={self.is_mounted()})"
@@ -589,6 +594,24 @@ class Workspace:
     def is_mounted(self) -> bool:
         return is_fuse_mounted(self.path)
 
+    @property
+    def backing(self) -> Path:
+        """The backing directory itself, bypassing the mount (see the class docstring).
+
+        Opened while unmounted (``mount()`` does it first), an O_PATH descriptor
+        names the directory underneath for as long as it is held, across remounts."""
+        if self._backing_fd is None:
+            if self.is_mounted():
+                raise RuntimeError(f"{self.path} is mounted: its backing directory is hidden; "
+                                   "ask for ws.backing before mounting")
+            self._backing_fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return Path(f"/proc/{os.getpid()}/fd/{self._backing_fd}")
+
+    def _close_backing(self) -> None:
+        if self._backing_fd is not None:
+            os.close(self._backing_fd)
+            self._backing_fd = None
+
     def _wait_unmounted(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
         while self.is_mounted():
@@ -599,8 +622,10 @@ class Workspace:
 
     def mount(self, *extra_args, check=True, timeout=None, env=None):
         """Mount cowfs over ws.path; returns once the mount is live."""
-        if self.user and not self.is_mounted():
-            chown_tree(self.path, self.user)    # what root wrote there before mounting
+        if not self.is_mounted():
+            self.backing            # opened while the directory underneath is still reachable
+            if self.user:
+                chown_tree(self.path, self.user)    # what root wrote there before mounting
         cp = run([*self.cowfs_cmd, "mount", self.path, *self.mount_args, *extra_args],
                  check=check, timeout=timeout, env=env)
         if cp.returncode == 0 and not self.is_mounted():
@@ -655,6 +680,8 @@ class Workspace:
             _abort_fuse_connection(entry)
         if self.is_mounted():
             problems.append(f"{self.path} is still mounted")
+        else:
+            self._close_backing()
         return problems
 
 
@@ -671,12 +698,15 @@ def workspace_factory(backing, request):
     try:
         yield make
     finally:
+        # A workspace left mounted is unmounted here, and that unmount seals its last turn:
+        # an unmount or a seal that fails is a failure of the test, not a warning.
+        failed = []
         for ws in reversed(made):
             problems = ws.cleanup()
             if problems:
-                warnings.warn(
-                    f"teardown of {ws.path}: " + "; ".join(problems), CowfsTeardownWarning
-                )
+                failed.append(f"teardown of {ws.path}: " + "; ".join(problems))
+        if failed:
+            pytest.fail("\n".join(failed), pytrace=False)
 
 
 @pytest.fixture

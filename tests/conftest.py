@@ -34,7 +34,7 @@ devices again, and the next session cleans up after sessions that were killed.
 Helpers that test modules may import (``from conftest import ...``; keep
 ``tests/`` without an ``__init__.py`` for that): :class:`Workspace`,
 :func:`run`, :class:`CommandError`, :func:`is_fuse_mounted`,
-:func:`mounts_under`.
+:func:`mounts_under`, :func:`drop_kernel_caches`, :func:`traced`.
 
 Environment
 -----------
@@ -53,11 +53,13 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,6 +399,55 @@ def detach_loops(root) -> list[str]:
         # On a still-busy device this sets autoclear: it goes when released.
         run(["losetup", "-d", dev], check=False, timeout=30)
     return devs
+
+
+# --------------------------------------------------------------------------
+# tracing a daemon
+
+
+def tracers_of_threads(pid: int) -> set[int]:
+    """The TracerPid of each thread of process *pid* (0: not traced)."""
+    tracers = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                tracers.add(int(re.search(r"^TracerPid:\s+(\d+)$", f.read(), re.M).group(1)))
+        except FileNotFoundError:
+            pass    # a thread that just ended
+    return tracers
+
+
+@contextmanager
+def traced(pid: int, args: list, *, strace=("strace",), timeout: float = 20):
+    """``strace -f ARGS -p PID`` around the block, which starts only once the tracer is proven
+    attached to every thread of *pid* (their TracerPid), and must end with it still attached:
+    what it reports is then all the process did meanwhile, not what was left once it caught up.
+    *strace*: the tracer's argv (tests of this check wrap it)."""
+    tracer = subprocess.Popen([*strace, "-f", *map(os.fspath, args), "-p", str(pid)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while tracers_of_threads(pid) != {tracer.pid}:
+            if tracer.poll() is not None:
+                pytest.fail(f"strace exited {tracer.returncode}: {tracer.stderr.read()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"strace did not attach to every thread of {pid} within {timeout}s "
+                            f"(tracers: {tracers_of_threads(pid)})")
+            time.sleep(0.05)
+        yield tracer
+        if tracer.poll() is not None or tracers_of_threads(pid) != {tracer.pid}:
+            pytest.fail(f"strace let go of {pid} before the block ended")
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=30)
+
+
+def drop_kernel_caches() -> None:
+    """Make the kernel forget every dentry and inode nobody holds (FUSE ones included: it sends
+    FORGET, and the next lookup takes its attributes from the daemon): a cold cache without a
+    remount. Machine-wide, but only clean caches go."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
 
 
 def remove_tree(path) -> None:

@@ -15,18 +15,13 @@ import stat
 
 import pytest
 
+from conftest import drop_kernel_caches
+
 MARK = b"APPENDED"
 
 
 def _checkpoint(ws) -> None:
     ws.cli("checkpoint")
-
-
-def drop_kernel_caches() -> None:
-    """Make the kernel forget every dentry and inode nobody holds (FUSE ones included: it sends
-    FORGET, and the next lookup takes its attributes from the daemon)."""
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2\n")
 
 
 def _read(path) -> bytes:

@@ -1,7 +1,9 @@
 """The hard cases of brief section 3, one scenario each, through a real mount."""
 
 import errno
+import json
 import os
+import re
 import stat
 import subprocess
 import threading
@@ -9,6 +11,7 @@ import time
 
 import pytest
 
+from conftest import traced
 from treeview import tree
 
 
@@ -460,10 +463,30 @@ def test_errors_are_errnos_and_the_mount_survives(mounted):
             call()
         assert e.value.errno == expected
     assert read(p / "README") == b"readme v0\n"
-    with open(p / "README", "r+b") as f:
-        f.write(b"R")
-        os.fsync(f.fileno())
-        os.fdatasync(f.fileno())
+
+
+def test_fsync_and_fdatasync_reach_the_backing_file(mounted):
+    """Not only no error: the data is in the backing file once fsync returns, and the daemon
+    synced that very file (fsync for fsync, fdatasync for fdatasync: strace, attached first),
+    and the directory for fsync of a directory."""
+    ws, p = mounted, mounted.path
+    pid = json.loads(ws.cli("status", "--json").stdout)["daemon_pid"]
+    log = ws.path.parent / "fsync.strace"
+    d = os.open(p / "src", os.O_RDONLY | os.O_DIRECTORY)
+    with open(p / "README", "r+b", buffering=0) as f:
+        with traced(pid, ["-y", "-e", "trace=fsync,fdatasync", "-o", log]):
+            f.write(b"R")
+            os.fsync(f.fileno())
+            assert read(ws.backing / "README") == b"Readme v0\n"
+            f.write(b"E")
+            os.fdatasync(f.fileno())
+            assert read(ws.backing / "README") == b"REadme v0\n"
+            os.fsync(d)
+    os.close(d)
+    calls = re.findall(rb"(fsync|fdatasync)\(\d+<([^>]*)>\) = 0", log.read_bytes())
+    synced = [(call, os.path.basename(path)) for call, path in calls]
+    for want in [(b"fsync", b"README"), (b"fdatasync", b"README"), (b"fsync", b"src")]:
+        assert want in synced, (want, calls)
 
 
 @pytest.mark.root_only   # objects owned by others: only a root daemon makes them

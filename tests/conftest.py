@@ -39,7 +39,10 @@ Helpers that test modules may import (``from conftest import ...``; keep
 Environment
 -----------
 ``COWFS_HYPOTHESIS_PROFILE``  "ci" (default) or "long".
-``COWFS_HYPOTHESIS_EXAMPLES`` max_examples of the "ci" profile (default 25).
+``COWFS_HYPOTHESIS_EXAMPLES`` max_examples of the profile (default 25 for "ci",
+                              2000 for "long").
+Failing hypothesis examples are kept in ``tests/hypothesis-db`` (committed): see
+``EXAMPLE_DATABASE``.
 ``COWFS_TEST_BASE``           where the per-session temp dirs go (default
                               /var/tmp/cowfs-tests; must be on the root disk).
 ``COWFS_TEST_CMD_TIMEOUT``    default timeout in seconds of every command the
@@ -65,6 +68,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = Path(os.environ.get("COWFS_TEST_BASE", "/var/tmp/cowfs-tests"))
@@ -74,14 +78,25 @@ DEFAULT_TIMEOUT = float(os.environ.get("COWFS_TEST_CMD_TIMEOUT", "120"))
 # --------------------------------------------------------------------------
 # hypothesis profiles and markers
 
+# Failing examples are kept in a directory committed with the tests, so that a failure found
+# once is replayed first by every later run, CI's clean clones included: the run that finds one
+# writes it there (under a key that hypothesis derives from the test's source: editing the
+# test, or the state machine class, starts a new key), and it is committed with the fix. A
+# failure seen only in CI's log is brought in by running the test once locally with the
+# `@reproduce_failure` blob CI printed (print_blob), or the seed pytest printed
+# (`--hypothesis-seed`), which saves it here too. Passing runs add nothing.
+EXAMPLE_DATABASE = DirectoryBasedExampleDatabase(str(REPO / "tests" / "hypothesis-db"))
+
 settings.register_profile(
     "ci",
     max_examples=int(os.environ.get("COWFS_HYPOTHESIS_EXAMPLES", "25")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
     print_blob=True,
+    database=EXAMPLE_DATABASE,
 )
-settings.register_profile("long", parent=settings.get_profile("ci"), max_examples=2000)
+settings.register_profile("long", parent=settings.get_profile("ci"),
+                          max_examples=int(os.environ.get("COWFS_HYPOTHESIS_EXAMPLES", "2000")))
 settings.load_profile(os.environ.get("COWFS_HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -385,3 +385,31 @@ def test_rollback_leaves_a_file_below_a_removed_directory_as_it_was(workspace, h
     ws.cli("rollback", "2")                                 # the directory comes back as it left
     assert (p / "d" / "f").read_bytes() == b"TURN one"
     ws.umount()
+
+
+def test_rename_exchange_of_a_directory_across_directories_keeps_its_snapshot(workspace):
+    """RENAME_EXCHANGE of a directory with an entry of another directory leaves old turns as
+    they were, and the mount shows the attributes the backing directory has.
+
+    Found by test_model: XFS stamps the mtime of a directory whose ".." an exchange rewrites (a
+    plain rename does not), and the daemon had recorded no attributes of it first, so every
+    snapshot that shared the directory showed the new mtime (and a rollback could not restore it).
+    """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    ws, p = workspace, workspace.path
+    (p / "x" / "d").mkdir(parents=True)
+    (p / "f").write_bytes(b"f")
+    os.utime(p / "x" / "d", ns=(10**18, 10**18))
+    ws.mount()
+    os.listdir(p / "x")                     # readdir lists d's attributes
+    assert os.stat(p / "x" / "d").st_mtime_ns == 10**18
+    assert libc.renameat2(-100, os.fsencode(p / "f"), -100, os.fsencode(p / "x" / "d"), 2) == 0
+    assert os.stat(ws.snapshots / "turn-0" / "x" / "d").st_mtime_ns == 10**18
+    for rel in ("f", "x/d"):    # (not ctime: after a rename the kernel stamps its own)
+        mounted, backing = os.stat(p / rel), os.stat(ws.backing / rel)
+        assert (mounted.st_mtime_ns, mounted.st_mode, mounted.st_nlink) == \
+            (backing.st_mtime_ns, backing.st_mode, backing.st_nlink), rel
+    ws.cli("rollback", "0")
+    assert os.stat(p / "x" / "d").st_mtime_ns == 10**18
+    ws.umount()

@@ -238,11 +238,14 @@ class Model:
         node.mtime = self.now()
         self._changed()
 
-    def truncate(self, path: Path, size: int) -> None:
+    def truncate(self, path: Path, size: int, *, same_size_stamps: bool = True) -> None:
+        """truncate/ftruncate. To the size it has, the mtime changes only if
+        *same_size_stamps* (ftruncate always; truncate(2) on ext4, not on XFS)."""
         node = self.get(path)
         c = node.content
         node.content = c[:size] + b"\0" * max(0, size - len(c))
-        node.mtime = self.now()     # even at the same size: FUSE sends the truncate with mtime
+        if size != len(c) or same_size_stamps:
+            node.mtime = self.now()
         self._changed()
 
     def mkdir(self, path: Path, mode: int) -> None:

@@ -543,6 +543,8 @@ def _step(data, ws, root: bytes) -> None:
 
 
 def test_random_histories(backing):
+    """Random histories exported and compared with their snapshots; failing examples are kept in
+    tests/hypothesis-db (committed) and replayed first by every run (see conftest)."""
     counter = itertools.count()
 
     @settings(max_examples=HYPOTHESIS_EXAMPLES, deadline=None,

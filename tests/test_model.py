@@ -40,6 +40,16 @@ Each hypothesis example mounts a fresh workspace of its own below the
 `backing` directory of the wrapper test (hypothesis cannot use per-example
 fixtures), so the test runs on XFS (reflink) and on ext4 (copy).
 
+Replaying failures: hypothesis keeps every failing example it finds in
+tests/hypothesis-db (committed; conftest.EXAMPLE_DATABASE) and replays those
+first on every run, CI's clean clones included, before it tries new random
+ones. Commit what a failing run adds there with the fix. A failure seen only
+in CI is brought in by running once locally with the `@reproduce_failure`
+blob it printed (apply it to CowfsMachine) or its `--hypothesis-seed`. The
+database is keyed by the machine class's source: editing the class retires
+its old entries. A failure that does not replay (timing-dependent) shows as
+FlakyFailure: it is a failure all the same.
+
 Knobs: COWFS_HYPOTHESIS_EXAMPLES / COWFS_HYPOTHESIS_PROFILE (conftest), and
 COWFS_MODEL_STEPS (stateful_step_count, default 30). With -s the wrapper
 prints what was exercised (examples, steps, checkpoints, rollbacks, ...).

@@ -577,6 +577,9 @@ class CowFS(pyfuse3.Operations):
         self._drop_listed(src.st_ino)       # its ctime (a directory's "..", too)
         self.writers.entry(old_parent.ino, old_name, ctx.pid, ctx.uid)
         self.writers.entry(new_parent.ino, new_name, ctx.pid, ctx.uid)
+        if flags & pyfuse3.RENAME_EXCHANGE and victim is not None and old_parent.ino != new_parent.ino:
+            self._before_dotdot_change(old_parent.fd, old_name, src)
+            self._before_dotdot_change(new_parent.fd, new_name, victim)
         if not (keep and (stat.S_ISDIR(victim.st_mode) or victim.st_nlink == 1)):
             libc.renameat2(old_parent.fd, old_name, new_parent.fd, new_name, flags)
         else:
@@ -587,6 +590,17 @@ class CowFS(pyfuse3.Operations):
         self.inodes.moved(src.st_ino, new_parent, new_name)
         if victim is not None and flags & pyfuse3.RENAME_EXCHANGE:
             self.inodes.moved(victim.st_ino, old_parent, old_name)
+
+    def _before_dotdot_change(self, dir_fd: int, name: bytes, st) -> None:
+        """Record the attributes of a directory that an exchange moves to another parent: XFS
+        stamps its mtime when it rewrites its "..", and older snapshots must not show that."""
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            self.capture.before_attr_change(st.st_ino, fd)
+        finally:
+            os.close(fd)
 
     def _check_rename_over(self, src, victim, old_dir: int, old_name: bytes, dir_fd: int,
                            name: bytes) -> None:

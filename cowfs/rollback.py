@@ -373,9 +373,14 @@ class Rollback:
         os.utime(target, ns=(os.stat(fd).st_atime_ns, record.mtime_ns))
 
     def _only_in_store(self, ino: int, st: os.stat_result) -> bool:
-        if not self.store.kept(ino):
-            return False
-        return stat.S_ISDIR(st.st_mode) or st.st_nlink == 1
+        """Not in the target turn's tree: in the store by a name of its own, or, with no name
+        in the tree, below a directory the detach phase moved there (restoring it would
+        rewrite a file that leaves the tree under a process that holds it open)."""
+        if self.store.kept(ino):
+            return stat.S_ISDIR(st.st_mode) or st.st_nlink == 1
+        if stat.S_ISDIR(st.st_mode):
+            return not self._in_tree(ino)
+        return self._name_in_stored_dir(ino, self._fd(ino)) is not None
 
     def _restore_content(self, dst: int, content: str) -> None:
         src = self.store.open_content(content)

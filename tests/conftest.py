@@ -34,12 +34,15 @@ devices again, and the next session cleans up after sessions that were killed.
 Helpers that test modules may import (``from conftest import ...``; keep
 ``tests/`` without an ``__init__.py`` for that): :class:`Workspace`,
 :func:`run`, :class:`CommandError`, :func:`is_fuse_mounted`,
-:func:`mounts_under`.
+:func:`mounts_under`, :func:`drop_kernel_caches`, :func:`traced`.
 
 Environment
 -----------
 ``COWFS_HYPOTHESIS_PROFILE``  "ci" (default) or "long".
-``COWFS_HYPOTHESIS_EXAMPLES`` max_examples of the "ci" profile (default 25).
+``COWFS_HYPOTHESIS_EXAMPLES`` max_examples of the profile (default 25 for "ci",
+                              2000 for "long").
+Failing hypothesis examples are kept in ``tests/hypothesis-db`` (committed): see
+``EXAMPLE_DATABASE``.
 ``COWFS_TEST_BASE``           where the per-session temp dirs go (default
                               /var/tmp/cowfs-tests; must be on the root disk).
 ``COWFS_TEST_CMD_TIMEOUT``    default timeout in seconds of every command the
@@ -53,16 +56,19 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = Path(os.environ.get("COWFS_TEST_BASE", "/var/tmp/cowfs-tests"))
@@ -72,14 +78,25 @@ DEFAULT_TIMEOUT = float(os.environ.get("COWFS_TEST_CMD_TIMEOUT", "120"))
 # --------------------------------------------------------------------------
 # hypothesis profiles and markers
 
+# Failing examples are kept in a directory committed with the tests, so that a failure found
+# once is replayed first by every later run, CI's clean clones included: the run that finds one
+# writes it there (under a key that hypothesis derives from the test's source: editing the
+# test, or the state machine class, starts a new key), and it is committed with the fix. A
+# failure seen only in CI's log is brought in by running the test once locally with the
+# `@reproduce_failure` blob CI printed (print_blob), or the seed pytest printed
+# (`--hypothesis-seed`), which saves it here too. Passing runs add nothing.
+EXAMPLE_DATABASE = DirectoryBasedExampleDatabase(str(REPO / "tests" / "hypothesis-db"))
+
 settings.register_profile(
     "ci",
     max_examples=int(os.environ.get("COWFS_HYPOTHESIS_EXAMPLES", "25")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
     print_blob=True,
+    database=EXAMPLE_DATABASE,
 )
-settings.register_profile("long", parent=settings.get_profile("ci"), max_examples=2000)
+settings.register_profile("long", parent=settings.get_profile("ci"),
+                          max_examples=int(os.environ.get("COWFS_HYPOTHESIS_EXAMPLES", "2000")))
 settings.load_profile(os.environ.get("COWFS_HYPOTHESIS_PROFILE", "ci"))
 
 
@@ -400,6 +417,55 @@ def detach_loops(root) -> list[str]:
     return devs
 
 
+# --------------------------------------------------------------------------
+# tracing a daemon
+
+
+def tracers_of_threads(pid: int) -> set[int]:
+    """The TracerPid of each thread of process *pid* (0: not traced)."""
+    tracers = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                tracers.add(int(re.search(r"^TracerPid:\s+(\d+)$", f.read(), re.M).group(1)))
+        except FileNotFoundError:
+            pass    # a thread that just ended
+    return tracers
+
+
+@contextmanager
+def traced(pid: int, args: list, *, strace=("strace",), timeout: float = 20):
+    """``strace -f ARGS -p PID`` around the block, which starts only once the tracer is proven
+    attached to every thread of *pid* (their TracerPid), and must end with it still attached:
+    what it reports is then all the process did meanwhile, not what was left once it caught up.
+    *strace*: the tracer's argv (tests of this check wrap it)."""
+    tracer = subprocess.Popen([*strace, "-f", *map(os.fspath, args), "-p", str(pid)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while tracers_of_threads(pid) != {tracer.pid}:
+            if tracer.poll() is not None:
+                pytest.fail(f"strace exited {tracer.returncode}: {tracer.stderr.read()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"strace did not attach to every thread of {pid} within {timeout}s "
+                            f"(tracers: {tracers_of_threads(pid)})")
+            time.sleep(0.05)
+        yield tracer
+        if tracer.poll() is not None or tracers_of_threads(pid) != {tracer.pid}:
+            pytest.fail(f"strace let go of {pid} before the block ended")
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=30)
+
+
+def drop_kernel_caches() -> None:
+    """Make the kernel forget every dentry and inode nobody holds (FUSE ones included: it sends
+    FORGET, and the next lookup takes its attributes from the daemon): a cold cache without a
+    remount. Machine-wide, but only clean caches go."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
 def remove_tree(path) -> None:
     """rm -rf path, after lazily unmounting anything below it. Warns on failure."""
     swept = sweep_mounts(path)
@@ -555,6 +621,10 @@ class Workspace:
     ``ws.path``     the workspace (the mount point once mounted)
     ``ws.store``    ``ws.path / ".cowfs"``: only visible while unmounted
     ``ws.snapshots`` ``ws.path / ".snapshots"``: only exists while mounted
+    ``ws.backing``  the directory underneath the mount, as ``/proc/PID/fd/N`` of a
+                    descriptor opened before the first mount: the backing files
+                    themselves, reached without the mount (the ground truth a test
+                    compares the mount with); ``.cowfs`` is in it
     ``ws.mount(*extra_args, check=True)``   ``cowfs mount PATH ...``
     ``ws.umount(check=True)``               ``cowfs umount PATH``
     ``ws.cli(cmd, *args, check=True)``      ``cowfs CMD -C PATH ...``
@@ -575,6 +645,7 @@ class Workspace:
         # The argv prefix of every cowfs command; tests of the fixtures
         # replace it with a stub.
         self.cowfs_cmd = [*(as_user(user) if user else []), sys.executable, "-m", "cowfs"]
+        self._backing_fd: int | None = None
 
     def __repr__(self):
         return f"Workspace({str(self.path)!r}, mounted={self.is_mounted()})"
@@ -590,6 +661,24 @@ class Workspace:
     def is_mounted(self) -> bool:
         return is_fuse_mounted(self.path)
 
+    @property
+    def backing(self) -> Path:
+        """The backing directory itself, bypassing the mount (see the class docstring).
+
+        Opened while unmounted (``mount()`` does it first), an O_PATH descriptor
+        names the directory underneath for as long as it is held, across remounts."""
+        if self._backing_fd is None:
+            if self.is_mounted():
+                raise RuntimeError(f"{self.path} is mounted: its backing directory is hidden; "
+                                   "ask for ws.backing before mounting")
+            self._backing_fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return Path(f"/proc/{os.getpid()}/fd/{self._backing_fd}")
+
+    def _close_backing(self) -> None:
+        if self._backing_fd is not None:
+            os.close(self._backing_fd)
+            self._backing_fd = None
+
     def _wait_unmounted(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
         while self.is_mounted():
@@ -600,8 +689,10 @@ class Workspace:
 
     def mount(self, *extra_args, check=True, timeout=None, env=None):
         """Mount cowfs over ws.path; returns once the mount is live."""
-        if self.user and not self.is_mounted():
-            chown_tree(self.path, self.user)    # what root wrote there before mounting
+        if not self.is_mounted():
+            self.backing            # opened while the directory underneath is still reachable
+            if self.user:
+                chown_tree(self.path, self.user)    # what root wrote there before mounting
         cp = run([*self.cowfs_cmd, "mount", self.path, *self.mount_args, *extra_args],
                  check=check, timeout=timeout, env=env)
         if cp.returncode == 0 and not self.is_mounted():
@@ -656,6 +747,8 @@ class Workspace:
             _abort_fuse_connection(entry)
         if self.is_mounted():
             problems.append(f"{self.path} is still mounted")
+        else:
+            self._close_backing()
         return problems
 
 
@@ -672,12 +765,15 @@ def workspace_factory(backing, request):
     try:
         yield make
     finally:
+        # A workspace left mounted is unmounted here, and that unmount seals its last turn:
+        # an unmount or a seal that fails is a failure of the test, not a warning.
+        failed = []
         for ws in reversed(made):
             problems = ws.cleanup()
             if problems:
-                warnings.warn(
-                    f"teardown of {ws.path}: " + "; ".join(problems), CowfsTeardownWarning
-                )
+                failed.append(f"teardown of {ws.path}: " + "; ".join(problems))
+        if failed:
+            pytest.fail("\n".join(failed), pytrace=False)
 
 
 @pytest.fixture

@@ -11,44 +11,85 @@ the whole tree (deepcopy keeps the sharing inside one copy).
 
 Paths are tuples of ``bytes`` names; the root is ``()``.
 
-Timestamps: ``mtime`` is ``None`` ("unknown") until the test sets it with
-utime or observes it (test_model.compare_tree learns it on the first look);
-anything that changes it in the kernel (a content change, an entry change in
-a directory) makes it unknown again. So a known mtime must stay as it is:
-in the live tree until the object changes, in a sealed turn for ever, and
-through a rollback.
+Timestamps are predicted, not adopted: ``mtime`` is an exact ``int`` (set with
+utime, or pinned once seen inside its window), or a :class:`Window` -- what a
+change (of content, or of a directory's entries) says: the clock at some
+moment while the operation ran, between ``lo`` (set by the test before it: see
+``Model.clock``) and ``hi`` (closed by the seal that keeps it, else the moment
+of the comparison). A value seen outside its window is an error (e.g. a stale
+mtime from before a rollback); inside, it is pinned, and from then on must
+not move: in the live tree until the object changes, in a sealed turn for
+ever, and through a rollback. ``st_nlink`` is predicted too (``nlink``).
+
+Identity: every object has an ``oid`` that deepcopy keeps, so the object a
+descriptor held across a rollback refers to can be found in the tree after it
+(a rollback puts turn K's objects back, not copies of them).
+
+Owners: ``uid``/``gid``, 0 for what this (root) test process creates.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
+import time
 from dataclasses import dataclass, field
 
 Path = tuple  # tuple[bytes, ...]
 
+_oids = itertools.count(1)
+
+
+def new_oid() -> int:
+    return next(_oids)
+
+
+# How far a file system's timestamp may lag the clock the test reads before an operation: the
+# coarse clock the kernel stamps with advances once a tick (4 ms at HZ=250).
+CLOCK_SLACK_NS = 50_000_000
+
+
+@dataclass
+class Window:
+    """An mtime set by a change made at some moment in [lo, hi]; hi None: not closed yet."""
+    lo: int
+    hi: int | None = None
+
+    def admits(self, ns: int, now: int) -> bool:
+        hi = self.hi if self.hi is not None else now
+        return self.lo - CLOCK_SLACK_NS <= ns <= hi + 1_000_000
+
+    def __repr__(self):
+        return f"Window({self.lo}, {self.hi if self.hi is not None else 'now'})"
+
 
 @dataclass(eq=False)
-class File:
+class Node:
+    mtime: int | Window | None = None
+    uid: int = 0
+    gid: int = 0
+    oid: int = field(default_factory=new_oid)
+
+
+@dataclass(eq=False)
+class File(Node):
     content: bytes = b""
     mode: int = 0o644
     xattrs: dict = field(default_factory=dict)
-    mtime: int | None = None
     kind = "file"
 
 
 @dataclass(eq=False)
-class Dir:
+class Dir(Node):
     mode: int = 0o755
     entries: dict = field(default_factory=dict)
     xattrs: dict = field(default_factory=dict)
-    mtime: int | None = None
     kind = "dir"
 
 
 @dataclass(eq=False)
-class Symlink:
+class Symlink(Node):
     target: bytes = b""
-    mtime: int | None = None
     mode = 0o777
     kind = "symlink"
 
@@ -58,10 +99,9 @@ class Symlink:
 
 
 @dataclass(eq=False)
-class Fifo:
+class Fifo(Node):
     mode: int = 0o644
     xattrs: dict = field(default_factory=dict)
-    mtime: int | None = None
     kind = "fifo"
 
 
@@ -75,8 +115,9 @@ class ModelError(Exception):
 
 
 class Model:
-    def __init__(self, root_mode: int = 0o755):
-        self.root = Dir(mode=root_mode)
+    def __init__(self, root_mode: int = 0o755, root_mtime: int | None = None):
+        self.clock = time.time_ns()          # a lower bound of the time of the next change
+        self.root = Dir(mode=root_mode, mtime=root_mtime)
         self.turns: dict[int, Dir] = {}
         self.open_turn: int | None = None     # None until the first mount
         self.dirty = False                   # changes pending in the open turn
@@ -132,17 +173,27 @@ class Model:
         return 1 + max(self.height(c) for c in node.entries.values())
 
     def link_count(self, tree: Dir | None = None) -> dict[int, int]:
-        """id(node) -> number of names, for non-directories."""
+        """id(node) -> st_nlink in the live tree: names of a non-directory; 2 and one for each
+        subdirectory of a directory (the root's hidden store, .cowfs, is one)."""
         counts: dict[int, int] = {}
         for p, n in self.walk(tree):
-            if p and not isinstance(n, Dir):
+            if isinstance(n, Dir):
+                counts[id(n)] = 2 + sum(isinstance(c, Dir) for c in n.entries.values()) + (not p)
+            elif p:
                 counts[id(n)] = counts.get(id(n), 0) + 1
         return counts
 
+    def find(self, oid: int, tree: Dir | None = None):
+        """The object with identity *oid* in the tree, or None."""
+        return next((n for _, n in self.walk(tree) if n.oid == oid), None)
+
+    def names_of(self, oid: int) -> list[Path]:
+        return [p for p, n in self.walk() if p and n.oid == oid]
+
     # -- mutations of the live tree ----------------------------------------------------------
-    def _touch_dir(self, path: Path) -> None:
-        """An entry of directory *path* changed: its mtime is no longer known."""
-        self.dir_of(path + (b"x",)).mtime = None
+    def now(self) -> Window:
+        """The mtime a change made now gets."""
+        return Window(self.clock)
 
     def _changed(self) -> None:
         self.dirty = True
@@ -152,7 +203,9 @@ class Model:
         if path[-1] in parent.entries:
             raise ModelError(f"{show(path)} exists")
         parent.entries[path[-1]] = node
-        parent.mtime = None
+        parent.mtime = self.now()
+        if node.mtime is None:
+            node.mtime = self.now()
         self._changed()
 
     def write(self, path: Path, data: bytes, mode: int) -> None:
@@ -164,7 +217,7 @@ class Model:
         if not isinstance(node, File):
             raise ModelError(f"{show(path)} is a {node.kind}")
         node.content = data
-        node.mtime = None
+        node.mtime = self.now()
         self._changed()
 
     def append(self, path: Path, data: bytes, mode: int) -> None:
@@ -173,7 +226,7 @@ class Model:
             self._add(path, File(content=data, mode=mode))
             return
         node.content += data
-        node.mtime = None
+        node.mtime = self.now()
         self._changed()
 
     def pwrite(self, path: Path, offset: int, data: bytes) -> None:
@@ -182,14 +235,17 @@ class Model:
         if offset > len(c):
             c += b"\0" * (offset - len(c))
         node.content = c[:offset] + data + c[offset + len(data):]
-        node.mtime = None
+        node.mtime = self.now()
         self._changed()
 
-    def truncate(self, path: Path, size: int) -> None:
+    def truncate(self, path: Path, size: int, *, same_size_stamps: bool = True) -> None:
+        """truncate/ftruncate. To the size it has, the mtime changes only if
+        *same_size_stamps* (ftruncate always; truncate(2) on ext4, not on XFS)."""
         node = self.get(path)
         c = node.content
         node.content = c[:size] + b"\0" * max(0, size - len(c))
-        node.mtime = None
+        if size != len(c) or same_size_stamps:
+            node.mtime = self.now()
         self._changed()
 
     def mkdir(self, path: Path, mode: int) -> None:
@@ -213,7 +269,7 @@ class Model:
         if path[-1] not in parent.entries:
             raise ModelError(f"no {show(path)}")
         del parent.entries[path[-1]]
-        parent.mtime = None
+        parent.mtime = self.now()
         self._changed()
 
     def rename(self, src: Path, dst: Path) -> bool:
@@ -227,9 +283,32 @@ class Model:
         sp, dp = self.dir_of(src), self.dir_of(dst)
         del sp.entries[src[-1]]
         dp.entries[dst[-1]] = node
-        sp.mtime = dp.mtime = None
+        sp.mtime, dp.mtime = self.now(), self.now()
         self._changed()
         return True
+
+    def exchange(self, a: Path, b: Path, *, dotdot_stamps_mtime: bool) -> None:
+        """renameat2(RENAME_EXCHANGE): the two entries swap objects, both directories' mtimes
+        change. *dotdot_stamps_mtime*: the file system (XFS) also stamps the mtime of a
+        directory whose ".." the exchange rewrites (one moved to another parent); ext4 does not."""
+        pa, pb = self.dir_of(a), self.dir_of(b)
+        pa.entries[a[-1]], pb.entries[b[-1]] = pb.entries[b[-1]], pa.entries[a[-1]]
+        pa.mtime, pb.mtime = self.now(), self.now()
+        if dotdot_stamps_mtime and pa is not pb:
+            for moved in (pa.entries[a[-1]], pb.entries[b[-1]]):
+                if isinstance(moved, Dir):
+                    moved.mtime = self.now()
+        self._changed()
+
+    def chown(self, path: Path, uid: int, gid: int) -> None:
+        """chown(2) by root: a non-directory loses set-user-ID, and set-group-ID if group-executable."""
+        node = self.get(path)
+        node.uid, node.gid = uid, gid
+        if not isinstance(node, (Dir, Symlink)):
+            node.mode &= ~0o4000
+            if node.mode & 0o010:
+                node.mode &= ~0o2000
+        self._changed()
 
     def chmod(self, path: Path, mode: int) -> None:
         self.get(path).mode = mode
@@ -253,8 +332,15 @@ class Model:
         self.open_turn = 1
         self.dirty = False
 
+    def close_windows(self, now: int) -> None:
+        """Changes made so far happened before *now*: every open mtime window ends there."""
+        for _, n in self.walk():
+            if isinstance(n.mtime, Window) and n.mtime.hi is None:
+                n.mtime.hi = now
+
     def seal(self) -> int:
         n = self.open_turn
+        self.close_windows(time.time_ns())
         self.turns[n] = copy.deepcopy(self.root)
         self.open_turn += 1
         self.dirty = False
@@ -276,5 +362,6 @@ class Model:
         return self.seal() if self.dirty else None
 
 
-# The small alphabet of names: a space, a newline and a non-UTF-8 byte included.
-NAMES = (b"a", b"b", b"s p", b"n\nl", b"\xff\xfe")
+# The small alphabet of names: a space, a newline and a non-UTF-8 byte included; "-" sorts
+# before the others, "~" after.
+NAMES = (b"a", b"b", b"s p", b"n\nl", b"\xff\xfe", b"-", b"~")

@@ -3,11 +3,13 @@
 import json
 import os
 import re
-import signal
-import subprocess
 import time
 
 import pytest
+
+from conftest import traced
+
+STRACE = ["strace"]     # the tracer's argv (a test of this file may wrap it)
 
 
 def make_tree(root, files: int) -> None:
@@ -18,16 +20,13 @@ def make_tree(root, files: int) -> None:
 
 
 def daemon_syscalls_during_checkpoint(ws) -> int:
-    """Syscalls the daemon makes while `cowfs checkpoint` runs (strace -c)."""
+    """Syscalls the daemon makes while `cowfs checkpoint` runs (strace -c), counted only once
+    the tracer is proven attached to every thread of the daemon."""
     pid = json.loads(ws.cli("status", "--json").stdout)["daemon_pid"]
     out = ws.path.parent / f"strace-{time.monotonic_ns()}.txt"
-    tracer = subprocess.Popen(["strace", "-f", "-c", "-p", str(pid), "-o", str(out)],
-                              stderr=subprocess.PIPE)
-    time.sleep(0.5)  # let strace attach to every thread
-    ws.cli("checkpoint", "-m", "measured")
-    time.sleep(0.2)
-    tracer.send_signal(signal.SIGINT)
-    tracer.wait(timeout=30)
+    with traced(pid, ["-c", "-o", out], strace=STRACE):
+        ws.cli("checkpoint", "-m", "measured")
+        time.sleep(0.2)
     summary = out.read_text()
     total = re.search(r"^\S+\s+\S+\s+\S+\s+(\d+)\s+(?:\d+\s+)?total$", summary, re.M)
     assert total, summary

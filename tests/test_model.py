@@ -2,26 +2,53 @@
 
 Random sequences of file operations run through a real cowfs mount (real
 syscalls from this process, plus shell commands: `cat >`, `cat >>`, `rm`,
-`rm -rf`, `mv -T`), interleaved with checkpoints, rollbacks (to any sealed
-turn, to turn 0, undoing the last rollback, with a file held open) and
-remounts. An independent in-memory model (tests/model.py) says what the live
-tree and every sealed turn must contain.
+`rm -rf`, `mv -T`): writes, appends, pwrite, truncate and ftruncate, writes
+through a shared mapping, mkdir, mkfifo, symlinks, hard links, chmod, chown,
+utime, xattrs, unlink, rmdir, rm -rf, rename (plain, RENAME_EXCHANGE,
+RENAME_NOREPLACE), a file replaced by a directory and back, trees deep and
+wide enough for the order of lookups to matter (more than five names a
+directory, depth more than three), a write to a file another process has
+unlinked, a snapshot file held open while the live file changes; interleaved
+with checkpoints (with a file open for writing across one), rollbacks (to any
+sealed turn, to turn 0, undoing the last rollback, with a descriptor held
+across it that is read and written afterwards) and remounts. An independent
+in-memory model (tests/model.py) says what the live tree and every sealed
+turn must contain.
 
 After every step, the live tree and every `.snapshots/turn-N` are compared
-with the model: the names at each level, type, content and size, permission
-bits, symlink target, `user.*` xattrs, hard-link identity (two names of one
-object show one inode number, different objects different ones), st_nlink in
-the live tree, and mtimes (set with utime, or learnt on first sight: from
-then on an mtime must not move until the object changes, a sealed turn's
-never, and a rollback must restore them). Also: `.snapshots` is not listed in
-the root, the open turn has no snapshot, `latest` names the last sealed turn,
-every turn number printed by checkpoint / rollback / umount is the model's,
-`status` and `log` agree with it after each mount, and writes into a
-snapshot fail with EROFS.
+with the model, and the live tree with the backing directory itself too
+(reached underneath the mount: `Workspace.backing`): the names at each level,
+type, content and size, permission bits, owner, symlink target, `user.*`
+xattrs, hard-link identity (two names of one object show one inode number in
+the live tree, different objects different ones everywhere), st_nlink (predicted by the model: names of
+a file, 2 + subdirectories of a directory, 1 in a snapshot), and mtimes
+(predicted: a change's mtime must fall inside the window of the step that
+made it, and is pinned once seen; from then on it must not move until the
+object changes, a sealed turn's never, and a rollback must restore them).
+Also: `.snapshots` is not listed in the root, the open turn has no snapshot,
+`latest` names the last sealed turn, every turn number printed by checkpoint
+/ rollback / umount is the model's, `status` and `log` agree with it after
+each mount, and writes into a snapshot fail with EROFS.
+
+After every rollback, the kernel's view (issue 8): every name is looked up in
+a random (drawn) order, with the caches the rollback left and again after
+`drop_caches` forced the kernel to forget them, and each object's stat and
+content through the mount are compared with the model and with the backing
+file; then appends through the mount must land at the end.
 
 Each hypothesis example mounts a fresh workspace of its own below the
 `backing` directory of the wrapper test (hypothesis cannot use per-example
 fixtures), so the test runs on XFS (reflink) and on ext4 (copy).
+
+Replaying failures: hypothesis keeps every failing example it finds in
+tests/hypothesis-db (committed; conftest.EXAMPLE_DATABASE) and replays those
+first on every run, CI's clean clones included, before it tries new random
+ones. Commit what a failing run adds there with the fix. A failure seen only
+in CI is brought in by running once locally with the `@reproduce_failure`
+blob it printed (apply it to CowfsMachine) or its `--hypothesis-seed`. The
+database is keyed by the machine class's source: editing the class retires
+its old entries. A failure that does not replay (timing-dependent) shows as
+FlakyFailure: it is a failure all the same.
 
 Knobs: COWFS_HYPOTHESIS_EXAMPLES / COWFS_HYPOTHESIS_PROFILE (conftest), and
 COWFS_MODEL_STEPS (stateful_step_count, default 30). With -s the wrapper
@@ -34,11 +61,14 @@ from __future__ import annotations
 
 import collections
 import errno
+import ctypes
 import itertools
 import json
+import mmap
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -54,7 +84,7 @@ from hypothesis.stateful import (
 )
 
 import model as M
-from conftest import CommandError, Workspace, is_fuse_mounted, run
+from conftest import CommandError, Workspace, drop_kernel_caches, is_fuse_mounted, run
 from model import show
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE, loop devices)")
@@ -86,6 +116,23 @@ XATTR_VALUES = st.binary(max_size=24)
 SYMLINK_TARGETS = st.sampled_from([b"a", b"../b", b"s p/n\nl", b"nowhere", b"\xff\xfe",
                                    b"/nonexistent/abs", b".", b"a/b/../../a"])
 MESSAGES = st.sampled_from(["", "turn", "with space", "naïve ✓", "two\nlines"])
+OWNERS = st.sampled_from([0, 1234, 65534])
+# The deepest path the test makes; the tree rule's spine of directories and its names (more
+# than five a directory, "-" sorting first and "~" last).
+MAX_DEPTH = 6
+TREE_DEPTH = 4
+TREE_NAMES = [b"-", b"0", b"A", b"a", b"b", b"m", b"n\nl", b"z", b"~"]
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def renameat2(src: bytes, dst: bytes, flags: int) -> None:
+    """renameat2(2) (Python has no binding for it), on absolute paths."""
+    if _libc.renameat2(-100, src, -100, dst, flags) != 0:     # AT_FDCWD
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), src, None, dst)
 
 
 # -- comparing a real tree with a model tree ----------------------------------------------------
@@ -125,68 +172,105 @@ def content_diff(got: bytes, want: bytes) -> str:
             f"got {got[first:first + 12]!r} want {want[first:first + 12]!r}")
 
 
-def compare_tree(top: bytes, tree: M.Dir, label: str, *, live: bool) -> list[str]:
+def check_mtime(node, seen: int, now: int) -> str | None:
+    """Compare an mtime seen with the model's prediction; pin it if it was a window."""
+    want = node.mtime
+    if isinstance(want, M.Window):
+        if not want.admits(seen, now):
+            return f"mtime_ns {seen} is outside {want} (older: stale)"
+        node.mtime = seen
+    elif want is None:
+        node.mtime = seen
+    elif seen != want:
+        return f"mtime_ns {seen}, want {want}"
+    return None
+
+
+def compare_object(real: bytes, node, where: str, *, nlink: int, now: int
+                   ) -> tuple[os.stat_result | None, list[str]]:
+    """(lstat of *real*, every way it differs from model object *node*): type, mode, owner,
+    mtime, st_nlink, size and content, symlink target, user xattrs. The stat is None when
+    nothing more can be compared (no such object, or not of the model's type)."""
+    try:
+        st_ = os.lstat(real)
+    except OSError as e:
+        return None, [f"{where}: lstat failed: {e}"]
+    kind = kind_of(st_.st_mode)
+    if kind != node.kind:
+        return None, [f"{where}: is a {kind}, want a {node.kind}"]
+    problems = []
+    if stat.S_IMODE(st_.st_mode) != node.mode:
+        problems.append(f"{where}: mode {stat.S_IMODE(st_.st_mode):o}, want {node.mode:o}")
+    if (st_.st_uid, st_.st_gid) != (node.uid, node.gid):
+        problems.append(f"{where}: owner {st_.st_uid}:{st_.st_gid}, want {node.uid}:{node.gid}")
+    wrong_mtime = check_mtime(node, st_.st_mtime_ns, now)
+    if wrong_mtime:
+        problems.append(f"{where}: {wrong_mtime}")
+    if st_.st_nlink != nlink:
+        problems.append(f"{where}: st_nlink {st_.st_nlink}, want {nlink}")
+    try:
+        if kind == "file":
+            if st_.st_size != len(node.content):
+                problems.append(f"{where}: st_size {st_.st_size}, want {len(node.content)}")
+            data = read_all(real)
+            if data != node.content:
+                problems.append(f"{where}: content differs: {content_diff(data, node.content)}")
+        elif kind == "symlink":
+            target = os.readlink(real)
+            if target != node.target:
+                problems.append(f"{where}: symlink target {target!r}, want {node.target!r}")
+        if kind != "symlink":
+            xattrs = user_xattrs(real)
+            if xattrs != node.xattrs:
+                problems.append(f"{where}: user xattrs {xattrs}, want {node.xattrs}")
+    except OSError as e:
+        problems.append(f"{where}: {e!r}")
+    return st_, problems
+
+
+def compare_tree(top: bytes, tree: M.Dir, label: str, *, live: bool, hidden=()) -> list[str]:
     """Every way the real tree at *top* differs from the model tree (empty: equal).
 
-    An object whose mtime the model does not know yet takes the one seen here:
-    from then on it must not change until the model says the object changed
-    (a sealed turn never changes, and a rollback restores mtimes too).
+    *live*: st_nlink as the model counts it (a snapshot shows 1 for everything), and the
+    names of one object show one inode number (in a snapshot, only: different objects never
+    share one). *hidden*:
+    names of the root not to list (the store, in the backing directory). Mtimes as in
+    check_mtime: a window is pinned by the first look inside it.
     """
     problems: list[str] = []
     counts = M.Model().link_count(tree)
     ino_of: dict[int, int] = {}      # id(model object) -> st_ino seen
     obj_of: dict[int, int] = {}      # st_ino -> id(model object)
+    now = time.time_ns()
 
     def visit(rel: tuple, node) -> None:
         real = top + b"".join(b"/" + n for n in rel)
         where = f"{label}:{show(rel)}"
-        try:
-            st_ = os.lstat(real)
-        except OSError as e:
-            problems.append(f"{where}: lstat failed: {e}")
+        st_, found = compare_object(real, node, where, nlink=counts[id(node)] if live else 1, now=now)
+        problems.extend(found)
+        if st_ is None:
             return
-        kind = kind_of(st_.st_mode)
-        if kind != node.kind:
-            problems.append(f"{where}: is a {kind}, want a {node.kind}")
-            return
-        if ino_of.setdefault(id(node), st_.st_ino) != st_.st_ino:
-            problems.append(f"{where}: hard link split: inode {st_.st_ino}, "
+        ino = st_.st_ino
+        # In a snapshot an object's (virtual) inode number lives as long as the kernel knows it:
+        # two names of one file may show two numbers if the kernel forgot it between the two
+        # lookups (docs/architecture.md, Known limits). Different objects never share one.
+        if live and ino_of.setdefault(id(node), ino) != ino:
+            problems.append(f"{where}: hard link split: inode {ino}, "
                             f"another name of it has {ino_of[id(node)]}")
-        if obj_of.setdefault(st_.st_ino, id(node)) != id(node):
-            problems.append(f"{where}: inode {st_.st_ino} is shared with a different object")
-        if stat.S_IMODE(st_.st_mode) != node.mode:
-            problems.append(f"{where}: mode {stat.S_IMODE(st_.st_mode):o}, want {node.mode:o}")
-        if node.mtime is None:
-            node.mtime = st_.st_mtime_ns
-        elif st_.st_mtime_ns != node.mtime:
-            problems.append(f"{where}: mtime_ns {st_.st_mtime_ns}, want {node.mtime}")
-        if live and kind != "dir" and st_.st_nlink != counts[id(node)]:
-            problems.append(f"{where}: st_nlink {st_.st_nlink}, want {counts[id(node)]}")
-        try:
-            if kind == "file":
-                if st_.st_size != len(node.content):
-                    problems.append(f"{where}: st_size {st_.st_size}, want {len(node.content)}")
-                data = read_all(real)
-                if data != node.content:
-                    problems.append(f"{where}: content differs: {content_diff(data, node.content)}")
-            elif kind == "symlink":
-                target = os.readlink(real)
-                if target != node.target:
-                    problems.append(f"{where}: symlink target {target!r}, want {node.target!r}")
-            elif kind == "dir":
-                names = set(os.listdir(real))
-                want = set(node.entries)
-                if names != want:
-                    problems.append(f"{where}: names differ: extra {sorted(names - want)}, "
-                                    f"missing {sorted(want - names)}")
-                for name in sorted(names & want):
-                    visit(rel + (name,), node.entries[name])
-            if kind != "symlink":
-                xattrs = user_xattrs(real)
-                if xattrs != node.xattrs:
-                    problems.append(f"{where}: user xattrs {xattrs}, want {node.xattrs}")
-        except OSError as e:
-            problems.append(f"{where}: {e!r}")
+        if obj_of.setdefault(ino, id(node)) != id(node):
+            problems.append(f"{where}: inode {ino} is shared with a different object")
+        if node.kind == "dir":
+            try:
+                names = set(os.listdir(real)) - (set(hidden) if not rel else set())
+            except OSError as e:
+                problems.append(f"{where}: {e!r}")
+                return
+            want = set(node.entries)
+            if names != want:
+                problems.append(f"{where}: names differ: extra {sorted(names - want)}, "
+                                f"missing {sorted(want - names)}")
+            for name in sorted(names & want):
+                visit(rel + (name,), node.entries[name])
 
     visit((), tree)
     return problems
@@ -207,9 +291,15 @@ class CowfsMachine(RuleBasedStateMachine):
             raise RuntimeError("CowfsMachine runs through test_model(), which sets its base dir")
         self.ws = Workspace(self.base / f"ex{next(self._serial)}")
         self.root = os.fsencode(self.ws.path)
-        self.model = M.Model(root_mode=stat.S_IMODE(os.stat(self.root).st_mode))
+        # The backing directory itself (underneath the mount, for the whole example): what
+        # the mount shows is compared with it as well as with the model.
+        self.backing = os.fsencode(self.ws.backing) + b"/."
+        self.fstype = run(["stat", "-f", "-c", "%T", self.base]).stdout.strip()
+        root_st = os.stat(self.root)
+        self.model = M.Model(root_mode=stat.S_IMODE(root_st.st_mode), root_mtime=root_st.st_mtime_ns)
         self.mounted = False
         self.daemon_pid = None
+        self.made_tree = False
         self.stats["examples"] += 1
 
     def teardown(self):
@@ -262,6 +352,9 @@ class CowfsMachine(RuleBasedStateMachine):
 
     def real(self, path: tuple) -> bytes:
         return b"/".join((self.root, *path))
+
+    def in_backing(self, path: tuple) -> bytes:
+        return b"/".join((self.backing, *path))
 
     def sh(self, script: bytes, *paths: tuple, input: bytes | None = None):
         return run([b"sh", b"-c", script, b"sh", *(self.real(p) for p in paths)], input=input)
@@ -333,8 +426,8 @@ class CowfsMachine(RuleBasedStateMachine):
             self.sh(b'cat >> "$1"', path, input=content)
             self.model.append(path, content, 0o666 & ~UMASK)
 
-    def op_pwrite(self, data):
-        path = self.draw_path(data, self.files(), "path")
+    def op_pwrite(self, data, path=None):
+        path = path or self.draw_path(data, self.files(), "path")
         offset = data.draw(OFFSETS, label="offset")
         content = data.draw(SOME_BYTES, label="content")
         note(f"pwrite {len(content)} bytes at {offset} into {show(path)}")
@@ -345,12 +438,74 @@ class CowfsMachine(RuleBasedStateMachine):
             os.close(fd)
         self.model.pwrite(path, offset, content)
 
-    def op_truncate(self, data):
-        path = self.draw_path(data, self.files(), "path")
+    def op_truncate(self, data, path=None):
+        path = path or self.draw_path(data, self.files(), "path")
         size = data.draw(SIZES, label="size")
-        note(f"truncate {show(path)} to {size}")
-        os.truncate(self.real(path), size)
-        self.model.truncate(path, size)
+        via = data.draw(st.sampled_from(["truncate", "ftruncate"]), label="via")
+        note(f"{via} {show(path)} to {size}")
+        if via == "truncate":
+            os.truncate(self.real(path), size)
+        else:
+            fd = os.open(self.real(path), os.O_WRONLY)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+        self.model.truncate(path, size, same_size_stamps=via == "ftruncate" or self.fstype != "xfs")
+
+    def op_mmap_write(self, data):
+        path = self.draw_path(data, [p for p in self.files() if self.model.get(p).content], "path")
+        size = len(self.model.get(path).content)
+        offset = data.draw(st.integers(0, size - 1), label="offset")
+        content = data.draw(SOME_BYTES, label="content")[:size - offset]
+        note(f"write {len(content)} bytes at {offset} into {show(path)} through a shared mapping")
+        fd = os.open(self.real(path), os.O_RDWR)
+        try:
+            with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                m[offset:offset + len(content)] = content
+                m.flush()
+        finally:
+            os.close(fd)
+        self.model.pwrite(path, offset, content)
+
+    def op_chown(self, data):
+        path = self.draw_path(data, self.model.paths(min_depth=0), "path")
+        uid, gid = data.draw(OWNERS, label="uid"), data.draw(OWNERS, label="gid")
+        note(f"chown -h {uid}:{gid} {show(path)}")
+        os.chown(self.real(path), uid, gid, follow_symlinks=False)
+        self.model.chown(path, uid, gid)
+
+    def op_tree(self, data):
+        """A directory deep and wide enough for the order of lookups to matter: a spine of
+        TREE_DEPTH directories, each with 6 or 7 entries (files, hard links to files made
+        before in it, symlinks)."""
+        top = self.draw_path(data, self.model.absent(max_depth=MAX_DEPTH - TREE_DEPTH), "tree at")
+        note(f"make a tree at {show(top)}")
+        self.made_tree = True      # one an example: every step compares it in every turn
+        made, here = [], top
+        for level in range(TREE_DEPTH):
+            os.mkdir(self.real(here))
+            self.model.mkdir(here, 0o777 & ~UMASK)
+            names = data.draw(st.lists(st.sampled_from(TREE_NAMES), min_size=6, max_size=7, unique=True),
+                              label="names")
+            # names[0] is the next directory down, except at the bottom
+            for name in names[1:] if level < TREE_DEPTH - 1 else names:
+                path = here + (name,)
+                kind = data.draw(st.sampled_from(["file", "file", "link", "symlink"]), label=show(path))
+                if kind == "link" and made:
+                    src = data.draw(st.sampled_from(made), label="link to")
+                    os.link(self.real(src), self.real(path))
+                    self.model.link(src, path)
+                elif kind == "symlink":
+                    os.symlink(b"../" + name, self.real(path))
+                    self.model.symlink(b"../" + name, path)
+                else:
+                    content = data.draw(CONTENT, label="content")
+                    with open(self.real(path), "xb") as f:
+                        f.write(content)
+                    self.model.write(path, content, 0o666 & ~UMASK)
+                    made.append(path)
+            here = here + (names[0],)
 
     def op_mkdir(self, data):
         path = self.draw_path(data, self.model.absent(), "path")
@@ -408,17 +563,19 @@ class CowfsMachine(RuleBasedStateMachine):
         """Turn 0: a small tree made before the first mount, then mount."""
         ops = {"write": self.op_write, "mkdir": self.op_mkdir, "symlink": self.op_symlink,
                "link": self.op_link, "chmod": self.op_chmod, "utime": self.op_utime,
-               "setxattr": self.op_setxattr, "mkfifo": self.op_mkfifo}
+               "setxattr": self.op_setxattr, "mkfifo": self.op_mkfifo, "chown": self.op_chown,
+               "tree": self.op_tree}
         for name in data.draw(st.lists(st.sampled_from(sorted(ops)), max_size=6), label="initial ops"):
             needs_absent = name in ("mkdir", "symlink", "mkfifo", "link")
             if (needs_absent and not self.model.absent()) or (name == "link" and not self.nondirs()) \
-                    or (name == "write" and not (self.model.absent() or self.files())):
+                    or (name == "write" and not (self.model.absent() or self.files())) \
+                    or (name == "tree" and (self.made_tree or not self.model.absent(max_depth=MAX_DEPTH - TREE_DEPTH))):
                 continue
             ops[name](data)
         note("mount")
-        self.mount()
         # Creating the store (.cowfs) in the root changes the root's mtime.
-        self.model.root.mtime = None
+        self.model.root.mtime = M.Window(time.time_ns())
+        self.mount()
         self.model.first_mount()
 
     @precondition(lambda self: self.model.absent() or self.files())
@@ -440,6 +597,61 @@ class CowfsMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def truncate(self, data):
         self.op_truncate(data)
+
+    @precondition(lambda self: any(self.model.get(p).content for p in self.files()))
+    @rule(data=st.data())
+    def mmap_write(self, data):
+        self.op_mmap_write(data)
+
+    @rule(data=st.data())
+    def chown(self, data):
+        self.op_chown(data)
+
+    @precondition(lambda self: not self.made_tree and self.model.absent(max_depth=MAX_DEPTH - TREE_DEPTH))
+    @rule(data=st.data())
+    def tree(self, data):
+        self.op_tree(data)
+
+    def _exchange_pairs(self) -> list:
+        pairs = []
+        for a, b in itertools.combinations(self.model.paths(), 2):
+            na, nb = self.model.get(a), self.model.get(b)
+            if na is nb or b[:len(a)] == a:     # one object, or b inside a (sorted: never a in b)
+                continue
+            if len(a) + self.model.height(nb) > MAX_DEPTH or len(b) + self.model.height(na) > MAX_DEPTH:
+                continue
+            pairs.append((a, b))
+        return pairs
+
+    @precondition(lambda self: len(self.model.paths()) > 1)
+    @rule(data=st.data())
+    def rename_exchange(self, data):
+        """renameat2(RENAME_EXCHANGE) of any two entries (files, directories, one of each)."""
+        pairs = self._exchange_pairs()
+        if not pairs:
+            return
+        a, b = data.draw(st.sampled_from(pairs), label="exchange")
+        note(f"renameat2 {show(a)} <-> {show(b)} RENAME_EXCHANGE")
+        renameat2(self.real(a), self.real(b), RENAME_EXCHANGE)
+        self.model.exchange(a, b, dotdot_stamps_mtime=self.fstype == "xfs")
+
+    @precondition(lambda self: self.model.paths())
+    @rule(data=st.data())
+    def rename_noreplace(self, data):
+        """renameat2(RENAME_NOREPLACE): EEXIST (and no change) over an existing name."""
+        src = self.draw_path(data, self.model.paths(), "src")
+        node = self.model.get(src)
+        dsts = [p for p in self.model.absent(max_depth=MAX_DEPTH - self.model.height(node))
+                if p[:len(src)] != src] + [p for p in self.model.paths() if p != src]
+        dst = self.draw_path(data, dsts, "dst")
+        note(f"renameat2 {show(src)} -> {show(dst)} RENAME_NOREPLACE")
+        if self.model.get(dst) is not None:
+            with pytest.raises(OSError) as e:
+                renameat2(self.real(src), self.real(dst), RENAME_NOREPLACE)
+            assert e.value.errno == errno.EEXIST, e.value
+        else:
+            renameat2(self.real(src), self.real(dst), RENAME_NOREPLACE)
+            self.model.rename(src, dst)
 
     @precondition(lambda self: self.model.absent())
     @rule(data=st.data())
@@ -536,13 +748,13 @@ class CowfsMachine(RuleBasedStateMachine):
     def _dir_rename_targets(self, src: tuple) -> list:
         node = self.model.get(src)
         out = []
-        for p in self.model.absent(max_depth=4) + self.model.paths({"dir"}):
+        for p in self.model.absent(max_depth=MAX_DEPTH) + self.model.paths({"dir"}):
             if p == src or p[:len(src)] == src:
                 continue
             victim = self.model.get(p)
             if victim is not None and victim.entries:
                 continue
-            if len(p) + self.model.height(node) > 4:
+            if len(p) + self.model.height(node) > MAX_DEPTH:
                 continue
             out.append(p)
         return out
@@ -633,7 +845,9 @@ class CowfsMachine(RuleBasedStateMachine):
         """A second checkpoint rule, so that turns are sealed often (and empty turns happen)."""
         self.checkpoint_now("again")
 
-    def rollback_now(self, target: int) -> None:
+    def rollback_now(self, target: int, data, held=None) -> None:
+        """Roll back, then check the kernel's view (check_kernel_view); *held*, if given, is
+        called in between: what a descriptor held across the rollback sees."""
         self.stats["rollbacks"] += 1
         out = self.cli("rollback", str(target))
         pending, recorded = self.model.rollback(target)
@@ -641,20 +855,61 @@ class CowfsMachine(RuleBasedStateMachine):
         want = ([f"sealed pending changes as turn-{pending}"] if pending is not None else [])
         want.append(f"rolled back to turn-{target} (recorded as turn-{recorded})")
         assert out.splitlines() == want, f"rollback printed {out!r}, want {want}"
+        if held is not None:
+            held()
+        started = time.monotonic()
+        self.check_kernel_view(data)
+        self.stats["kernel view checks"] += 1
+        self.stats["seconds in kernel view checks"] += round(time.monotonic() - started, 3)
+
+    def check_kernel_view(self, data) -> None:
+        """After a rollback: every name looked up in a random order, with the kernel's caches as
+        the rollback left them and again after making it drop them, shows what the model and
+        the backing file say (type, size, mtime, st_nlink, mode, owner, content); then appends
+        through the mount land at the end of the files."""
+        paths = self.model.paths()
+        for when in ("warm", "cold"):
+            if when == "cold":
+                drop_kernel_caches()
+            order = data.draw(st.permutations(paths), label=f"lookup order ({when})")
+            counts, now, problems = self.model.link_count(), time.time_ns(), []
+            for path in order:
+                node = self.model.get(path)
+                for label, real in ((when, self.real(path)), ("backing", self.in_backing(path))):
+                    problems += compare_object(real, node, f"{label} {show(path)}",
+                                               nlink=counts[id(node)], now=now)[1]
+            assert not problems, f"after the rollback ({when} cache):\n" + "\n".join(problems[:40])
+        files = self.files()
+        if not files:
+            return
+        for path in data.draw(st.lists(st.sampled_from(files), min_size=1, max_size=3, unique=True),
+                              label="append after the rollback"):
+            mark = b"<appended to %s>" % b"/".join(path)
+            note(f"append {mark!r} through the mount")
+            fd = os.open(self.real(path), os.O_WRONLY | os.O_APPEND)
+            try:
+                write_all(fd, mark)
+            finally:
+                os.close(fd)
+            self.model.append(path, mark, 0)
+            want = self.model.get(path).content
+            for label, real in (("mount", self.real(path)), ("backing", self.in_backing(path))):
+                got = read_all(real)
+                assert got == want, f"append to {show(path)} ({label}): {content_diff(got, want)}"
 
     @rule(data=st.data())
     def rollback(self, data):
-        self.rollback_now(data.draw(st.sampled_from(sorted(self.model.turns)), label="turn"))
+        self.rollback_now(data.draw(st.sampled_from(sorted(self.model.turns)), label="turn"), data)
 
-    @rule()
-    def rollback_to_zero(self):
-        self.rollback_now(0)
+    @rule(data=st.data())
+    def rollback_to_zero(self, data):
+        self.rollback_now(0, data)
 
     @precondition(lambda self: self.model.last_rollback is not None)
-    @rule()
-    def undo_last_rollback(self):
+    @rule(data=st.data())
+    def undo_last_rollback(self, data):
         """Roll back to the turn sealed just before the last rollback: a rollback of a rollback."""
-        self.rollback_now(self.model.last_rollback[0])
+        self.rollback_now(self.model.last_rollback[0], data)
 
     @precondition(lambda self: self.files() or self.model.absent())
     @rule(data=st.data())
@@ -679,14 +934,110 @@ class CowfsMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.files())
     @rule(data=st.data())
     def rollback_with_open_file(self, data):
-        """A rollback while a file is held open (for writing) by someone."""
+        """A rollback while a file is held open by someone, who reads and writes through that
+        descriptor afterwards: it is the object it was (a rollback puts turn K's objects
+        back), restored if that object is in turn K, else as it was and out of the tree."""
         path = self.draw_path(data, self.files(), "held open")
         how = data.draw(st.sampled_from(["O_RDONLY", "O_RDWR"]), label="open flags")
         target = data.draw(st.sampled_from(sorted(self.model.turns)), label="turn")
-        note(f"hold {show(path)} open {how} during the rollback")
+        write = (data.draw(OFFSETS, label="offset"), data.draw(SOME_BYTES, label="data")) \
+            if how == "O_RDWR" else None
+        held = self.model.get(path)
+        outside = M.File(content=held.content)      # what it holds if the rollback removes it
+        note(f"hold {show(path)} open {how} during the rollback, then pread" +
+             (f" and pwrite {write}" if write else ""))
+
+        def through_the_descriptor():
+            live = self.model.find(held.oid)
+            want = live.content if live is not None else outside.content
+            got = os.pread(fd, len(want) + 100, 0)
+            assert got == want, f"read through the held descriptor: {content_diff(got, want)}"
+            assert os.fstat(fd).st_size == len(want)
+            if write is None:
+                return
+            assert os.pwrite(fd, write[1], write[0]) == len(write[1])
+            if live is not None:
+                self.model.pwrite(self.model.names_of(held.oid)[0], *write)
+            else:
+                # Out of the tree, but a write through the mount all the same: the daemon cannot
+                # tell it from one to a file in the tree, and counts it in the open turn.
+                self.model.dirty = True
+                c = outside.content.ljust(write[0], b"\0")
+                outside.content = c[:write[0]] + write[1] + c[write[0] + len(write[1]):]
+            got = os.pread(fd, len(want) + 200_000, 0)
+            want = live.content if live is not None else outside.content
+            assert got == want, f"read back through the held descriptor: {content_diff(got, want)}"
+
         fd = os.open(self.real(path), getattr(os, how))
         try:
-            self.rollback_now(target)
+            self.rollback_now(target, data, held=through_the_descriptor)
+        finally:
+            os.close(fd)
+
+    @precondition(lambda self: self.files())
+    @rule(data=st.data())
+    def write_to_a_file_another_process_unlinked(self, data):
+        """This process holds a file open; another one removes the name; the writes that follow
+        show through the file's other names if it has any, and never in a snapshot."""
+        path = self.draw_path(data, self.files(), "path")
+        offset, content = data.draw(OFFSETS, label="offset"), data.draw(SOME_BYTES, label="data")
+        node = self.model.get(path)
+        note(f"open {show(path)} O_RDWR, rm it from a shell, pwrite {len(content)} bytes at {offset}")
+        fd = os.open(self.real(path), os.O_RDWR)
+        try:
+            self.sh(b'rm -- "$1"', path)
+            self.model.remove(path)
+            assert os.pwrite(fd, content, offset) == len(content)
+            names = self.model.names_of(node.oid)
+            if names:
+                self.model.pwrite(names[0], offset, content)
+                want = node.content
+            else:
+                c = node.content.ljust(offset, b"\0")
+                want = c[:offset] + content + c[offset + len(content):]
+            assert os.fstat(fd).st_nlink == len(names)
+            got = os.pread(fd, len(want) + 200_000, 0)
+            assert got == want, f"read back through the descriptor: {content_diff(got, want)}"
+        finally:
+            os.close(fd)
+
+    def _held_snapshot_candidates(self):
+        return [(n, p) for n, tree in sorted(self.model.turns.items())
+                for p in self.model.paths({"file"}, tree=tree)
+                if isinstance(self.model.get(p), M.File)]
+
+    @precondition(lambda self: self._held_snapshot_candidates())
+    @rule(data=st.data())
+    def snapshot_file_held_open_while_the_live_file_changes(self, data):
+        """A file of .snapshots/turn-N open (perhaps partly read) while the live file at its
+        path is rewritten, written in place, truncated, appended to or removed: it goes on
+        reading turn N's content."""
+        turn, path = data.draw(st.sampled_from(self._held_snapshot_candidates()), label="turn, path")
+        want = self.model.get(path, self.model.turns[turn]).content
+        first = data.draw(st.sampled_from([0, 1, 4096, len(want)]), label="read first")
+        change = data.draw(st.sampled_from(["write", "pwrite", "truncate", "append", "unlink"]),
+                           label="change")
+        note(f"hold .snapshots/turn-{turn}/{show(path)} open, read {first}, {change} the live file")
+        fd = os.open(self.root + b"/" + SNAPDIR + b"/turn-%d/" % turn + b"/".join(path), os.O_RDONLY)
+        try:
+            head = os.pread(fd, first, 0)
+            if change == "write":
+                content = data.draw(CONTENT, label="content")
+                self.sh(b'cat > "$1"', path, input=content)
+                self.model.write(path, content, 0)
+            elif change == "pwrite":
+                self.op_pwrite(data, path)
+            elif change == "truncate":
+                self.op_truncate(data, path)
+            elif change == "append":
+                self.sh(b'cat >> "$1"', path, input=b"appended")
+                self.model.append(path, b"appended", 0)
+            else:
+                self.sh(b'rm -- "$1"', path)
+                self.model.remove(path)
+            got = head + os.pread(fd, len(want) + 200_000, len(head))
+            assert got == want, f"the held snapshot file: {content_diff(got, want)}"
+            assert os.fstat(fd).st_size == len(want)
         finally:
             os.close(fd)
 
@@ -763,8 +1114,14 @@ class CowfsMachine(RuleBasedStateMachine):
     # -- the invariant -------------------------------------------------------------------
     @invariant()
     def trees_match_model(self):
-        if not self.mounted:
-            return
+        if self.mounted:
+            started = time.monotonic()
+            self.compare_everything()
+            self.stats["seconds comparing trees"] += round(time.monotonic() - started, 3)
+        # Whatever the next rule changes, it changes after now.
+        self.model.clock = time.time_ns()
+
+    def compare_everything(self) -> None:
         self.stats["steps"] += 1
         self.stats["turns compared"] += len(self.model.turns)
         self.stats["entries compared"] += sum(len(self.model.walk(t)) for t in self.model.turns.values())
@@ -773,6 +1130,7 @@ class CowfsMachine(RuleBasedStateMachine):
         if SNAPDIR in names:
             problems.append(".snapshots is listed in the root directory")
         problems += compare_tree(self.root, self.model.root, "live", live=True)
+        problems += compare_tree(self.backing, self.model.root, "backing", live=True, hidden={b".cowfs"})
         snapdir = self.root + b"/" + SNAPDIR
         for n, tree in sorted(self.model.turns.items()):
             problems += compare_tree(snapdir + b"/turn-%d" % n, tree, f"turn-{n}", live=False)

@@ -1,7 +1,9 @@
 """The hard cases of brief section 3, one scenario each, through a real mount."""
 
 import errno
+import json
 import os
+import re
 import stat
 import subprocess
 import threading
@@ -9,6 +11,7 @@ import time
 
 import pytest
 
+from conftest import traced
 from treeview import tree
 
 
@@ -28,6 +31,18 @@ def rollback(ws, turn) -> None:
 
 def snap(ws, turn) -> dict:
     return tree(ws.snapshots / f"turn-{turn}")
+
+
+def live(ws, **kw) -> dict:
+    """The live tree as the backing directory holds it (underneath the mount, the store left
+    out): what a scenario expects, never read through the mount it tests."""
+    return tree(ws.backing, hidden={b".cowfs"}, **kw)
+
+
+def assert_live(ws, want: dict, **kw) -> None:
+    """The mount shows *want*, and the backing directory holds it."""
+    assert tree(ws.path, **kw) == want
+    assert live(ws, **kw) == want
 
 
 def read(path) -> bytes:
@@ -54,24 +69,24 @@ def mounted(workspace):
 
 def test_turn_zero_and_checkpoint_round_trip(mounted):
     ws, p = mounted, mounted.path
-    before = tree(p)
+    before = live(ws)
     write(p / "src" / "app.py", b"print('v1')\n")
     write(p / "new.txt", b"new\n")
     assert checkpoint(ws, "one") == 1
     assert snap(ws, 0) == before
-    assert snap(ws, 1) == tree(p)
+    assert snap(ws, 1) == live(ws)
     assert sorted(os.listdir(ws.snapshots)) == ["latest", "turn-0", "turn-1"]
     assert os.readlink(ws.snapshots / "latest") == "turn-1"
 
 
 def test_directory_renamed_after_children_edited_and_edited_again(mounted):
     ws, p = mounted, mounted.path
-    t0 = tree(p)
+    t0 = live(ws)
     write(p / "src" / "app.py", b"print('edited before rename')\n")
     os.rename(p / "src", p / "lib")
     write(p / "lib" / "app.py", b"print('edited after rename')\n")
     write(p / "lib" / "util.py", b"# appended\n", "ab")
-    t1 = tree(p)
+    t1 = live(ws)
     checkpoint(ws)
     assert snap(ws, 0) == t0
     assert snap(ws, 1) == t1
@@ -80,23 +95,23 @@ def test_directory_renamed_after_children_edited_and_edited_again(mounted):
     checkpoint(ws)
     assert snap(ws, 1) == t1
     rollback(ws, 0)
-    assert tree(p) == t0
+    assert_live(ws, t0)
 
 
 def test_file_renamed_over_another(mounted):
     ws, p = mounted, mounted.path
-    t0 = tree(p)
+    t0 = live(ws)
     os.rename(p / "src" / "util.py", p / "src" / "app.py")
     checkpoint(ws)
     assert snap(ws, 0) == t0
     assert read(p / "src" / "app.py") == b"def f(): pass\n"
     rollback(ws, 0)
-    assert tree(p) == t0
+    assert_live(ws, t0)
 
 
 def test_editor_style_save_via_temp_and_rename(mounted):
     ws, p = mounted, mounted.path
-    t0 = tree(p)
+    t0 = live(ws)
     write(p / "src" / ".app.py.swp", b"print('saved')\n")
     os.rename(p / "src" / ".app.py.swp", p / "src" / "app.py")
     checkpoint(ws)
@@ -107,7 +122,7 @@ def test_editor_style_save_via_temp_and_rename(mounted):
 def test_hardlinks_edited_through_one_name_stay_linked(mounted):
     ws, p = mounted, mounted.path
     os.link(p / "README", p / "README.link")
-    t1 = tree(p)
+    t1 = live(ws)
     checkpoint(ws)
     write(p / "README.link", b"changed through link\n", "r+b")
     assert read(p / "README") == b"changed through link\n"
@@ -115,7 +130,7 @@ def test_hardlinks_edited_through_one_name_stay_linked(mounted):
     assert snap(ws, 1) == t1
     assert os.stat(p / "README").st_ino == os.stat(p / "README.link").st_ino
     rollback(ws, 1)
-    assert tree(p) == t1
+    assert_live(ws, t1)
     assert os.stat(p / "README").st_ino == os.stat(p / "README.link").st_ino
     assert os.stat(p / "README").st_nlink == 2
 
@@ -125,7 +140,7 @@ def test_symlinks_dangling_and_retargeted(mounted):
     os.symlink("src/app.py", p / "link")
     os.symlink("does/not/exist", p / "dangling")
     os.symlink("src", p / "dirlink")
-    t1 = tree(p)
+    t1 = live(ws)
     checkpoint(ws)
     os.unlink(p / "link")
     os.symlink("README", p / "link")
@@ -136,7 +151,7 @@ def test_symlinks_dangling_and_retargeted(mounted):
     assert os.readlink(ws.snapshots / "turn-1" / "dangling") == "does/not/exist"
     assert read(ws.snapshots / "turn-1" / "link") == b"print('v0')\n"
     rollback(ws, 1)
-    assert tree(p) == t1
+    assert_live(ws, t1)
 
 
 def test_rm_rf_of_a_large_tree(mounted):
@@ -145,46 +160,46 @@ def test_rm_rf_of_a_large_tree(mounted):
         (p / "big" / f"d{d}").mkdir(parents=True)
         for f in range(50):
             write(p / "big" / f"d{d}" / f"f{f}", b"%d/%d\n" % (d, f))
-    t1 = tree(p)
+    t1 = live(ws)
     checkpoint(ws)
     sh(p, "rm -rf big")
     assert not (p / "big").exists()
     checkpoint(ws)
     assert snap(ws, 1) == t1
     rollback(ws, 1)
-    assert tree(p) == t1
+    assert_live(ws, t1)
 
 
 def test_file_replaced_by_directory_and_back(mounted):
     ws, p = mounted, mounted.path
-    t0 = tree(p)
+    t0 = live(ws)
     os.unlink(p / "README")
     (p / "README").mkdir()
     write(p / "README" / "inside", b"inside\n")
-    t1 = tree(p)
+    t1 = live(ws)
     checkpoint(ws)
     sh(p, "rm -rf README && echo back > README")
-    t2 = tree(p)
+    t2 = live(ws)
     checkpoint(ws)
     assert snap(ws, 0) == t0 and snap(ws, 1) == t1 and snap(ws, 2) == t2
     rollback(ws, 1)
-    assert tree(p) == t1
+    assert_live(ws, t1)
     rollback(ws, 0)
-    assert tree(p) == t0
+    assert_live(ws, t0)
 
 
 def test_empty_directories(mounted):
     ws, p = mounted, mounted.path
     (p / "empty").mkdir()
     (p / "a" / "b" / "c").mkdir(parents=True)
-    t1 = tree(p)
+    t1 = live(ws)
     checkpoint(ws)
     os.rmdir(p / "empty")
     os.rmdir(p / "a" / "b" / "c")
     checkpoint(ws)
     assert snap(ws, 1) == t1
     rollback(ws, 1)
-    assert tree(p) == t1
+    assert_live(ws, t1)
 
 
 def test_file_open_for_writing_across_a_checkpoint(mounted):
@@ -267,7 +282,7 @@ def test_mode_mtime_and_xattr_changes_alone(mounted):
     ws, p = mounted, mounted.path
     os.setxattr(p / "README", "user.tag", b"v0")
     os.utime(p / "README", ns=(1_000_000_000, 1_000_000_000))
-    t1 = tree(p, xattrs=True, mtimes=True)
+    t1 = live(ws, xattrs=True, mtimes=True)
     checkpoint(ws)
     os.chmod(p / "README", 0o755)
     os.utime(p / "README", ns=(2_000_000_000, 2_000_000_000))
@@ -276,7 +291,7 @@ def test_mode_mtime_and_xattr_changes_alone(mounted):
     checkpoint(ws)
     assert tree(ws.snapshots / "turn-1", xattrs=True, mtimes=True) == t1
     rollback(ws, 1)
-    assert tree(p, xattrs=True, mtimes=True) == t1
+    assert_live(ws, t1, xattrs=True, mtimes=True)
 
 
 def test_fifos(mounted):
@@ -297,19 +312,19 @@ def test_names_with_spaces_newlines_and_non_utf8_bytes(mounted):
     root = os.fsencode(p)
     for n in names:
         write(os.path.join(root, n), n)
-    t1 = tree(p)
+    t1 = live(ws)
     checkpoint(ws)
     for n in names:
         os.unlink(os.path.join(root, n))
     checkpoint(ws)
     assert snap(ws, 1) == t1
     rollback(ws, 1)
-    assert tree(p) == t1
+    assert_live(ws, t1)
 
 
 def test_rollback_while_another_process_holds_files_open(mounted):
     ws, p = mounted, mounted.path
-    t0 = tree(p)
+    t0 = live(ws)
     holder = subprocess.Popen(
         ["python3", "-c",
          "import sys,time\n"
@@ -322,7 +337,7 @@ def test_rollback_while_another_process_holds_files_open(mounted):
         write(p / "README", b"changed\n")
         write(p / "extra", b"x\n")
         rollback(ws, 0)
-        assert tree(p) == t0
+        assert_live(ws, t0)
         holder.stdin.write(b"go\n")
         holder.stdin.flush()
         out, _ = holder.communicate(timeout=30)
@@ -340,14 +355,14 @@ def max_turn(ws) -> int:
 
 def test_rollback_to_turn_zero_removes_everything_new(mounted):
     ws, p = mounted, mounted.path
-    t0 = tree(p)
+    t0 = live(ws)
     sh(p, "mkdir -p node_modules/a/b && for i in $(seq 50); do echo $i > node_modules/a/b/f$i; done")
     sh(p, "rm src/util.py && echo changed > README && ln -s README rl && mkdir build")
     checkpoint(ws)
     sh(p, "mv src source && touch source/new")
     checkpoint(ws)
     rollback(ws, 0)
-    assert tree(p) == t0
+    assert_live(ws, t0)
 
 
 def test_rollback_of_a_rollback(mounted):
@@ -355,12 +370,12 @@ def test_rollback_of_a_rollback(mounted):
     write(p / "src" / "app.py", b"v1\n")
     write(p / "added", b"added\n")
     checkpoint(ws)
-    t1 = tree(p)
+    t1 = live(ws)
     rollback(ws, 0)
     rolled = max_turn(ws)
     assert snap(ws, rolled) == snap(ws, 0)
     rollback(ws, 1)
-    assert tree(p) == t1
+    assert_live(ws, t1)
     log = ws.cli("log").stdout
     assert f"rollback to turn-0" in log and "rollback to turn-1" in log
 
@@ -376,10 +391,10 @@ def test_rollback_seals_pending_changes_first(mounted):
 
 def test_remount_then_browse_and_roll_back_old_turns(mounted):
     ws, p = mounted, mounted.path
-    t0 = tree(p)
+    t0 = live(ws)
     write(p / "README", b"turn 1\n")
     checkpoint(ws)
-    t1 = tree(p)
+    t1 = live(ws)
     write(p / "README", b"pending at unmount\n")
     out = ws.umount().stdout
     assert "sealed turn-2" in out
@@ -388,7 +403,7 @@ def test_remount_then_browse_and_roll_back_old_turns(mounted):
     assert read(ws.snapshots / "turn-2" / "README") == b"pending at unmount\n"
     assert checkpoint(ws) == 3
     rollback(ws, 0)
-    assert tree(p) == t0
+    assert_live(ws, t0)
 
 
 def test_changes_behind_our_back_are_reported(mounted):
@@ -448,10 +463,30 @@ def test_errors_are_errnos_and_the_mount_survives(mounted):
             call()
         assert e.value.errno == expected
     assert read(p / "README") == b"readme v0\n"
-    with open(p / "README", "r+b") as f:
-        f.write(b"R")
-        os.fsync(f.fileno())
-        os.fdatasync(f.fileno())
+
+
+def test_fsync_and_fdatasync_reach_the_backing_file(mounted):
+    """Not only no error: the data is in the backing file once fsync returns, and the daemon
+    synced that very file (fsync for fsync, fdatasync for fdatasync: strace, attached first),
+    and the directory for fsync of a directory."""
+    ws, p = mounted, mounted.path
+    pid = json.loads(ws.cli("status", "--json").stdout)["daemon_pid"]
+    log = ws.path.parent / "fsync.strace"
+    d = os.open(p / "src", os.O_RDONLY | os.O_DIRECTORY)
+    with open(p / "README", "r+b", buffering=0) as f:
+        with traced(pid, ["-y", "-e", "trace=fsync,fdatasync", "-o", log]):
+            f.write(b"R")
+            os.fsync(f.fileno())
+            assert read(ws.backing / "README") == b"Readme v0\n"
+            f.write(b"E")
+            os.fdatasync(f.fileno())
+            assert read(ws.backing / "README") == b"REadme v0\n"
+            os.fsync(d)
+    os.close(d)
+    calls = re.findall(rb"(fsync|fdatasync)\(\d+<([^>]*)>\) = 0", log.read_bytes())
+    synced = [(call, os.path.basename(path)) for call, path in calls]
+    for want in [(b"fsync", b"README"), (b"fdatasync", b"README"), (b"fsync", b"src")]:
+        assert want in synced, (want, calls)
 
 
 @pytest.mark.root_only   # objects owned by others: only a root daemon makes them
@@ -712,19 +747,19 @@ def test_more_known_inodes_than_descriptors(workspace):
         (p / f"d{d}").mkdir()
         for f in range(100):
             write(p / f"d{d}" / f"f{f}", b"%d.%d" % (d, f))
-    t0 = tree(p)
+    t0 = tree(p)                               # not mounted yet: the backing directory
     workspace.cowfs_cmd = ["prlimit", "--nofile=1024:1024", *workspace.cowfs_cmd]
     workspace.mount()
-    assert tree(p) == t0                       # every inode looked up, most descriptors closed
+    assert_live(workspace, t0)                 # every inode looked up, most descriptors closed
     for d in range(30):                        # changes through nodes reopened by handle
         write(p / f"d{d}" / "f7", b"changed")
         os.rename(p / f"d{d}" / "f8", p / f"d{d}" / "f8.moved")
         os.chmod(p / f"d{d}" / "f9", 0o600)
-    t1 = tree(p)
+    t1 = live(workspace)
     checkpoint(workspace)
     assert snap(workspace, 0) == t0 and snap(workspace, 1) == t1
     rollback(workspace, 0)
-    assert tree(p) == t0
+    assert_live(workspace, t0)
 
 
 def test_rollback_refreshes_the_size_of_a_file_whose_rows_name_old_places(mounted):

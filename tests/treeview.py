@@ -4,17 +4,19 @@ import os
 import stat
 
 
-def tree(root, *, xattrs: bool = False, mtimes: bool = False) -> dict:
+def tree(root, *, xattrs: bool = False, mtimes: bool = False, hidden=()) -> dict:
     """{relative path (bytes): (kind, payload, permission bits[, xattrs][, mtime])}.
 
     kind is 'file', 'dir', 'link', 'fifo'; payload is the content, the link
-    target, or None. Never follows symlinks, never opens FIFOs.
+    target, or None. Never follows symlinks (but *root* itself may be one, e.g.
+    a /proc/PID/fd/N link), never opens FIFOs. *hidden*: names in *root* left out.
     """
     root = os.fsencode(root)
     out = {}
 
     def walk(rel: bytes) -> None:
-        for name in sorted(os.listdir(os.path.join(root, rel) if rel else root)):
+        names = os.listdir(os.path.join(root, rel) if rel else root)
+        for name in sorted(n for n in names if rel or n not in hidden):
             path = os.path.join(rel, name) if rel else name
             full = os.path.join(root, path)
             st = os.lstat(full)

@@ -53,6 +53,7 @@ class Rollback:
         self.writers = writers      # ino -> open handles that can write it
         self._fds: dict[int, int] = {}
         self._detached_dirs: set[int] = set()
+        self._stored_inos: set[int] | None = None     # see _below_stored_dirs
         self.result = RollbackResult()
 
     def run(self, target: int) -> RollbackResult:
@@ -380,7 +381,33 @@ class Rollback:
             return stat.S_ISDIR(st.st_mode) or st.st_nlink == 1
         if stat.S_ISDIR(st.st_mode):
             return not self._in_tree(ino)
-        return self._name_in_stored_dir(ino, self._fd(ino)) is not None
+        fd = self._fd(ino)
+        if self._name_in_stored_dir(ino, fd) is not None:
+            return True
+        # The descriptor was opened through a name removed since: its path tells nothing, so
+        # look for the object below the directories this rollback left in the store.
+        return (st.st_nlink == 1 and os.readlink(libc.proc_path(fd)).endswith(b" (deleted)")
+                and ino in self._below_stored_dirs())
+
+    def _below_stored_dirs(self) -> set[int]:
+        """Every object below a directory this rollback left in the store (one walk of those
+        subtrees, made only if asked: they leave the tree, so they are O(what changed))."""
+        if self._stored_inos is None:
+            self._stored_inos = set()
+            stack = [self._fd(d) for d in self._detached_dirs if self.store.kept(d)]
+            while stack:
+                with os.scandir(libc.proc_path(stack.pop())) as entries:
+                    for entry in entries:
+                        st = entry.stat(follow_symlinks=False)
+                        self._stored_inos.add(st.st_ino)
+                        if stat.S_ISDIR(st.st_mode):
+                            stack.append(self._fd_at(entry.path, st.st_ino))
+        return self._stored_inos
+
+    def _fd_at(self, path: str, ino: int) -> int:
+        if ino not in self._fds:
+            self._fds[ino] = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return self._fds[ino]
 
     def _restore_content(self, dst: int, content: str) -> None:
         src = self.store.open_content(content)

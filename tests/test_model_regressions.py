@@ -415,8 +415,6 @@ def test_rename_exchange_of_a_directory_across_directories_keeps_its_snapshot(wo
     ws.umount()
 
 
-@pytest.mark.xfail(strict=True, reason="open: the rollback restores a file below a removed directory "
-                   "when the daemon reaches it by a name since unlinked")
 def test_rollback_leaves_a_file_below_a_removed_directory_known_by_a_removed_name(workspace):
     """The case test_rollback_leaves_a_file_below_a_removed_directory_as_it_was does not cover.
 

@@ -575,6 +575,8 @@ class CowFS(pyfuse3.Operations):
             self._before_link_count_change(victim)
             self._drop_listed(victim.st_ino)
         self._drop_listed(src.st_ino)       # its ctime (a directory's "..", too)
+        if victim is not None and flags & pyfuse3.RENAME_EXCHANGE:
+            self._drop_listed(victim.st_ino)    # moved too: its ctime (and on XFS a directory's mtime)
         self.writers.entry(old_parent.ino, old_name, ctx.pid, ctx.uid)
         self.writers.entry(new_parent.ino, new_name, ctx.pid, ctx.uid)
         if flags & pyfuse3.RENAME_EXCHANGE and victim is not None and old_parent.ino != new_parent.ino:

@@ -442,3 +442,25 @@ def test_rollback_leaves_a_file_below_a_removed_directory_known_by_a_removed_nam
     finally:
         os.close(held)
     ws.umount()
+
+
+def test_a_directory_exchanged_across_directories_is_not_listed_with_its_old_mtime(workspace):
+    """Found by test_model's long run (xfs): after RENAME_EXCHANGE of a file with a directory in
+    another directory, readdir handed the kernel the directory's attributes from before the
+    exchange (XFS stamps its mtime when it rewrites its ".."), so stat through the mount showed
+    an older mtime than the backing file."""
+    import ctypes
+    import time
+    ws, p = workspace, workspace.path
+    backing = ws.backing
+    ws.mount()
+    (p / "t").mkdir()
+    (p / "a" / "b").mkdir(parents=True)
+    (p / "a" / "b" / "f").write_bytes(b"")
+    time.sleep(1)
+    os.listdir(p)
+    os.listdir(p / "a" / "b")
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.renameat2(-100, os.fsencode(p / "a/b/f"), -100, os.fsencode(p / "t"), 2) == 0
+    os.listdir(p / "a" / "b")
+    assert os.stat(p / "a/b/f").st_mtime_ns == os.stat(backing / "a/b/f").st_mtime_ns

@@ -901,9 +901,29 @@ class CowfsMachine(RuleBasedStateMachine):
     def rollback(self, data):
         self.rollback_now(data.draw(st.sampled_from(sorted(self.model.turns)), label="turn"), data)
 
+    @precondition(lambda self: 0 in self.model.turns)      # not pruned
     @rule(data=st.data())
     def rollback_to_zero(self, data):
         self.rollback_now(0, data)
+
+    @precondition(lambda self: len(self.model.turns) > 1)
+    @rule(data=st.data())
+    def prune(self, data):
+        """`cowfs prune --keep N`: the oldest turns go (from .snapshots, log and the model), the
+        kept ones stay exact (the invariants compare them), and a pruned turn is refused."""
+        self.stats["prunes"] += 1
+        sealed = sorted(self.model.turns)
+        keep = data.draw(st.integers(1, len(sealed) - 1), label="keep")
+        out = self.cli("prune", "--keep", str(keep))
+        gone, oldest = sealed[:-keep], sealed[-keep]
+        note(f"prune --keep {keep} -> {out.strip()!r}")
+        assert f"the oldest turn kept is turn-{oldest}" in out, out
+        for n in gone:
+            del self.model.turns[n]
+        if self.model.last_rollback is not None and self.model.last_rollback[0] in gone:
+            self.model.last_rollback = None
+        refused = self.ws.cli("rollback", str(gone[-1]), check=False, timeout=CLI_TIMEOUT)
+        assert refused.returncode == 2 and f"turn-{oldest}" in refused.stderr, refused.stderr
 
     @precondition(lambda self: self.model.last_rollback is not None)
     @rule(data=st.data())

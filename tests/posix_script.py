@@ -159,27 +159,23 @@ def script_locks():
     yield "flock held elsewhere", lambda: fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)
     fcntl.flock(a, fcntl.LOCK_UN)
     yield "flock free", fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    pid = os.fork()
-    if pid == 0:
-        c = os.open("f", os.O_RDWR)
-        try:
-            fcntl.lockf(c, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os._exit(0)
-        except OSError as e:
-            os._exit(e.errno)
+    yield "posix lock free for another process", _lockf_in_child("f")
     fcntl.lockf(a, fcntl.LOCK_EX)
-    _, status = os.waitpid(pid, 0)
-    yield "posix lock by another process", errno.errorcode.get(os.waitstatus_to_exitcode(status), "ok")
+    yield "posix lock contended", _lockf_in_child("f")
+
+
+def _lockf_in_child(path):
+    """What a non-blocking POSIX lock of *path* gives in another process: "ok" or an errno name."""
     pid = os.fork()
     if pid == 0:
-        c = os.open("f", os.O_RDWR)
+        c = os.open(path, os.O_RDWR)
         try:
             fcntl.lockf(c, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os._exit(0)
         except OSError as e:
             os._exit(e.errno)
     _, status = os.waitpid(pid, 0)
-    yield "posix lock contended", errno.errorcode.get(os.waitstatus_to_exitcode(status), "ok")
+    return errno.errorcode.get(os.waitstatus_to_exitcode(status), "ok")
 
 
 def script_permissions():

@@ -75,11 +75,14 @@ class Capture:
         rules in force if it is not valid: a checkpoint checks it first)."""
         sealed = self.turn
         w = self.writers
+        # One commit for the seal and the next turn: a full disk fails both, never leaves a
+        # sealed turn with no open one.
         with self.catalogue.transaction():
             self.catalogue.record_writers(sealed, w.processes.values(), w.entries, w.objects)
             self.catalogue.seal(sealed, message, self.changes, self.bytes, kind, target)
+            opened = self.catalogue.open_turn()
         w.reset()
-        self.turn = self.catalogue.open_turn()
+        self.turn = opened
         self._reset_turn_state()
         self.ignore.open_turn_rules(self.turn, rules if rules is not None else self._next_rules(sealed))
         return sealed
@@ -253,7 +256,11 @@ class Capture:
                 self.store.drop_content(name)
         if not done:
             return
-        self._recorded_content(ino, name, size)
+        try:
+            self._recorded_content(ino, name, size)
+        except BaseException:
+            self.store.drop_content(name)      # no row names it (a full disk, say)
+            raise
         if ahead:
             self.unconfirmed.add(ino)
         elif recorded_attrs:

@@ -16,7 +16,11 @@ import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
+# Format 1 reached objects by file handle (its rows are read by inode number now); format 2
+# had no link counts in attribute pre-images (ignore rules and writers came as new tables,
+# which a format 2 cowfs would not honour: a store using them must not be read by it).
+UPGRADABLE_FORMATS = ("1", "2")
 
 # Who made each turn's changes (attribution.py): kept when the turn is sealed. Stores made
 # before attribution get the tables when they are opened; older cowfs ignore them.
@@ -78,6 +82,7 @@ CREATE TABLE attrs (
     ino INTEGER NOT NULL, turn INTEGER NOT NULL,
     mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
     size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, content TEXT, path BLOB,
+    nlink INTEGER,               -- NULL in rows a format 2 cowfs wrote
     PRIMARY KEY (ino, turn)) WITHOUT ROWID;
 CREATE INDEX attrs_by_turn ON attrs (turn);
 CREATE TABLE xattrs (
@@ -121,6 +126,7 @@ class AttrRecord:
     size: int
     mtime_ns: int
     content: str | None
+    nlink: int | None = None    # None: not recorded (a row from before format 3)
 
     def __post_init__(self):
         if isinstance(self.mtime_ns, bytes):
@@ -151,6 +157,11 @@ class ObjectRef:
 
     def __repr__(self):
         return f"ObjectRef({self.ino}, {self.base!r}, {self.name!r})"
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether *e* is SQLite's "database or disk is full": its log could not grow."""
+    return isinstance(e, sqlite3.OperationalError) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 class FormatError(Exception):
@@ -190,16 +201,21 @@ class Catalogue:
         if self.created:
             self._create()
         version = self.get_meta("format")
-        if version == "1":
-            # Format 1 reached objects by file handle; its rows are read by inode number now.
-            self.set_meta("format", FORMAT_VERSION)
-            version = FORMAT_VERSION
-        if version != FORMAT_VERSION:
+        if version in UPGRADABLE_FORMATS:
+            self._upgrade()
+        elif version != FORMAT_VERSION:
             raise FormatError(version)
-        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='processes'").fetchone():
-            self.db.executescript(_WRITERS_SCHEMA)
-        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='ignored'").fetchone():
-            self.db.executescript(_IGNORE_SCHEMA)
+
+    def _upgrade(self) -> None:
+        """Bring a format 1 or 2 store to the current format, in place and all at once."""
+        with self.transaction():
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(attrs)")}
+            if "nlink" not in columns:
+                self.db.execute("ALTER TABLE attrs ADD COLUMN nlink INTEGER")
+            for script in (_WRITERS_SCHEMA, _IGNORE_SCHEMA):
+                for statement in filter(str.strip, script.split(";")):
+                    self.db.execute(statement)
+            self.set_meta("format", FORMAT_VERSION)
 
     def _create(self) -> None:
         now = time.time()
@@ -340,9 +356,10 @@ class Catalogue:
                      path: bytes | None) -> None:
         with self.transaction():
             self.db.execute(
-                "INSERT OR IGNORE INTO attrs (ino, turn, mode, uid, gid, size, mtime_ns, path) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (ino, turn, st.st_mode, st.st_uid, st.st_gid, st.st_size, _ns_column(st.st_mtime_ns), path))
+                "INSERT OR IGNORE INTO attrs (ino, turn, mode, uid, gid, size, mtime_ns, path, nlink) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (ino, turn, st.st_mode, st.st_uid, st.st_gid, st.st_size, _ns_column(st.st_mtime_ns), path,
+                 st.st_nlink))
             self.db.executemany("INSERT OR IGNORE INTO xattrs (ino, turn, name, value) VALUES (?, ?, ?, ?)",
                                 [(ino, turn, k, v) for k, v in xattrs.items()])
 
@@ -390,12 +407,12 @@ class Catalogue:
 
     def attrs_after(self, ino: int, turn: int) -> AttrRecord | None:
         row = self.db.execute(
-            "SELECT turn, mode, uid, gid, size, mtime_ns FROM attrs WHERE ino=? AND turn>? "
+            "SELECT turn, mode, uid, gid, size, mtime_ns, nlink FROM attrs WHERE ino=? AND turn>? "
             "ORDER BY turn LIMIT 1", (ino, turn)).fetchone()
         if row is None:
             return None
         content = self.content_after(ino, turn)
-        return AttrRecord(*row, content=content)
+        return AttrRecord(*row[:-1], content=content, nlink=row[-1])
 
     def content_after(self, ino: int, turn: int) -> str | None:
         """The store file holding *ino*'s content at the end of *turn*, if it changed since."""
@@ -486,12 +503,13 @@ class Catalogue:
         rows: dict[int, tuple] = {}
         content: dict[int, str] = {}
         for ino, *row, name in self.db.execute(
-                "SELECT ino, turn, mode, uid, gid, size, mtime_ns, content FROM attrs WHERE turn>? "
+                "SELECT ino, turn, mode, uid, gid, size, mtime_ns, nlink, content FROM attrs WHERE turn>? "
                 "ORDER BY turn DESC", (turn,)):
             rows[ino] = row
             if name is not None:
                 content[ino] = name
-        return {ino: AttrRecord(*row, content=content.get(ino)) for ino, row in rows.items()}
+        return {ino: AttrRecord(*row[:-1], content=content.get(ino), nlink=row[-1])
+                for ino, row in rows.items()}
 
     def location_after(self, ino: int, turn: int) -> tuple[int, bytes] | None:
         """(parent, name) that held *ino* at the end of *turn*, if that entry changed since."""
@@ -694,7 +712,7 @@ class Catalogue:
             raise ValueError(table)
         return self.db.execute(f"SELECT * FROM {table}")
 
-    def copy_rows(self, table: str, rows: list[tuple]) -> int:
+    def copy_rows(self, table: str, columns: list[str], rows: list[tuple]) -> int:
         """Copy *rows* into *table*; returns how many could not be (garbled beyond use)."""
         if table not in TABLES:
             raise ValueError(table)
@@ -704,11 +722,13 @@ class Catalogue:
             self.ensure_git_exports()
         skipped = 0
         if rows:
-            marks = ", ".join("?" * len(rows[0]))
+            marks = ", ".join("?" * len(columns))
+            # By name: a store of an older format lacks columns added since (they stay NULL).
+            names = ", ".join(columns)
             with self.transaction():
                 for row in rows:
                     try:
-                        self.db.execute(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", row)
+                        self.db.execute(f"INSERT OR REPLACE INTO {table} ({names}) VALUES ({marks})", row)
                     except sqlite3.IntegrityError:
                         skipped += 1        # a row a damaged page garbled (a NULL key, say)
         return skipped

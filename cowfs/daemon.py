@@ -28,11 +28,11 @@ import trio
 
 from . import libc, retention
 from .capture import Capture
-from .catalogue import FormatError
+from .catalogue import FormatError, disk_full
 from .control import MAX_MESSAGE, REFRESH_PREFIX
 from .drift import find_drift, since_last_session
 from .errors import BadInput, CowfsError, OperationFailed, UnknownTurn
-from .fs import SNAPDIR, SNAPDIR_ID, CowFS
+from .fs import SNAPDIR, SNAPDIR_ID, CowFS, invalidate_entries
 from .gitexport import DEFAULT_BRANCH, ExportError, ExportRunner, TargetError
 from .history import HistoryRunner, TurnTrees
 from .ignore import BadRules, load_rules
@@ -268,7 +268,12 @@ class Daemon:
         # After a crash, `cowfs log` shows the open turn's counts as of the last beat.
         while True:
             await trio.sleep(ALIVE_INTERVAL)
-            self.capture.flush_counts()
+            try:
+                self.capture.flush_counts()
+            except Exception as e:
+                if not disk_full(e):
+                    raise
+                log.warning("the disk is full: the open turn's counts wait for the next beat")
 
     async def _accept_loop(self, listener, nursery) -> None:
         while True:
@@ -313,6 +318,10 @@ class Daemon:
         except CowfsError as e:
             return {"ok": False, "error": str(e), "kind": e.kind}
         except Exception as e:
+            if disk_full(e):
+                return {"ok": False, "kind": OperationFailed.kind,
+                        "error": f"the disk holding {self.opts.workspace}/.cowfs is full: the catalogue "
+                                 "cannot record this; nothing was changed. Free some space and run it again"}
             log.exception("control request failed")
             return {"ok": False, "error": f"internal error: {e}"}
 
@@ -497,7 +506,7 @@ class Daemon:
         known = {obj.turn for obj in self.fs.snap_nodes.nodes.values()} & set(turns)
         names = [(SNAPDIR_ID, b"turn-%d" % t) for t in sorted(known)]
         if names:
-            await trio.to_thread.run_sync(_invalidate_entries, names)
+            await trio.to_thread.run_sync(invalidate_entries, names)
 
     async def _op_umount(self, req: dict) -> dict:
         return {"sealed": self._seal_pending("unmount"), "pid": os.getpid()}
@@ -555,7 +564,7 @@ class Daemon:
         """The refresher is done: its reserved names stop resolving, and the kernel drops them."""
         names = [(pyfuse3.ROOT_INODE, REFRESH_PREFIX + str(n).encode()) for n in self.fs.refreshing]
         self.fs.refreshing, self.fs.refresher_tid = set(), 0
-        await trio.to_thread.run_sync(_invalidate_entries, names)
+        await trio.to_thread.run_sync(invalidate_entries, names)
         return {}
 
     def _live_path(self, node) -> bytes | None:
@@ -590,7 +599,7 @@ class Daemon:
         # threads, as the kernel's work per entry is most of it and the GIL is free meanwhile.
         async with trio.open_nursery() as nursery:
             for half in (names[0::2], names[1::2]):
-                nursery.start_soon(trio.to_thread.run_sync, _invalidate_entries, half)
+                nursery.start_soon(trio.to_thread.run_sync, invalidate_entries, half)
         if files:
             await self._take_forgets([nodeid for nodeid, _, _ in files])
         known = [inodes.nodeid(i) for i in result.objects if inodes.get(inodes.nodeid(i)) is not None]
@@ -669,15 +678,6 @@ def _vouch(req: dict, pid: int, uid: int) -> None:
     if not (isinstance(tid, int) and not isinstance(tid, bool) and tid > 0
             and os.path.exists(f"/proc/{pid}/task/{tid}")):
         req["tid"] = pid
-
-
-def _invalidate_entries(names: list[tuple[int, bytes]]) -> None:
-    for parent, name in names:
-        try:
-            pyfuse3.invalidate_entry(parent, name)
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENOSYS):
-                log.warning("invalidate_entry(%d, %r): %s", parent, name, e)
 
 
 def _invalidate_inodes(nodeids: list[int]) -> None:

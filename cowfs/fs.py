@@ -21,6 +21,7 @@ import trio
 
 from . import libc
 from .capture import Capture
+from .catalogue import disk_full
 from .control import REFRESH_PREFIX
 from .inodes import VIRTUAL_BASE, InodeTable, Node
 from .snapshot import SnapObject, SnapshotNodes, SnapshotView
@@ -38,6 +39,8 @@ CONTROL_XATTR = b"user.cowfs.control"
 # may keep what it learnt for long; rollback invalidates what it changes.
 LIVE_TIMEOUT = 3600.0
 SNAPSHOT_TIMEOUT = 365 * 86400.0
+# How long a lookup of a file whose write failed waits for its pending release (fs.write).
+RELEASE_WAIT = 1.0
 
 # File handles of `.snapshots` files live above every possible descriptor number.
 SNAP_FH_BASE = 1 << 40
@@ -69,8 +72,7 @@ def fuse_op(method):
     async def handler(self, *args):
         self.requests[name] += 1
         if self.debug:
-            log.debug("%s%r", name, args[:-1] if args and type(args[-1]) is pyfuse3.RequestContext
-                      else args)
+            log.debug("%s%r", name, _shown_args(args))
         if args and type(args[-1]) is pyfuse3.RequestContext and self.is_own(args[-1].pid):
             # From a worker thread of ours (from the main one it could never be served).
             self.requests["from_daemon"] += 1
@@ -82,6 +84,8 @@ def fuse_op(method):
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except Exception as e:
+            if disk_full(e):    # the catalogue could not record the pre-image: nothing changed
+                raise pyfuse3.FUSEError(errno.ENOSPC) from None
             log.exception("internal error in %s%r", method.__name__, args[:2])
             self.internal_fault(f"internal error in {name}: {e!r}")
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -90,6 +94,15 @@ def fuse_op(method):
                 self.epoch += 1
                 self.last_change = time.monotonic()    # for --auto-checkpoint
     return handler
+
+
+def _shown_args(args: tuple) -> tuple:
+    """A request's arguments for the debug log: no context, and no written data beyond a
+    glimpse (a 1 MiB write logged whole once filled the disk it was about)."""
+    if args and type(args[-1]) is pyfuse3.RequestContext:
+        args = args[:-1]
+    return tuple(f"<{len(a)} bytes: {bytes(a[:16])!r}...>" if isinstance(a, (bytes, memoryview)) and len(a) > 64
+                 else a for a in args)
 
 
 def _erofs():
@@ -135,6 +148,17 @@ class _umask:
 
     def __exit__(self, *exc):
         os.umask(0)
+
+
+def invalidate_entries(names: list[tuple[int, bytes]]) -> None:
+    """Make the kernel drop entries (parent nodeid, name); blocks: call from a thread, never
+    from the trio loop (the kernel may need the loop to answer a request first)."""
+    for parent, name in names:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOSYS):
+                log.warning("invalidate_entry(%d, %r): %s", parent, name, e)
 
 
 def _backing_flags(flags: int) -> int:
@@ -211,6 +235,7 @@ class CowFS(pyfuse3.Operations):
         self.as_root = os.geteuid() == 0
         self.daemon_gid = os.getegid()
         self.open_files: dict[int, Node] = {}        # live fh (= descriptor) -> node
+        self._released: dict[int, trio.Event] = {}   # ino -> its unsure release came (fs.write)
         self.writer_fhs: set[int] = set()
         # After a rollback the refresher re-applies sizes and mtimes through the mount
         # (see Daemon.kernel_refresh_list): those setattrs are not changes to capture.
@@ -333,7 +358,10 @@ class CowFS(pyfuse3.Operations):
             negative.st_ino = 0
             negative.entry_timeout = LIVE_TIMEOUT
             return negative
-        self.inodes.remember(parent, name, st.st_ino)
+        node = self.inodes.remember(parent, name, st.st_ino)
+        if node.size_unsure and node.pins:
+            await self._until_released(node)
+            st = os.stat(node.fd)
         return _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
 
     def _refresh_lookup(self, name: bytes) -> pyfuse3.EntryAttributes:
@@ -491,16 +519,29 @@ class CowFS(pyfuse3.Operations):
             return await self.capture.before_last_unlink(st.st_ino, fd, writers)
         return not self.capture.is_born(st.st_ino)
 
-    def _before_link_count_change(self, st) -> None:
-        """Record the attributes of a file that keeps other names when one goes.
+    def _before_link_count_change(self, dir_fd: int, name: bytes, st) -> None:
+        """Record the attributes of a file that keeps other names when entry *name* goes.
 
-        Its link count changes: a rollback must then hand the kernel fresh
-        attributes of it, and it does so for the objects whose attributes it restores.
+        Its link count changes: snapshots show the count of their turn, and a rollback
+        must hand the kernel fresh attributes of it (it does for the objects whose
+        attributes it restores). The kernel may have forgotten the file: then it is
+        reached through the name.
         """
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             node = self.inodes.get(self.inodes.nodeid(st.st_ino))
             if node is not None:
                 self.capture.before_attr_change(node.ino, node.fd)
+            else:
+                self._before_attr_change_of(dir_fd, name, st.st_ino)
+
+    def _before_attr_change_of(self, dir_fd: int, name: bytes, ino: int) -> None:
+        """before_attr_change of the object entry *name* of *dir_fd* holds (maybe unknown to
+        the kernel, so without a descriptor of the daemon's)."""
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            self.capture.before_attr_change(ino, fd)
+        finally:
+            os.close(fd)
 
     @fuse_op
     async def unlink(self, parent_id, name, ctx):
@@ -511,7 +552,7 @@ class CowFS(pyfuse3.Operations):
         keep = await self._prepare_removal(st)
         spared = self.capture.removal_spared(parent.ino, parent.fd, name, st)
         self._before_entry_change(parent_id, parent, name)
-        self._before_link_count_change(st)
+        self._before_link_count_change(parent.fd, name, st)
         self._drop_listed(st.st_ino)
         self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         if keep and not spared and st.st_nlink == 1:
@@ -572,7 +613,7 @@ class CowFS(pyfuse3.Operations):
             self.capture.moving(victim.st_ino, stat.S_ISDIR(victim.st_mode), old_parent.ino,
                                 old_parent.fd, old_name)
         if replaces:
-            self._before_link_count_change(victim)
+            self._before_link_count_change(new_parent.fd, new_name, victim)
             self._drop_listed(victim.st_ino)
         self._drop_listed(src.st_ino)       # its ctime (a directory's "..", too)
         if victim is not None and flags & pyfuse3.RENAME_EXCHANGE:
@@ -596,13 +637,8 @@ class CowFS(pyfuse3.Operations):
     def _before_dotdot_change(self, dir_fd: int, name: bytes, st) -> None:
         """Record the attributes of a directory that an exchange moves to another parent: XFS
         stamps its mtime when it rewrites its "..", and older snapshots must not show that."""
-        if not stat.S_ISDIR(st.st_mode):
-            return
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            self.capture.before_attr_change(st.st_ino, fd)
-        finally:
-            os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            self._before_attr_change_of(dir_fd, name, st.st_ino)
 
     def _check_rename_over(self, src, victim, old_dir: int, old_name: bytes, dir_fd: int,
                            name: bytes) -> None:
@@ -702,9 +738,46 @@ class CowFS(pyfuse3.Operations):
         # which may arrive before this (queued) write: keep the backing mtime as is.
         node.entry = None
         st = os.fstat(fh)
-        written = os.pwrite(fh, buf, off)
+        try:
+            written = os.pwrite(fh, buf, off)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                await self._size_unsure(node)
+            raise
         os.utime(fh, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if written < len(buf):
+            await self._size_unsure(node)
         return written
+
+    # A write the backing file refused (or took in part) is already counted in the size the
+    # kernel keeps: with the writeback cache it owns a file's size and never takes it from a
+    # reply. A new inode takes it from the daemon, so the entry the kernel knows the file by is
+    # dropped, and the inode goes with its last close: after the release is answered (the
+    # kernel holds it until then), which a lookup arriving in between waits for.
+    async def _size_unsure(self, node: Node) -> None:
+        if not node.size_unsure:       # once: a failed write-back fails every run of pages
+            node.size_unsure = True
+            await self._drop_kernel_entry(node)
+
+    async def _drop_kernel_entry(self, node: Node) -> None:
+        if node.parent:
+            await trio.to_thread.run_sync(invalidate_entries, [(node.parent, node.name)])
+
+    async def _until_released(self, node: Node) -> None:
+        event = self._released.setdefault(node.ino, trio.Event())
+        if event.is_set():
+            return              # waited once in vain: the file stays open elsewhere
+        with trio.move_on_after(RELEASE_WAIT):
+            await event.wait()
+        event.set()
+
+    async def _released_unsure(self, node: Node) -> None:
+        node.size_unsure = False
+        event = self._released.pop(node.ino, None)
+        if event is not None:
+            event.set()         # the waiting lookup replies after this release's answer
+        else:                   # an entry looked up while it was open would keep the inode
+            await self._drop_kernel_entry(node)
 
     async def flush(self, fh):
         self.requests["flush"] += 1
@@ -729,6 +802,8 @@ class CowFS(pyfuse3.Operations):
         node = self.open_files.pop(fh)
         node.pins -= 1
         os.close(fh)
+        if node.size_unsure and not node.pins:
+            await self._released_unsure(node)
         if fh in self.writer_fhs:
             self.writer_fhs.discard(fh)
             node.writers -= 1
@@ -897,7 +972,7 @@ class CowFS(pyfuse3.Operations):
         e.generation = 0
         e.entry_timeout = e.attr_timeout = SNAPSHOT_TIMEOUT
         e.st_mode = attrs.mode
-        e.st_nlink = 1
+        e.st_nlink = attrs.nlink
         e.st_uid = attrs.uid
         e.st_gid = attrs.gid
         e.st_rdev = attrs.rdev

@@ -24,7 +24,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from .catalogue import FORMAT_VERSION, TABLES, Catalogue, FormatError
+from .catalogue import FORMAT_VERSION, TABLES, UPGRADABLE_FORMATS, Catalogue, FormatError
 from .drift import find_drift, since_last_session
 from .store import CATALOGUE, CONTENT, OBJECTS, Store
 
@@ -175,7 +175,7 @@ class Fsck:
             self._no_history()
             return False
         version = self.catalogue.get_meta("format")
-        if version not in ("1", FORMAT_VERSION):
+        if version not in (*UPGRADABLE_FORMATS, FORMAT_VERSION):
             raise FormatError(version)
         self.report.counts.update(turns=len(self.catalogue.turns()), rows=self.catalogue.row_count())
         return True
@@ -222,13 +222,15 @@ class Fsck:
         except sqlite3.Error:
             tables = set(TABLES)
         for table in (t for t in TABLES if t in tables):
-            rows = []
+            rows, columns = [], []
             try:
-                for row in old.rows_of(table):
+                cursor = old.rows_of(table)
+                columns = [d[0] for d in cursor.description]
+                for row in cursor:
                     rows.append(row)
             except sqlite3.Error:
                 unreadable.append(table)
-            garbled = new.copy_rows(table, rows)
+            garbled = new.copy_rows(table, columns, rows)
             if garbled:
                 unreadable.append(f"{table} ({garbled} garbled row(s) left out)")
             copied += len(rows) - garbled

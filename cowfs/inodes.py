@@ -28,7 +28,7 @@ _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 class Node:
     __slots__ = ("_fd", "ino", "lookups", "writers", "pins", "parent", "name", "table",
-                 "entry", "entry_generation")
+                 "entry", "entry_generation", "size_unsure")
 
     def __init__(self, fd: int, ino: int, table: "InodeTable"):
         self._fd = fd         # O_PATH | O_NOFOLLOW descriptor, or -1 while closed
@@ -41,6 +41,7 @@ class Node:
         self.table = table
         self.entry = None     # the attributes readdir last sent, None once changed since,
         self.entry_generation = -1  # ... valid only in this generation (CowFS.generation)
+        self.size_unsure = False    # a write failed: the kernel's size may be more (fs.write)
 
     @property
     def fd(self) -> int:

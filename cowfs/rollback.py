@@ -179,6 +179,12 @@ class Rollback:
         self.result.entries.add((parent, name))
         self.result.objects.add(parent)
 
+    def _before_link_count_change(self, ino: int, fd: int) -> None:
+        """A file gains or loses a name: snapshots show the link count of their turn."""
+        with self.catalogue.batch():
+            self.capture.before_attr_change(ino, fd)
+        self.result.objects.add(ino)
+
     def _in_tree(self, dir_ino: int) -> bool:
         """Directory *dir_ino* is in the live tree (a directory's descriptor knows its path)."""
         return self._relative(os.readlink(libc.proc_path(self._fd(dir_ino))) + b"/") is not None
@@ -205,6 +211,7 @@ class Rollback:
             self.store.keep_by_rename(dir_fd, name, live.st_ino)
             self.result.detached.add(live.st_ino)
         else:
+            self._before_link_count_change(live.st_ino, self._fd(live.st_ino))
             os.unlink(name, dir_fd=dir_fd)
         if stat.S_ISDIR(live.st_mode):
             self._detached_dirs.add(live.st_ino)
@@ -229,6 +236,10 @@ class Rollback:
                         os.close(sub)
                 elif st.st_nlink > 1:
                     self._before_entry_change(dir_ino, dir_fd, name)
+                    if st.st_ino not in self._fds:
+                        self._fds[st.st_ino] = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                                       dir_fd=dir_fd)
+                    self._before_link_count_change(st.st_ino, self._fds[st.st_ino])
                     os.unlink(name, dir_fd=dir_fd)
                     self.result.objects.add(st.st_ino)     # its link count changed
 
@@ -247,6 +258,9 @@ class Rollback:
             self.store.hold(ino, obj_fd)    # it left its store name
         else:
             stale = self._name_in_stored_dir(ino, obj_fd)
+            # Before its first link here: a file attached at two names gains one for good
+            # (its store name, if it has one, goes once all are attached).
+            self._before_link_count_change(ino, obj_fd)
             os.link(libc.proc_path(obj_fd), name, dst_dir_fd=dir_fd, follow_symlinks=True)
             # Held by its name in the tree: its store name is dropped below, and a
             # descriptor of a removed name would not tell where the object is now.

@@ -36,6 +36,7 @@ class SnapAttrs:
     mtime_ns: int
     rdev: int
     blocks: int
+    nlink: int
 
 
 @dataclass
@@ -177,9 +178,13 @@ class SnapshotView:
         record = self.catalogue.attrs_after(ino, turn)
         if record is None:
             return SnapAttrs(ino, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                             st.st_rdev, st.st_blocks)
+                             st.st_rdev, st.st_blocks, st.st_nlink)
+        # Every change of a link count records the object's attributes first (a directory's
+        # with its entry change), so a record's count is the one of then; rows from before
+        # format 3 have none, and the live count is the best left.
+        nlink = st.st_nlink if record.nlink is None else record.nlink
         return SnapAttrs(ino, record.mode, record.uid, record.gid, record.size, record.mtime_ns,
-                         st.st_rdev, (record.size + 511) // 512)
+                         st.st_rdev, (record.size + 511) // 512, nlink)
 
     def stat_of(self, obj: SnapObject) -> SnapAttrs:
         return self.attrs(obj.turn, obj.ino, os.stat(self.object_fd(obj.ino, obj.handle)))

@@ -24,7 +24,7 @@ def one_line_error(result, code):
 
 
 @pytest.mark.parametrize("command", ["mount", "umount", "checkpoint", "rollback", "log", "status",
-                                     "export-git", "prune"])
+                                     "export-git", "prune", "diff", "restore", "run", "fsck"])
 def test_every_command_answers_help(command):
     result = cowfs(command, "--help")
     assert result.returncode == 0 and "usage: cowfs " + command in result.stdout
@@ -72,19 +72,96 @@ def test_status_counts_the_fuse_requests(workspace):
     assert "requests:" in workspace.cli("status").stdout
 
 
+def one_turn_then_unmounted(ws) -> None:
+    """f is "a" in turn 0 and "b" in turn 1; the workspace is left unmounted."""
+    (ws.path / "f").write_text("a\n")
+    ws.mount()
+    (ws.path / "f").write_text("b\n")
+    ws.cli("checkpoint")
+    ws.umount()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "emptied"])
 def test_mount_of_a_damaged_or_emptied_catalogue_is_one_line(workspace, damage):
     """A truncated catalogue was a traceback in the daemon ("failed to start (timed out)"); an
     emptied one silently started a new history over the old pre-images."""
     ws, p = workspace, workspace.path
-    (p / "f").write_text("a\n")
-    ws.mount()
-    (p / "f").write_text("b\n")
-    ws.cli("checkpoint")
-    ws.umount()
+    one_turn_then_unmounted(ws)
     db = ws.store / "catalogue.db"
     os.truncate(db, db.stat().st_size // 2 if damage == "truncated" else 0)
     refused = ws.mount(check=False)
     one_line_error(refused, 2)
     assert "catalogue" in refused.stderr and not ws.is_mounted()
     assert db.stat().st_size == (0 if damage == "emptied" else db.stat().st_size)   # not recreated
+
+
+def _catalogue_state(ws) -> bytes:
+    return b"".join((ws.store / name).read_bytes() for name in sorted(os.listdir(ws.store))
+                    if name.startswith("catalogue.db"))
+
+
+def test_a_store_of_a_newer_format_is_refused_and_left_alone(workspace):
+    import sqlite3
+    from cowfs.catalogue import FORMAT_VERSION
+    ws, p = workspace, workspace.path
+    one_turn_then_unmounted(ws)
+    newer = str(int(FORMAT_VERSION) + 1)
+    db = sqlite3.connect(ws.store / "catalogue.db")
+    with db:
+        db.execute("UPDATE meta SET value=? WHERE key='format'", (newer,))
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    before = _catalogue_state(ws)
+    for argv in (["mount", p], ["fsck", p], ["fsck", "--repair", p]):
+        line = one_line_error(cowfs(*argv), 2)
+        assert f"store format {newer}" in line and "newer cowfs" in line, line
+        assert not ws.is_mounted()
+    assert _catalogue_state(ws) == before
+    assert (p / "f").read_text() == "b\n"
+
+
+def test_a_format_2_store_is_upgraded_in_place(workspace):
+    """A store of the format before link counts were recorded (and before the ignore and
+    writer tables) mounts, keeps its history, and is format 3 afterwards; its old rows show
+    the live link count, new rows the recorded one."""
+    import sqlite3
+    ws, p = workspace, workspace.path
+    (p / "f").write_text("a\n")
+    ws.mount()
+    os.link(p / "f", p / "g")
+    (p / "f").write_text("b\n")
+    ws.cli("checkpoint")
+    ws.umount()
+    db = sqlite3.connect(ws.store / "catalogue.db")
+    with db:
+        db.execute("UPDATE meta SET value='2' WHERE key='format'")
+        db.execute("ALTER TABLE attrs DROP COLUMN nlink")
+        for table in ("processes", "entry_writers", "object_writers", "ignore_rules", "ignored"):
+            db.execute(f"DROP TABLE {table}")
+    db.close()
+    ws.mount()
+    assert (ws.snapshots / "turn-0" / "f").read_text() == "a\n"
+    assert (ws.snapshots / "turn-1" / "g").read_text() == "b\n"
+    os.unlink(p / "g")
+    ws.cli("checkpoint")
+    assert os.stat(ws.snapshots / "turn-1" / "f").st_nlink == 2     # recorded since the upgrade
+    assert os.stat(ws.snapshots / "turn-2" / "f").st_nlink == 1
+    ws.umount()
+    db = sqlite3.connect(ws.store / "catalogue.db")
+    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == ("3",)
+    assert "nlink" in {row[1] for row in db.execute("PRAGMA table_info(attrs)")}
+    db.close()
+
+
+def test_debug_logs_each_request_without_its_data(workspace):
+    """`mount --debug` logs every request; a write shows its size and a glimpse of its data
+    (a 1 MiB write logged whole made the log grow by megabytes per write)."""
+    ws, p = workspace, workspace.path
+    ws.mount("--debug")
+    (p / "f").write_bytes(b"\1" * (4 << 20))
+    ws.umount()
+    log = (ws.store / "daemon.log").read_text(errors="replace")
+    writes = [line for line in log.splitlines() if "cowfs.fs: write(" in line]
+    assert writes and all("bytes:" in line and len(line) < 400 for line in writes), writes[:2]
+    assert "create(" in log and "release(" in log
+    assert len(log) < 200_000

@@ -75,3 +75,77 @@ def test_a_full_xfs_refuses_changes_cleanly_and_work_goes_on_after_space_is_free
     finally:
         problems = ws.cleanup()
         assert not problems, problems
+
+
+def test_a_write_back_that_failed_for_space_leaves_the_size_that_was_written(tiny_xfs):
+    """The page cache accepts more than the disk holds; the write-back fails with ENOSPC
+    (reported at close). The kernel had grown its size of the file with every cached write:
+    afterwards the mount must show what the backing file holds, not the size attempted."""
+    ws = Workspace(tiny_xfs / "ws")
+    (ws.path / "keep").write_bytes(b"keep\n")
+    backing = ws.backing
+    try:
+        ws.mount()
+        free = os.statvfs(tiny_xfs).f_bavail * os.statvfs(tiny_xfs).f_frsize
+        attempted = free + (64 << 20)
+        with pytest.raises(OSError) as failed:
+            with open(ws.path / "fill", "wb") as f:
+                for _ in range(attempted >> 20):
+                    f.write(b"\1" * (1 << 20))
+        assert failed.value.errno == errno.ENOSPC
+        real = os.stat(backing / "fill").st_size
+        assert real < attempted
+        assert os.stat(ws.path / "fill").st_size == real
+        with open(ws.path / "fill", "r+b") as f:        # room again; an append lands at the end
+            f.truncate(real // 2)
+        with open(ws.path / "fill", "ab") as f:
+            f.write(b"end")
+        assert os.stat(backing / "fill").st_size == os.stat(ws.path / "fill").st_size == real // 2 + 3
+        with open(ws.path / "fill", "rb") as f:
+            f.seek(-3, os.SEEK_END)
+            assert f.read() == b"end"
+        assert ws.cli("checkpoint").returncode == 0
+    finally:
+        problems = ws.cleanup()
+        assert not problems, problems
+
+
+def test_a_catalogue_that_cannot_grow_refuses_the_change_with_enospc(tiny_xfs):
+    """Every first change of a thing in a turn adds rows to the catalogue; on a full disk
+    SQLite cannot grow its log: the change fails with ENOSPC (not EIO), changes nothing, and
+    history goes on once there is room."""
+    ws = Workspace(tiny_xfs / "ws")
+    names = [f"f{i:04}" for i in range(3000)]
+    for name in names:
+        (ws.path / name).write_bytes(b"x")
+        os.chmod(ws.path / name, 0o644)
+    try:
+        ws.mount()
+        fill(tiny_xfs / "filler")
+        done, refused = [], []
+        for name in names:
+            try:
+                os.chmod(ws.path / name, 0o600)
+                done.append(name)
+            except OSError as e:
+                refused.append((name, e.errno))
+        assert refused, "the catalogue never ran out of room: the test proves nothing"
+        assert {err for _, err in refused} == {errno.ENOSPC}, refused[:5]
+        assert all(os.stat(ws.path / name).st_mode & 0o777 == 0o644 for name, _ in refused)
+        os.unlink(tiny_xfs / "filler")
+        for name, _ in refused[:10]:
+            os.chmod(ws.path / name, 0o600)
+        assert ws.cli("checkpoint").stdout.strip() == "turn-1"
+        for name in names[:50] + [n for n, _ in refused[:10]]:
+            assert os.stat(ws.snapshots / "turn-0" / name).st_mode & 0o777 == 0o644
+        changed = set(done) | {n for n, _ in refused[:10]}
+        for name in names:
+            want = 0o600 if name in changed else 0o644
+            assert os.stat(ws.snapshots / "turn-1" / name).st_mode & 0o777 == want, name
+        assert json.loads(ws.cli("status", "--json").stdout)["daemon_pid"] > 0
+        ws.umount()
+        assert not (ws.store / "needs-check").exists()
+        assert subprocess.run([*ws.cowfs_cmd, "fsck", ws.path], capture_output=True).returncode == 0
+    finally:
+        problems = ws.cleanup()
+        assert not problems, problems

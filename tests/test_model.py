@@ -231,7 +231,7 @@ def compare_object(real: bytes, node, where: str, *, nlink: int, now: int
 def compare_tree(top: bytes, tree: M.Dir, label: str, *, live: bool, hidden=()) -> list[str]:
     """Every way the real tree at *top* differs from the model tree (empty: equal).
 
-    *live*: st_nlink as the model counts it (a snapshot shows 1 for everything), and the
+    st_nlink as the model counts it, in the live tree and in snapshots alike. *live*: the
     names of one object show one inode number (in a snapshot, only: different objects never
     share one). *hidden*:
     names of the root not to list (the store, in the backing directory). Mtimes as in
@@ -246,7 +246,7 @@ def compare_tree(top: bytes, tree: M.Dir, label: str, *, live: bool, hidden=()) 
     def visit(rel: tuple, node) -> None:
         real = top + b"".join(b"/" + n for n in rel)
         where = f"{label}:{show(rel)}"
-        st_, found = compare_object(real, node, where, nlink=counts[id(node)] if live else 1, now=now)
+        st_, found = compare_object(real, node, where, nlink=counts[id(node)], now=now)
         problems.extend(found)
         if st_ is None:
             return

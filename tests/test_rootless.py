@@ -169,5 +169,5 @@ def test_a_format_1_store_is_read_without_its_file_handles(workspace):
     assert (p / "e" / "f").read_text() == "v1\n"
     ws.umount()
     db = sqlite3.connect(ws.store / "catalogue.db")
-    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == ("2",)
+    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == ("3",)
     db.close()

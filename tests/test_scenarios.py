@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import traced
+from conftest import drop_kernel_caches, traced
 from treeview import tree
 
 
@@ -133,6 +133,61 @@ def test_hardlinks_edited_through_one_name_stay_linked(mounted):
     assert_live(ws, t1)
     assert os.stat(p / "README").st_ino == os.stat(p / "README.link").st_ino
     assert os.stat(p / "README").st_nlink == 2
+
+
+def link_counts(top) -> dict:
+    """path -> st_nlink of everything below *top* (the store left out)."""
+    counts = {".": os.stat(top).st_nlink}     # top may be a /proc/PID/fd link
+    for dirpath, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if not (dirpath == str(top) and d == ".cowfs")]
+        for name in dirs + files:
+            path = os.path.join(dirpath, name)
+            counts[os.path.relpath(path, top)] = os.lstat(path).st_nlink
+    return counts
+
+
+def test_snapshots_show_the_link_counts_of_their_turn(mounted):
+    """Hard links and subdirectories come and go over turns; each snapshot shows the
+    st_nlink the backing tree had at its checkpoint, also once the kernel forgot the files
+    (a later unlink then reaches the file by name only)."""
+    ws, p = mounted, mounted.path
+    os.link(p / "README", p / "src" / "README.2")
+    os.mkdir(p / "src" / "sub")
+    os.mkdir(p / "src" / "sub2")
+    want = {checkpoint(ws): link_counts(ws.backing)}
+    drop_kernel_caches()
+    os.unlink(p / "src" / "README.2")
+    os.rmdir(p / "src" / "sub2")
+    os.link(p / "src" / "app.py", p / "app.py.2")
+    os.link(p / "src" / "app.py", p / "src" / "sub" / "app.py.3")
+    want[checkpoint(ws)] = link_counts(ws.backing)
+    drop_kernel_caches()
+    os.rename(p / "src" / "sub", p / "sub")
+    os.unlink(p / "app.py.2")
+    os.rename(p / "src" / "util.py", p / "src" / "app.py")      # over a hard-linked file
+    want[checkpoint(ws)] = link_counts(ws.backing)
+    rollback(ws, 1)
+    want[checkpoint(ws)] = link_counts(ws.backing)
+    assert want[max(want)] == want[1]
+    drop_kernel_caches()
+    for turn, counts in want.items():
+        assert link_counts(ws.snapshots / f"turn-{turn}") == counts, turn
+
+
+def test_a_rollback_giving_a_file_its_names_back_keeps_older_link_counts(mounted):
+    """The file's only name at turn 1 is detached by the rollback (kept in the store), then
+    attached at its two names of turn 0: turn 1 still shows one name (found by the model test)."""
+    ws, p = mounted, mounted.path
+    os.link(p / "README", p / "src" / "README.2")
+    want = {checkpoint(ws): link_counts(ws.backing)}
+    os.unlink(p / "src" / "README.2")
+    os.rename(p / "README", p / "README.moved")
+    want[checkpoint(ws)] = link_counts(ws.backing)
+    rollback(ws, 1)
+    want[checkpoint(ws)] = link_counts(ws.backing)
+    assert want[max(want)] == want[1]
+    for turn, counts in want.items():
+        assert link_counts(ws.snapshots / f"turn-{turn}") == counts, turn
 
 
 def test_symlinks_dangling_and_retargeted(mounted):

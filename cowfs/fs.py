@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import stat
+import threading
 import time
 
 import pyfuse3
@@ -40,7 +41,7 @@ CONTROL_XATTR = b"user.cowfs.control"
 LIVE_TIMEOUT = 3600.0
 SNAPSHOT_TIMEOUT = 365 * 86400.0
 # How long a lookup of a file whose write failed waits for its pending release (fs.write).
-RELEASE_WAIT = 1.0
+FORGET_WAIT = 1.0
 
 # File handles of `.snapshots` files live above every possible descriptor number.
 SNAP_FH_BASE = 1 << 40
@@ -180,14 +181,23 @@ def _backing_flags(flags: int) -> int:
     return flags | os.O_CLOEXEC
 
 
+def _only_ctime(fields) -> bool:
+    """A setattr that sets nothing but ctime: chown(path, -1, -1). The kernel names ctime only for
+    regular files (whose times it keeps), and sends nothing at all for other kinds; its
+    write-back flushes of a regular file's times always carry mtime."""
+    return not (fields.update_size or fields.update_mode or fields.update_uid
+                or fields.update_gid or fields.update_atime or fields.update_mtime)
+
+
 def _only_times_already_set(attr, fields, fd: int) -> os.stat_result | None:
     """The object's stat if a setattr sets only mtime (and ctime, which no one can set) to the
-    mtime the object has; None otherwise (then it is a change)."""
+    mtime the object has; None otherwise (then it is a change, and one of ctime alone is a
+    chown(path, -1, -1))."""
     if (fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid
-            or fields.update_atime):
+            or fields.update_atime or not fields.update_mtime):
         return None
     st = os.stat(fd)
-    return st if not fields.update_mtime or attr.st_mtime_ns == st.st_mtime_ns else None
+    return st if attr.st_mtime_ns == st.st_mtime_ns else None
 
 
 class _Listing:
@@ -235,7 +245,7 @@ class CowFS(pyfuse3.Operations):
         self.as_root = os.geteuid() == 0
         self.daemon_gid = os.getegid()
         self.open_files: dict[int, Node] = {}        # live fh (= descriptor) -> node
-        self._released: dict[int, trio.Event] = {}   # ino -> its unsure release came (fs.write)
+        self._forgotten: dict[int, trio.Event] = {}  # ino -> the kernel forgot it (fs.write)
         self.writer_fhs: set[int] = set()
         # After a rollback the refresher re-applies sizes and mtimes through the mount
         # (see Daemon.kernel_refresh_list): those setattrs are not changes to capture.
@@ -359,8 +369,8 @@ class CowFS(pyfuse3.Operations):
             negative.entry_timeout = LIVE_TIMEOUT
             return negative
         node = self.inodes.remember(parent, name, st.st_ino)
-        if node.size_unsure and node.pins:
-            await self._until_released(node)
+        if node.size_unsure:
+            await self._until_forgotten(node)
             st = os.stat(node.fd)
         return _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
 
@@ -423,6 +433,10 @@ class CowFS(pyfuse3.Operations):
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
             os.utime(path, ns=(atime, mtime))
+        if _only_ctime(fields):
+            # chown(path, -1, -1) stamps ctime natively; recorded like any other change, so a
+            # recovery after a crash knows the new ctime came through the daemon.
+            libc.chown_fd(node.fd, -1, -1)
         return _entry(os.stat(node.fd), nodeid, LIVE_TIMEOUT)
 
     @fuse_op
@@ -440,6 +454,9 @@ class CowFS(pyfuse3.Operations):
                 if nodeid >= VIRTUAL_BASE:
                     self.snap_nodes.forget(nodeid, count)
                 else:
+                    node = self.inodes.get(nodeid)
+                    if node is not None and node.size_unsure:
+                        self._forgotten_unsure(node)   # the kernel's inode, and its size, are gone
                     self.inodes.forget(nodeid, count)
             except Exception:
                 log.exception("forget(%d) failed", nodeid)
@@ -742,42 +759,45 @@ class CowFS(pyfuse3.Operations):
             written = os.pwrite(fh, buf, off)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                await self._size_unsure(node)
+                self._size_unsure(node)
             raise
         os.utime(fh, ns=(st.st_atime_ns, st.st_mtime_ns))
         if written < len(buf):
-            await self._size_unsure(node)
+            self._size_unsure(node)
         return written
 
     # A write the backing file refused (or took in part) is already counted in the size the
     # kernel keeps: with the writeback cache it owns a file's size and never takes it from a
-    # reply. A new inode takes it from the daemon, so the entry the kernel knows the file by is
-    # dropped, and the inode goes with its last close: after the release is answered (the
-    # kernel holds it until then), which a lookup arriving in between waits for.
-    async def _size_unsure(self, node: Node) -> None:
+    # reply, only a new inode takes it from the daemon. So the entry the kernel knows the file
+    # by is dropped (again at the last release: a lookup in between may have made a new one),
+    # the inode goes when nothing holds it (the kernel holds it until a release is answered),
+    # and a lookup arriving before its FORGET waits for it: answered earlier, the lookup would
+    # find the old inode, and its stale size, still cached.
+    def _size_unsure(self, node: Node) -> None:
         if not node.size_unsure:       # once: a failed write-back fails every run of pages
             node.size_unsure = True
-            await self._drop_kernel_entry(node)
+            self._drop_kernel_entry(node)
 
-    async def _drop_kernel_entry(self, node: Node) -> None:
+    def _drop_kernel_entry(self, node: Node) -> None:
+        # In a thread of its own, never awaited: the kernel takes the directory's lock for it,
+        # which a lookup waiting in _until_forgotten may hold.
         if node.parent:
-            await trio.to_thread.run_sync(invalidate_entries, [(node.parent, node.name)])
+            threading.Thread(target=invalidate_entries, args=([(node.parent, node.name)],),
+                             daemon=True).start()
 
-    async def _until_released(self, node: Node) -> None:
-        event = self._released.setdefault(node.ino, trio.Event())
+    async def _until_forgotten(self, node: Node) -> None:
+        event = self._forgotten.setdefault(node.ino, trio.Event())
         if event.is_set():
             return              # waited once in vain: the file stays open elsewhere
-        with trio.move_on_after(RELEASE_WAIT):
+        with trio.move_on_after(FORGET_WAIT):
             await event.wait()
         event.set()
 
-    async def _released_unsure(self, node: Node) -> None:
+    def _forgotten_unsure(self, node: Node) -> None:
         node.size_unsure = False
-        event = self._released.pop(node.ino, None)
+        event = self._forgotten.pop(node.ino, None)
         if event is not None:
-            event.set()         # the waiting lookup replies after this release's answer
-        else:                   # an entry looked up while it was open would keep the inode
-            await self._drop_kernel_entry(node)
+            event.set()
 
     async def flush(self, fh):
         self.requests["flush"] += 1
@@ -803,7 +823,7 @@ class CowFS(pyfuse3.Operations):
         node.pins -= 1
         os.close(fh)
         if node.size_unsure and not node.pins:
-            await self._released_unsure(node)
+            self._drop_kernel_entry(node)
         if fh in self.writer_fhs:
             self.writer_fhs.discard(fh)
             node.writers -= 1

@@ -3,6 +3,7 @@
 import os
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -140,3 +141,33 @@ def test_the_documented_limits_file_handles_and_nodev(workspace):
     options = next(line.split()[5] for line in open("/proc/self/mountinfo")
                    if line.split()[4] == str(p))
     assert {"nosuid", "nodev"} <= set(options.split(","))
+
+
+def _ctime_after_noop_chown(where, name) -> tuple[int, int]:
+    path = os.path.join(where, name)
+    before = os.lstat(path).st_ctime_ns
+    time.sleep(0.02)
+    os.chown(path, -1, -1, follow_symlinks=False)
+    return before, os.lstat(path).st_ctime_ns
+
+
+def test_chown_to_minus_one_stamps_ctime_as_natively(workspace):
+    """chown(path, -1, -1) changes nothing but ctime, natively; through cowfs it changed nothing."""
+    native = workspace.path.parent / f"{workspace.path.name}-native"
+    p = workspace.path
+    for top in (native, p):
+        top.mkdir(exist_ok=True)
+    workspace.mount()
+    for top in (native, p):
+        (top / "f").write_bytes(b"x")
+        (top / "d").mkdir()
+        os.mkfifo(top / "fifo")
+        os.symlink("f", top / "link")
+    for name in ("f", "d", "fifo", "link"):
+        n_before, n_after = _ctime_after_noop_chown(native, name)
+        m_before, m_after = _ctime_after_noop_chown(p, name)
+        assert (n_after > n_before) == (m_after > m_before), (name, n_after > n_before)
+    shown = {name: os.lstat(p / name).st_ctime_ns for name in ("d", "fifo", "link")}
+    workspace.umount()
+    for name, ctime in shown.items():      # the kernel takes these from the daemon's replies
+        assert os.lstat(p / name).st_ctime_ns == ctime, name

@@ -43,6 +43,7 @@ def turns(ws) -> list[dict]:
 def test_umount_clears_a_dead_mount_and_mount_recovers_without_force(workspace):
     ws, p = workspace, workspace.path
     (p / "old").write_text("turn 0\n")
+    (p / "olddir").mkdir()
     ws.mount()
     (p / "f").write_text("a\n")
     (p / "d").mkdir()
@@ -58,6 +59,7 @@ def test_umount_clears_a_dead_mount_and_mount_recovers_without_force(workspace):
     os.link(p / "f", p / "h")
     os.unlink(p / "old")
     os.chmod(p / "e" / "x", 0o600)
+    os.chown(p / "olddir", -1, -1)                         # a ctime stamp and nothing else
     live = tree(p)
     kill_daemon(ws)
     assert is_dead(p)

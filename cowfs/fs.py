@@ -189,6 +189,23 @@ def _only_ctime(fields) -> bool:
                 or fields.update_gid or fields.update_atime or fields.update_mtime)
 
 
+_RELATIME_DAY_NS = 24 * 3600 * 10**9
+
+
+def atime_policy(fd: int) -> str:
+    """How the filesystem of *fd* keeps atime: 'noatime', 'relatime' or 'strictatime'."""
+    flags = os.fstatvfs(fd).f_flag
+    if flags & os.ST_NOATIME:
+        return "noatime"
+    return "relatime" if flags & os.ST_RELATIME else "strictatime"
+
+
+def _relatime_due(st: os.stat_result) -> bool:
+    """Whether a read moves atime under relatime (the kernel's rule)."""
+    return (st.st_atime_ns <= st.st_mtime_ns or st.st_atime_ns <= st.st_ctime_ns
+            or time.time_ns() - st.st_atime_ns >= _RELATIME_DAY_NS)
+
+
 def _only_times_already_set(attr, fields, fd: int) -> os.stat_result | None:
     """The object's stat if a setattr sets only mtime (and ctime, which no one can set) to the
     mtime the object has; None otherwise (then it is a change, and one of ctime alone is a
@@ -243,6 +260,7 @@ class CowFS(pyfuse3.Operations):
         self.control_path = control_path
         self.snapdir_visible = snapdir_visible
         self.as_root = os.geteuid() == 0
+        self.atime = atime_policy(root_fd)
         self.daemon_gid = os.getegid()
         self.open_files: dict[int, Node] = {}        # live fh (= descriptor) -> node
         self._forgotten: dict[int, trio.Event] = {}  # ino -> the kernel forgot it (fs.write)
@@ -723,7 +741,23 @@ class CowFS(pyfuse3.Operations):
                 self._drop_setid_bits(node)
         fd = os.open(libc.proc_path(node.fd), _backing_flags(flags))
         self._opened(fd, node, flags)
+        if flags & os.O_ACCMODE == os.O_RDONLY and self.atime != "noatime":
+            self._read_access(nodeid, node, fd)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    def _read_access(self, nodeid: int, node: Node, fd: int) -> None:
+        """Record a read as the backing filesystem would. The kernel keeps no atime for a FUSE
+        file and serves cached pages without asking the daemon, so an open for reading reads
+        one byte of the backing file: its atime moves under the backing mount's own policy,
+        and ctime stays (a utime would move it, and a recovery would take that for drift)."""
+        st = os.fstat(fd)
+        if self.atime == "relatime" and not _relatime_due(st):
+            return              # the usual case: one fstat
+        os.pread(fd, 1, 0)
+        if os.fstat(fd).st_atime_ns != st.st_atime_ns:
+            node.entry = None
+            # Attributes only: no page is dropped, so no lock the kernel holds for us is needed.
+            pyfuse3.invalidate_inode(nodeid, attr_only=True)
 
     def _drop_setid_bits(self, node: Node) -> None:
         """What truncation by a caller without CAP_FSETID does natively (uid 0 stands for it).

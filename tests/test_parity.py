@@ -171,3 +171,32 @@ def test_chown_to_minus_one_stamps_ctime_as_natively(workspace):
     workspace.umount()
     for name, ctime in shown.items():      # the kernel takes these from the daemon's replies
         assert os.lstat(p / name).st_ctime_ns == ctime, name
+
+
+def _atime_moved_by_read(top, name) -> bool:
+    before = os.stat(top / name).st_atime_ns
+    (top / name).read_bytes()
+    return os.stat(top / name).st_atime_ns != before
+
+
+def test_reads_move_atime_as_natively(workspace):
+    """The kernel keeps no atime for a FUSE file and reads cached pages without asking the
+    daemon: reading a file just written through the mount never moved its atime (relatime moves
+    it at the first read after a change, then not again)."""
+    native = workspace.path.parent / f"{workspace.path.name}-native"
+    native.mkdir()
+    p = workspace.path
+    (p / "old").write_bytes(b"old\n")
+    (native / "old").write_bytes(b"old\n")
+    workspace.mount()
+    for top in (native, p):
+        (top / "new").write_bytes(b"new\n")
+    time.sleep(0.05)                     # atime must be able to move past mtime
+    moved = {top: [_atime_moved_by_read(top, name) for name in ("new", "new", "old", "old")]
+             for top in (native, p)}
+    assert moved[p] == moved[native], moved
+    assert True in moved[native]         # the backing mount moves atime at all (not noatime)
+    shown = os.stat(p / "new")
+    assert shown.st_ctime_ns <= shown.st_atime_ns     # a read is no change: ctime stays
+    workspace.umount()
+    assert os.stat(p / "new").st_atime_ns == shown.st_atime_ns

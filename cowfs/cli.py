@@ -25,15 +25,63 @@ def parse_turn(text: str) -> int:
     return int(value)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in one line as every other error of cowfs."""
+
+    def error(self, message):
+        print(f"cowfs: error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _Unparsed:
+    """Stands for the parser of a command this run does not parse, never built: argparse takes
+    ~0.5 ms for each (a gettext lookup, a help formatter), a third of a checkpoint's time in
+    Python. Takes any call and ignores it."""
+
+    def __getattr__(self, name):
+        return self._ignore
+
+    def _ignore(self, *args, **kwargs):
+        return self
+
+
+class _Commands:
+    """The subparsers: only the command *only*, or all of them if None (`cowfs --help`, and
+    a command line naming none, whose error lists them)."""
+
+    def __init__(self, sub, only: str | None):
+        self.sub, self.only = sub, only
+
+    def add_parser(self, name: str, **kwargs):
+        if self.only in (None, name):
+            return self.sub.add_parser(name, **kwargs)
+        return _Unparsed()
+
+
+def command_named(argv: list[str]) -> str | None:
+    """The command *argv* names: its first word that is not an option (or -C's value), if it
+    is one of COMMANDS."""
+    words = iter(argv)
+    for word in words:
+        if word == "-C":
+            next(words, None)
+        elif word == "--":
+            return None
+        elif not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(
         prog="cowfs",
         description="Copy-on-write checkpoints of a workspace: mount cowfs over it, end each turn "
                     "with `cowfs checkpoint`, browse .snapshots/turn-N, `cowfs rollback N`.")
     parser.add_argument("--version", action="version", version=f"cowfs {__version__}")
     parser.add_argument("-C", dest="top_cwd", metavar="PATH",
                         help="run as if cowfs was started in PATH (as git -C); also after the command")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
+                    only)
 
     p = sub.add_parser("mount", help="mount cowfs over a workspace (returns once mounted)",
                        description="Mount cowfs over WORKSPACE (or at --at) and start recording turns. "
@@ -554,7 +602,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if command in _AFTER_DASHES and "--" in argv:
         cut = argv.index("--")
         argv, tail = argv[:cut], argv[cut + 1:]
-    args = build_parser().parse_args(argv)
+    args = build_parser(command_named(argv)).parse_args(argv)
     args.after_dashes = tail
     args.base = getattr(args, "cwd", None) or args.top_cwd    # relative paths are taken from here
     if hasattr(args, "cwd"):

@@ -30,6 +30,21 @@ def test_every_command_answers_help(command):
     assert result.returncode == 0 and "usage: cowfs " + command in result.stdout
 
 
+def test_only_the_command_named_is_built_and_the_rest_still_listed():
+    """A command line builds the parser of its command alone (the others cost a checkpoint
+    ~5 ms); a word that names a command elsewhere on the line (-C's value, a message) does not
+    count, and a line naming none lists every command."""
+    from cowfs.cli import COMMANDS, parse_args
+    args = parse_args(["-C", "log", "checkpoint", "-m", "rollback"])
+    assert (args.command, args.message, args.cwd) == ("checkpoint", "rollback", "log")
+    args = parse_args(["-C", "x", "rollback", "3", "-C", "y"])
+    assert (args.command, args.turn, args.cwd) == ("rollback", 3, "y")
+    listed = cowfs("--help").stdout
+    assert all(name in listed for name in COMMANDS)
+    misspelt = one_line_error(cowfs("chekpoint"), 2)
+    assert "invalid choice" in misspelt and "'export-git'" in misspelt
+
+
 def test_mount_refuses_what_it_cannot_mount(workspace, tmp_path):
     (tmp_path / "file").write_text("x")
     assert "is not a directory" in one_line_error(cowfs("mount", tmp_path / "file"), 2)

@@ -240,7 +240,7 @@ class Model:
 
     def truncate(self, path: Path, size: int, *, same_size_stamps: bool = True) -> None:
         """truncate/ftruncate. To the size it has, the mtime changes only if
-        *same_size_stamps* (ftruncate always; truncate(2) on ext4, not on XFS)."""
+        *same_size_stamps* (ftruncate always; truncate(2) natively on ext4, not on XFS nor through cowfs)."""
         node = self.get(path)
         c = node.content
         node.content = c[:size] + b"\0" * max(0, size - len(c))

@@ -134,8 +134,8 @@ class Workspace:
         return control.request(self._mount, op, **args)
 
     def checkpoint(self, message: str = "") -> Turn:
-        """End the open turn: flush the kernel's dirty pages, seal, return the sealed turn."""
-        control.syncfs(self._mount)
+        """End the open turn: the daemon has the kernel write back what it holds of files still
+        open, seals, and this returns the sealed turn."""
         return Turn.from_record(self._request("checkpoint", message=message)["record"])
 
     def sync(self) -> None:

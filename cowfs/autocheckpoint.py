@@ -1,9 +1,8 @@
 """Auto-checkpoint: seal the open turn once the mount has been quiet for a while after a change.
 
 Owns the watcher that `cowfs mount --auto-checkpoint SECONDS` starts: a
-small process of its own, not a task of the daemon, because a seal must
-first make the kernel hand over the pages it still holds (syncfs of the
-mount), and the daemon never makes a request of its own mount. It asks the
+small process of its own, a client like any other, so that the daemon's
+tasks stay the serving of its mount and its control channel. It asks the
 daemon how long ago the last change was, seals like `cowfs checkpoint`
 when that is SECONDS or more, and exits when the mount's daemon goes away.
 
@@ -27,7 +26,6 @@ def watch(mountpoint: str, quiet: float, daemon_pid: int) -> int:
             if status["daemon_pid"] != daemon_pid:
                 return 0        # another daemon's mount now: its own watcher looks after it
             if status["pending_changes"] and status["quiet_seconds"] >= quiet:
-                control.syncfs(mount)
                 control.request(mount, "checkpoint", timeout=60,
                                 message=f"auto-checkpoint after {quiet:g}s without changes")
         except CowfsError:

@@ -1,258 +1,21 @@
 """The `cowfs` command line.
 
-Owns argument parsing, the one-line errors and exit codes (2: bad input,
-1: the operation failed), and the human-readable output. Everything but
-`mount` talks to the daemon through control.py; `mount` starts the daemon
-and returns once the mount is live.
+Owns the commands, the one-line errors and exit codes (2: bad input, 1: the
+operation failed), and the human-readable output; the grammar is arguments.py.
+Everything but `mount` talks to the daemon through control.py; `mount` starts
+the daemon and returns once the mount is live.
+
+A harness runs `cowfs checkpoint` once a turn in a process of its own, so that
+command in its plain form (plain_checkpoint) takes a path that imports nothing
+Python does not load at start: no argparse, json, socket or ctypes.
 """
 
-import argparse
-import json
 import os
 import sys
 import time
 
-from . import __version__, control
+from . import control
 from .errors import EXIT_FAILED, BadInput, CowfsError
-
-# Commands whose arguments after "--" are not options: diff's paths, run's command.
-_AFTER_DASHES = ("diff", "run")
-
-def parse_turn(text: str) -> int:
-    value = text.removeprefix("turn-")
-    if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"not a turn: {text!r} (expected N or turn-N)")
-    return int(value)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its usage errors in one line as every other error of cowfs."""
-
-    def error(self, message):
-        print(f"cowfs: error: {message} (see: {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-class _Unparsed:
-    """Stands for the parser of a command this run does not parse, never built: argparse takes
-    ~0.5 ms for each (a gettext lookup, a help formatter), a third of a checkpoint's time in
-    Python. Takes any call and ignores it."""
-
-    def __getattr__(self, name):
-        return self._ignore
-
-    def _ignore(self, *args, **kwargs):
-        return self
-
-
-class _Commands:
-    """The subparsers: only the command *only*, or all of them if None (`cowfs --help`, and
-    a command line naming none, whose error lists them)."""
-
-    def __init__(self, sub, only: str | None):
-        self.sub, self.only = sub, only
-
-    def add_parser(self, name: str, **kwargs):
-        if self.only in (None, name):
-            return self.sub.add_parser(name, **kwargs)
-        return _Unparsed()
-
-
-def command_named(argv: list[str]) -> str | None:
-    """The command *argv* names: its first word that is not an option (or -C's value), if it
-    is one of COMMANDS."""
-    words = iter(argv)
-    for word in words:
-        if word == "-C":
-            next(words, None)
-        elif word == "--":
-            return None
-        elif not word.startswith("-"):
-            return word if word in COMMANDS else None
-    return None
-
-
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="cowfs",
-        description="Copy-on-write checkpoints of a workspace: mount cowfs over it, end each turn "
-                    "with `cowfs checkpoint`, browse .snapshots/turn-N, `cowfs rollback N`.")
-    parser.add_argument("--version", action="version", version=f"cowfs {__version__}")
-    parser.add_argument("-C", dest="top_cwd", metavar="PATH",
-                        help="run as if cowfs was started in PATH (as git -C); also after the command")
-    sub = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
-                    only)
-
-    p = sub.add_parser("mount", help="mount cowfs over a workspace (returns once mounted)",
-                       description="Mount cowfs over WORKSPACE (or at --at) and start recording turns. "
-                                   "The first mount of a workspace makes its current tree turn 0.")
-    p.add_argument("workspace", metavar="WORKSPACE")
-    p.add_argument("--at", metavar="MOUNTPOINT", help="mount here instead of over WORKSPACE itself")
-    p.add_argument("--foreground", action="store_true", help="run the daemon in this process")
-    p.add_argument("--snapdir", choices=("hidden", "visible"), default="hidden",
-                   help="list .snapshots in the root directory (default: hidden, reachable by name)")
-    p.add_argument("--force", action="store_true",
-                   help="mount even if files changed while cowfs was not mounted")
-    p.add_argument("--debug", action="store_true", help="log every request to the daemon log")
-    p.add_argument("--export-git-on-checkpoint", action="store_true",
-                   help="after each checkpoint, export the new turns to the store's git repository "
-                        "in the background (see export-git)")
-    p.add_argument("--owner", metavar="USER",
-                   help="as root: the user served by the mount's control channel "
-                        "(default: the one sudo ran for)")
-    p.add_argument("--allow-other", action="store_true",
-                   help="let other users reach the mount (as the files' permissions allow); "
-                        "always on as root, else needs user_allow_other in /etc/fuse.conf")
-    p.add_argument("--initial-message", default="", metavar="MSG",
-                   help="the message of turn 0 when this mount starts the history")
-    p.add_argument("--auto-checkpoint", type=float, metavar="SECONDS",
-                   help="seal the open turn after SECONDS without changes following a change "
-                        "(a watcher process does it, as `cowfs checkpoint` would)")
-    _add_limits(p, "after each checkpoint, in the background, prune ")
-    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-
-    p = sub.add_parser("umount", help="seal pending changes as a turn and unmount",
-                       description="Seal pending changes as a turn, unmount, and stop the daemon.")
-    p.add_argument("path", nargs="?", metavar="PATH", help="the mount (default: -C or .)")
-    p.add_argument("--lazy", action="store_true",
-                   help="if processes still use the mount, detach it now; the daemon serves them "
-                        "until the last one leaves, then seals their changes as a last turn and stops")
-    _add_c(p)
-
-    p = sub.add_parser("checkpoint", help="end the current turn; prints the sealed turn",
-                       description="Flush pending writes and seal the open turn. Prints turn-N.")
-    _add_c(p)
-    p.add_argument("-m", "--message", default="", help="what happened in this turn")
-
-    p = sub.add_parser("rollback", help="make the live tree exactly turn N",
-                       description="Seal pending changes, make the live tree exactly TURN, and "
-                                   "record that as a new turn (so it can be rolled back too).")
-    _add_c(p)
-    p.add_argument("turn", type=parse_turn, metavar="TURN", help="N or turn-N")
-
-    p = sub.add_parser("log", help="list the turns (-v: what each changed, and which process)",
-                       description="One line a turn, oldest first. With -v, each turn's changes "
-                                   "follow it: kind (A/M/D/R/T), path, and the process that made "
-                                   "the change (command, pid, uid).",
-                       epilog="example: cowfs log -v -n 3     # the last three turns, change by change",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_c(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="list each turn's changes with the process that made each")
-    p.add_argument("-n", type=int, metavar="N", help="only the last N turns")
-
-    p = sub.add_parser(
-        "diff", help="what changed between two turns (default: the open turn so far)",
-        description="What changed from turn A to turn B. No turn: from the last sealed turn to the "
-                    "live tree (what the open turn did so far); A alone: from A to the live tree. "
-                    "Paths after -- limit the diff to those files and directories. Renames are the "
-                    "ones the filesystem saw, never guessed. On a terminal the output goes through "
-                    "a pager ($COWFS_PAGER, $PAGER, else less -FRX).",
-        epilog="examples:\n  cowfs diff                   # the open turn so far, as a patch\n"
-               "  cowfs diff 3 5 --stat        # turn-3 to turn-5\n"
-               "  cowfs diff 2 --name-status -- src",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_c(p)
-    p.add_argument("turns", nargs="*", type=parse_turn, metavar="TURN", help="A [B]: N or turn-N")
-    shown = p.add_mutually_exclusive_group()
-    shown.add_argument("--name-status", action="store_true", help="one line a change: kind, path")
-    shown.add_argument("--stat", action="store_true", help="a line a file with +/- counts")
-    shown.add_argument("--json", action="store_true",
-                       help="one object a change: kind, path, old_path, sizes, modes, process")
-    p.add_argument("--no-pager", action="store_true", help="never page the output")
-
-    p = sub.add_parser(
-        "restore", help="make some paths exactly what they were at a turn",
-        description="Make each PATH (file, symlink or whole directory) exactly what it was at TURN: "
-                    "content, mode, mtime, xattrs; a directory's later additions are removed; a "
-                    "path that did not exist at TURN is removed. The restore is a change of the "
-                    "open turn: `cowfs diff` shows it and `cowfs rollback` to the last sealed turn "
-                    "undoes it. PATHs are relative to the current directory when it is inside the "
-                    "mount, else to the workspace root.",
-        epilog="example: cowfs restore 4 src/app.py docs/",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_c(p)
-    p.add_argument("turn", type=parse_turn, metavar="TURN", help="N or turn-N")
-    p.add_argument("paths", nargs="+", metavar="PATH")
-
-    p = sub.add_parser(
-        "run", help="run one command in the workspace, then seal its turn",
-        description="Run CMD with the current directory (if inside the mount, else the workspace "
-                    "root) as its working directory, through the mount, then seal the open turn "
-                    "with MSG (default: the command line). Exits with the command's status.",
-        epilog="example: cowfs -C ~/proj run -m 'format' -- black src",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_c(p)
-    p.add_argument("-m", "--message", help="the turn's message (default: the command line)")
-
-    p = sub.add_parser("status", help="show the mount, current turn, capture mode and store size")
-    _add_c(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-    p = sub.add_parser("export-git", help="write every sealed turn as a git commit",
-                       description="Write each sealed turn not yet exported as one commit on BRANCH "
-                                   "(tree = the turn's snapshot, message = the turn's message with a "
-                                   "Cowfs-Turn trailer). Default repository: a bare one in the store "
-                                   "(WORKSPACE/.cowfs/git). Git cannot hold empty directories, "
-                                   "FIFOs, sockets, devices or .git directories: they are left out "
-                                   "and counted.")
-    _add_c(p)
-    p.add_argument("--to", metavar="REPO", help="an existing git repository outside the workspace")
-    p.add_argument("--branch", default="cowfs", help="the branch to create or extend (default: cowfs)")
-
-    p = sub.add_parser(
-        "prune", help="free the store of the oldest turns",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Remove the oldest turns and everything only they needed (pre-images,\n"
-                    "objects kept for them); print the turns removed and the bytes freed (from\n"
-                    "the filesystem's free space). The open turn and the newest sealed turn are\n"
-                    "never pruned; turn numbers are never reused. A pruned turn is gone from\n"
-                    ".snapshots and `cowfs log`; asking for it is an error naming the oldest\n"
-                    "turn kept. Several limits: the strictest wins.",
-        epilog="examples:\n  cowfs prune --keep 20            # keep the newest 20 sealed turns\n"
-               "  cowfs prune --older-than 7d --dry-run\n"
-               "  cowfs prune --max-store 2G       # oldest turns first, until the store fits")
-    _add_c(p)
-    _add_limits(p, "prune ")
-    p.add_argument("--dry-run", action="store_true",
-                   help="say what would go and about how much it holds; change nothing")
-
-    p = sub.add_parser(
-        "fsck", help="check an unmounted workspace's store (and --repair it)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Check the store of an unmounted WORKSPACE: the catalogue file, turn records, "
-                    "rows against the store's files (missing pre-images, orphans, objects gone), "
-                    "and the tree against the last session (drift). One line per finding, then "
-                    "a summary.",
-        epilog="exit codes:\n"
-               "  0  the store is consistent (with --repair: after the repairs)\n"
-               "  1  problems found (with --repair: some could not be repaired)\n"
-               "  2  bad input: not a directory, no store, mounted, a newer format\n\n"
-               "--repair loses nothing: orphan files are moved into .cowfs/lost+found, a lost\n"
-               "pre-image or object is recorded as lost (snapshots that need it answer EIO),\n"
-               "a damaged catalogue is copied row by row into a new one (the old one kept).\n"
-               "Drift is only reported: `cowfs mount --force` accepts it.")
-    p.add_argument("workspace", nargs="?", default=".", metavar="WORKSPACE",
-                   help="the workspace directory (default: the current directory)")
-    p.add_argument("--repair", action="store_true",
-                   help="mend what can be mended without losing anything")
-    return parser
-
-
-def _add_limits(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--keep", metavar="N", help=what + "all but the newest N sealed turns")
-    p.add_argument("--older-than", metavar="DURATION",
-                   help=what + "turns sealed longer ago than DURATION (30m, 12h, 7d, 2w)")
-    p.add_argument("--max-store", metavar="SIZE",
-                   help=what + "the oldest turns until pre-images and kept objects fit in SIZE "
-                               "(500M, 2G)")
-
-
-def _add_c(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-C", dest="cwd", metavar="PATH",
-                   help="any path inside the mount (default: the current directory)")
-
 
 # -- mount / umount ------------------------------------------------------------------------
 def cmd_mount(args) -> int:
@@ -342,6 +105,7 @@ def cmd_log(args) -> int:
             t["changes_list"] = ([] if t["number"] <= reply.get("oldest_turn", 0)
                                  else _turn_changes(ws, t, turns))
     if args.json:
+        import json
         print(json.dumps(turns, indent=2))
         return 0
     if reply.get("oldest_turn"):
@@ -378,6 +142,7 @@ def _by(c: dict) -> str:
 
 
 def cmd_diff(args) -> int:
+    import json
     from . import patch
     from .api import Workspace
     if len(args.turns) > 2:
@@ -467,6 +232,7 @@ def cmd_status(args) -> int:
     s = control.request(mount, "status")
     s.pop("ok", None)
     if args.json:
+        import json
         print(json.dumps(s, indent=2))
         return 0
     print(f"mount:        {s['mountpoint']}")
@@ -593,34 +359,43 @@ COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "checkpoint": cmd_checkpoi
             "prune": cmd_prune, "fsck": cmd_fsck}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Parse, keeping what follows "--" of diff and run apart; -C before the command or after it
-    (after wins) names where the command runs, as git -C."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    tail: list[str] = []
-    command = next((a for a in argv if a in COMMANDS), None)
-    if command in _AFTER_DASHES and "--" in argv:
-        cut = argv.index("--")
-        argv, tail = argv[:cut], argv[cut + 1:]
-    args = build_parser(command_named(argv)).parse_args(argv)
-    args.after_dashes = tail
-    args.base = getattr(args, "cwd", None) or args.top_cwd    # relative paths are taken from here
-    if hasattr(args, "cwd"):
-        args.cwd = args.cwd or args.top_cwd or "."
-    if args.top_cwd and args.command == "mount":
-        args.workspace = os.path.join(args.top_cwd, args.workspace)
-        if args.at:
-            args.at = os.path.join(args.top_cwd, args.at)
-    if args.top_cwd and args.command == "fsck":
-        args.workspace = os.path.join(args.top_cwd, args.workspace)
-    if args.top_cwd and args.command == "umount" and args.path:
-        args.path = os.path.join(args.top_cwd, args.path)
-    return args
+def plain_checkpoint(argv: list[str]) -> tuple[str, str] | None:
+    """(where, message) if *argv* is `checkpoint` with at most -C PATH (before or after it) and
+    -m/--message MSG, parsed as argparse would parse it; else None, and argparse decides (help,
+    abbreviations, values that look like options, errors)."""
+    top_cwd = cwd = None
+    message, named = "", False
+    words = iter(argv)
+    for word in words:
+        if word == "checkpoint" and not named:
+            named = True
+        elif word == "-C" or (named and word in ("-m", "--message")):
+            value = next(words, None)
+            if value is None or value.startswith("-"):
+                return None
+            if word != "-C":
+                message = value
+            elif named:
+                cwd = value
+            else:
+                top_cwd = value
+        elif named and word.startswith("--message="):
+            message = word.removeprefix("--message=")
+        else:
+            return None
+    return (cwd or top_cwd or ".", message) if named else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plain = plain_checkpoint(argv)
+    if plain is None:
+        from .arguments import parse_args
+        args = parse_args(argv)
     try:
+        if plain is not None:
+            print(f"turn-{control.checkpoint_in_one_shot(*plain)}")
+            return 0
         return COMMANDS[args.command](args)
     except CowfsError as e:
         print(f"cowfs: error: {e}", file=sys.stderr)

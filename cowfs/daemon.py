@@ -224,9 +224,13 @@ class Daemon:
             pyfuse3.init(self.fs, self.opts.mountpoint, fuse_options(self.opts))
         except RuntimeError as e:
             raise MountError(f"cannot mount on {self.opts.mountpoint}: {e}") from None
+        mountpoint = os.fsencode(self.opts.mountpoint)
+        self.fs.mount_path = (None, mountpoint)
         if self.opts.as_root:
-            # Where the mount is seen: to unmount it for its owner (_op_unmount).
+            # Where the mount is seen: to unmount it for its owner (_op_unmount), and the root
+            # its own threads reach it from (CowFS.flush_open_writes).
             self.host_namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            self.fs.mount_path = (os.open("/", os.O_PATH | os.O_CLOEXEC), mountpoint.lstrip(b"/"))
             # Belt and braces: nothing this process opens by name can reach its mount.
             libc.hide_mount_from_self(self.opts.mountpoint,
                                       _paths_the_daemon_needs(self.opts.workspace))
@@ -370,13 +374,17 @@ class Daemon:
         return row[0] if row else 0
 
     async def _op_checkpoint(self, req: dict) -> dict:
+        """Seal the open turn. `brief`: reply with the turn alone (control.checkpoint_in_one_shot)."""
         message = str(req.get("message") or "")
+        await self.fs.flush_open_writes()
         try:
             rules = load_rules(self.root_fd)
         except BadRules as e:
             raise BadInput(f"{e}; turn-{self.capture.turn} was not sealed, and its rules stay in force "
                            "for it") from None
         turn = self.capture.seal(message, rules=rules)
+        if req.get("brief"):
+            return {"turn": turn}
         return {"turn": turn, "record": self.store.catalogue.turn(turn).__dict__}
 
     async def _op_log(self, req: dict) -> dict:
@@ -456,6 +464,7 @@ class Daemon:
 
     async def _op_rollback(self, req: dict) -> dict:
         target = self._sealed_turn(req.get("turn"))
+        await self.fs.flush_open_writes()
         while self.capture.captures_in_flight():
             await trio.sleep(0.005)
         # No await from here to the seal: every other request waits.
@@ -509,6 +518,7 @@ class Daemon:
             await trio.to_thread.run_sync(invalidate_entries, names)
 
     async def _op_umount(self, req: dict) -> dict:
+        await self.fs.flush_open_writes()
         return {"sealed": self._seal_pending("unmount"), "pid": os.getpid()}
 
     async def _op_unmount(self, req: dict) -> dict:

@@ -9,6 +9,7 @@ refused with EROFS when they would write.
 """
 
 import collections
+import contextlib
 import errno
 import functools
 import logging
@@ -23,7 +24,7 @@ import trio
 from . import libc
 from .capture import Capture
 from .catalogue import disk_full
-from .control import REFRESH_PREFIX
+from .control import REFRESH_PREFIX, flush_kernel_writes
 from .inodes import VIRTUAL_BASE, InodeTable, Node
 from .snapshot import SnapObject, SnapshotNodes, SnapshotView
 from .store import STORE_NAME, ObjectRef, Store
@@ -74,7 +75,8 @@ def fuse_op(method):
         self.requests[name] += 1
         if self.debug:
             log.debug("%s%r", name, _shown_args(args))
-        if args and type(args[-1]) is pyfuse3.RequestContext and self.is_own(args[-1].pid):
+        if args and type(args[-1]) is pyfuse3.RequestContext and self.is_own(args[-1].pid) \
+                and args[-1].pid != self.flusher_tid:
             # From a worker thread of ours (from the main one it could never be served).
             self.requests["from_daemon"] += 1
             log.error("%s%r came from the daemon itself", name, args[:2])
@@ -269,6 +271,12 @@ class CowFS(pyfuse3.Operations):
         # (see Daemon.kernel_refresh_list): those setattrs are not changes to capture.
         self.refreshing: set[int] = set()
         self.refresher_tid = 0
+        # Before a seal a thread of ours reopens each file open for writing (flush_open_writes)
+        # by the same reserved names, through the mount's root at mount_path (dir_fd, path for
+        # os.open; the daemon sets it once mounted).
+        self.flushing: set[int] = set()
+        self.flusher_tid = 0
+        self.mount_path: tuple[int | None, bytes] | None = None
         # Objects a rollback took out of the tree, while the kernel may still hold dentries
         # of their old names (until the rollback's invalidation is done): see _not_detached.
         self.detached: set[int] = set()
@@ -376,8 +384,11 @@ class CowFS(pyfuse3.Operations):
                 return self._snapdir_entry()
             if name == STORE_NAME:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            if name.startswith(REFRESH_PREFIX) and ctx.pid == self.refresher_tid:
-                return self._refresh_lookup(name)
+            if name.startswith(REFRESH_PREFIX) and ctx.pid:
+                if ctx.pid == self.refresher_tid:
+                    return self._reserved_lookup(name, self.refreshing)
+                if ctx.pid == self.flusher_tid:
+                    return self._reserved_lookup(name, self.flushing)
         parent = self._node(parent_id)
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
@@ -392,8 +403,9 @@ class CowFS(pyfuse3.Operations):
             st = os.stat(node.fd)
         return _entry(st, self.inodes.nodeid(st.st_ino), LIVE_TIMEOUT)
 
-    def _refresh_lookup(self, name: bytes) -> pyfuse3.EntryAttributes:
-        """The entry of a restored file by its reserved name, for the refresher only.
+    def _reserved_lookup(self, name: bytes, reachable: set[int]) -> pyfuse3.EntryAttributes:
+        """The entry of a file by its reserved name, for the thread that may reach *reachable*
+        (the refresher, restored files; the flusher, files open for writing).
 
         Any name the kernel resolves to the same inode number reaches the inode
         it caches, so no path of the file (which the rollback may have removed,
@@ -401,7 +413,7 @@ class CowFS(pyfuse3.Operations):
         """
         tail = name[len(REFRESH_PREFIX):]
         nodeid = int(tail) if tail.isdigit() else 0
-        if nodeid not in self.refreshing:
+        if nodeid not in reachable:
             raise pyfuse3.FUSEError(errno.ENOENT)
         node = self._node(nodeid)
         node.lookups += 1
@@ -741,7 +753,8 @@ class CowFS(pyfuse3.Operations):
                 self._drop_setid_bits(node)
         fd = os.open(libc.proc_path(node.fd), _backing_flags(flags))
         self._opened(fd, node, flags)
-        if flags & os.O_ACCMODE == os.O_RDONLY and self.atime != "noatime":
+        if flags & os.O_ACCMODE == os.O_RDONLY and self.atime != "noatime" \
+                and ctx.pid != self.flusher_tid:
             self._read_access(nodeid, node, fd)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
@@ -811,6 +824,43 @@ class CowFS(pyfuse3.Operations):
         if not node.size_unsure:       # once: a failed write-back fails every run of pages
             node.size_unsure = True
             self._drop_kernel_entry(node)
+
+    async def flush_open_writes(self) -> None:
+        """Have the kernel write back, and wait for, the pages it holds of files open for
+        writing: before a seal, so that the turn holds every write made in it.
+
+        syncfs(2) does not wait for a FUSE write-back (the kernel ends it before the daemon
+        answers), but a close does: at every close of a file the kernel writes its dirty
+        pages back and waits for the replies. So a thread of ours opens and closes each file
+        open for writing, by its reserved name. A file not open has no dirty page: its last
+        close wrote them back.
+        """
+        nodeids = sorted({self.inodes.nodeid(self.open_files[fh].ino) for fh in self.writer_fhs})
+        if not nodeids or self.mount_path is None:
+            return
+        self.flushing = set(nodeids)
+        try:
+            await trio.to_thread.run_sync(self._open_and_close, nodeids)
+        finally:
+            self.flushing, self.flusher_tid = set(), 0
+
+    def _open_and_close(self, nodeids: list[int]) -> None:
+        self.flusher_tid = threading.get_native_id()
+        dir_fd, root = self.mount_path
+        unreached = 0
+        for nodeid in nodeids:
+            try:
+                os.close(os.open(os.path.join(root, REFRESH_PREFIX + b"%d" % nodeid),
+                                 os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd))
+            except FileNotFoundError:
+                pass            # closed meanwhile: that close wrote the pages back
+            except OSError as e:
+                # A rootless daemon may not read a file its owner made unreadable.
+                log.warning("cannot reopen open file %d to write its pages back: %s", nodeid, e)
+                unreached += 1
+        if unreached:
+            with contextlib.suppress(OSError):   # the next best thing: starts the write-back
+                flush_kernel_writes(root if dir_fd is None else b"/proc/self/fd/%d/%s" % (dir_fd, root))
 
     def _drop_kernel_entry(self, node: Node) -> None:
         # In a thread of its own, never awaited: the kernel takes the directory's lock for it,

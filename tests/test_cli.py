@@ -1,11 +1,17 @@
 """The command line: bad input gets one line and exit code 2, failures exit 1, --help answers."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
+
+from conftest import run
 
 COWFS = [sys.executable, "-m", "cowfs"]
 
@@ -34,7 +40,8 @@ def test_only_the_command_named_is_built_and_the_rest_still_listed():
     """A command line builds the parser of its command alone (the others cost a checkpoint
     ~5 ms); a word that names a command elsewhere on the line (-C's value, a message) does not
     count, and a line naming none lists every command."""
-    from cowfs.cli import COMMANDS, parse_args
+    from cowfs.arguments import parse_args
+    from cowfs.cli import COMMANDS
     args = parse_args(["-C", "log", "checkpoint", "-m", "rollback"])
     assert (args.command, args.message, args.cwd) == ("checkpoint", "rollback", "log")
     args = parse_args(["-C", "x", "rollback", "3", "-C", "y"])
@@ -43,6 +50,99 @@ def test_only_the_command_named_is_built_and_the_rest_still_listed():
     assert all(name in listed for name in COMMANDS)
     misspelt = one_line_error(cowfs("chekpoint"), 2)
     assert "invalid choice" in misspelt and "'export-git'" in misspelt
+
+
+# Command lines plain_checkpoint must read as argparse does (each is a checkpoint).
+PLAIN_CHECKPOINTS = [
+    ["checkpoint"], ["checkpoint", "-m", "x"], ["-C", "a", "checkpoint"], ["checkpoint", "-C", "b"],
+    ["-C", "a", "checkpoint", "-C", "b", "-m", "one", "--message", "two"],
+    ["checkpoint", "--message=-starts with a dash"], ["checkpoint", "-m", ""],
+    ["-C", "checkpoint", "checkpoint", "-m", "checkpoint"], ["checkpoint", "-m", "quo\"te \\ é\t"],
+]
+# ... and those it must leave to argparse.
+NOT_PLAIN = [
+    [], ["checkpoint", "--help"], ["checkpoint", "-h"], ["--version"], ["checkpoint", "-mx"],
+    ["checkpoint", "--mess", "x"], ["checkpoint", "-m"], ["checkpoint", "-m", "-x"],
+    ["checkpoint", "extra"], ["checkpoint", "checkpoint"], ["-C"], ["checkpoint", "--"],
+    ["checkpoint", "-C=a"], ["log", "-m", "x"], ["-m", "x", "checkpoint"], ["status"],
+]
+
+
+def test_a_plain_checkpoint_line_is_read_as_argparse_reads_it():
+    from cowfs.arguments import parse_args
+    from cowfs.cli import plain_checkpoint
+    for argv in PLAIN_CHECKPOINTS:
+        args = parse_args(argv)
+        assert args.command == "checkpoint"
+        assert plain_checkpoint(argv) == (args.cwd, args.message), argv
+    for argv in NOT_PLAIN:
+        assert plain_checkpoint(argv) is None, argv
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(st.lists(st.sampled_from(["checkpoint", "-C", "-m", "--message", "--message=v",
+                                            "x", "y z", "", "-x", "--", "-h", "log", "-mq"]),
+                           max_size=7))
+def test_plain_checkpoint_never_reads_a_line_otherwise_than_argparse(argv):
+    """Whatever plain_checkpoint takes, argparse takes too, with the same meaning."""
+    from cowfs.arguments import parse_args
+    from cowfs.cli import plain_checkpoint
+    plain = plain_checkpoint(argv)
+    if plain is None:
+        return
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        args = parse_args(argv)     # SystemExit (a usage error or --help) fails the test
+    assert (args.command, args.cwd, args.message) == ("checkpoint", *plain)
+
+
+# Writes a line to a file it keeps open, at each line read. Another process: a process that
+# starts a command closes its descriptors at the exec, and each close writes back dirty pages.
+HOLDER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+for line in sys.stdin:
+    os.write(fd, line.encode())
+    print("written", flush=True)
+"""
+
+
+def test_a_plain_checkpoint_imports_only_what_it_needs_and_keeps_what_the_kernel_holds(workspace):
+    """`cowfs checkpoint -C WS -m MSG`, what a harness runs each turn, loads no argparse, json,
+    re, socket.py or ctypes (~10 ms of a one-shot process), and no syncfs is made on its side:
+    the daemon has the kernel write back, and waits for, what it holds of a file another
+    process keeps open (a syncfs in the daemon lost that write in about 1 run of 3)."""
+    ws = workspace
+    ws.mount()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, ws.path / "held"], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def write(line):
+        holder.stdin.write(line + "\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == "written\n"
+    try:
+        write("not yet written back")
+        assert os.stat(ws.backing / "held").st_size == 0     # the kernel still holds it
+        cp = run([*ws.cowfs_cmd, "checkpoint", "-C", ws.path, "-m", "a plain message"],
+                 env={"PYTHONPROFILEIMPORTTIME": "1"})
+        turn = cp.stdout.strip()
+        assert turn.startswith("turn-")
+        loaded = {line.split("|")[-1].strip() for line in cp.stderr.splitlines()
+                  if line.startswith("import time:")}
+        assert "cowfs.control" in loaded          # the import profile was taken
+        assert loaded & {"argparse", "json", "re", "socket", "ctypes", "enum", "cowfs.arguments"} \
+            == set()
+        assert (ws.snapshots / turn / "held").read_bytes() == b"not yet written back\n"
+        # A message JSON must escape takes json after all, and arrives whole.
+        write("more")
+        quoted = 'quo"te \\ \t é'
+        turn = ws.cli("checkpoint", "-m", quoted).stdout.strip()
+        assert (ws.snapshots / turn / "held").read_bytes() == b"not yet written back\nmore\n"
+        messages = {f"turn-{t['number']}": t["message"] for t in json.loads(ws.cli("log", "--json").stdout)}
+        assert messages[turn] == quoted
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
 
 
 def test_mount_refuses_what_it_cannot_mount(workspace, tmp_path):

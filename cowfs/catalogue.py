@@ -173,6 +173,10 @@ class FormatError(Exception):
         self.version = version
 
 
+_RECORD_ATTRS = ("INSERT OR IGNORE INTO attrs (ino, turn, mode, uid, gid, size, mtime_ns, path, nlink) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
 class Catalogue:
     @classmethod
     def existing(cls, path: str, readonly: bool) -> "Catalogue":
@@ -354,12 +358,13 @@ class Catalogue:
 
     def record_attrs(self, ino: int, turn: int, st, xattrs: dict[bytes, bytes],
                      path: bytes | None) -> None:
+        row = (ino, turn, st.st_mode, st.st_uid, st.st_gid, st.st_size, _ns_column(st.st_mtime_ns),
+               path, st.st_nlink)
+        if not xattrs:      # the usual case: one statement is all or nothing by itself
+            self.db.execute(_RECORD_ATTRS, row)
+            return
         with self.transaction():
-            self.db.execute(
-                "INSERT OR IGNORE INTO attrs (ino, turn, mode, uid, gid, size, mtime_ns, path, nlink) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (ino, turn, st.st_mode, st.st_uid, st.st_gid, st.st_size, _ns_column(st.st_mtime_ns), path,
-                 st.st_nlink))
+            self.db.execute(_RECORD_ATTRS, row)
             self.db.executemany("INSERT OR IGNORE INTO xattrs (ino, turn, name, value) VALUES (?, ?, ?, ?)",
                                 [(ino, turn, k, v) for k, v in xattrs.items()])
 

@@ -29,18 +29,15 @@ from .trees import (
 
 MiB = 1 << 20
 
-# Targets, verbatim from issue 3 (and issue 4 for export-git).
-A_MAX_MS = 5.0
-A_MIN_SPEEDUP_VS_GIT = 20.0
-A_SPEEDUP_AT_FILES = 20_000
-A_API_MAX_MS = 1.0  # issue 13: checkpoint through the Python API (issue 10)
+# Targets, from issue 3 (B, D), issue 4 (export-git), and as issue 13 revised them (A, C, E):
+# C's times are diagnostics (row T judges the speed users feel), C's untar judged by requests.
+A_MAX_ABOVE_PYTHON_MS = 10.0    # `cowfs checkpoint` ≤ `python -c pass` + this, same run
+A_API_MAX_MS = 1.0              # checkpoint through the Python API (issue 10)
 B_MAX_ADDED_MS = 5.0
 B_MAX_GROWTH_MIB = 2.0
-C_MAX_GEOMEAN = 3.0
-C_MAX_EACH = 5.0
-C_MAX_REREAD = 1.3
+C_UNTAR_MAX_REQUESTS = 13.0     # per file
 D_MAX_RSS_MB = 200.0
-E_MAX_MS = 2000.0
+E_MIN_SPEEDUP_VS_GIT = 2.0
 X_MIN_SPEEDUP = 10.0
 
 TURN_FILES = 10  # files changed by the turn before each checkpoint (A, export)
@@ -112,25 +109,22 @@ def python_startup_ms(python, runs=10):
 
 
 def measure_a(ctx):
-    rows = [row for n in ctx.cfg.sizes for row in checkpoint_rows(ctx, n)]
     python = ctx.cowfs.argv0[0]
-    try:
-        rows[0].notes[f"`{python} -c pass` ms (the floor under any cowfs command)"] = \
-            python_startup_ms(python)
-    except Exception as e:  # noqa: BLE001 - only a note
-        rows[0].notes["python startup"] = f"not measured: {e}"
+    floor = python_startup_ms(python)
+    rows = [row for n in ctx.cfg.sizes for row in checkpoint_rows(ctx, n, floor)]
+    rows[0].notes[f"`{python} -c pass` ms (the floor under any cowfs command)"] = floor
     return rows
 
 
-def checkpoint_rows(ctx, nfiles):
-    """The CLI row (issue 3's targets) and the Python API row (issue 10: `cowfs.Workspace(
-    path).checkpoint(msg)` from a running process; issue 13: ≤ 1 ms, flat in the tree size)."""
+def checkpoint_rows(ctx, nfiles, floor):
+    """The CLI row (issue 13: ≤ *floor*, `python -c pass` measured in this run, + 10 ms) and
+    the Python API row (issue 10: `cowfs.Workspace(path).checkpoint(msg)` from a running
+    process; issue 13: ≤ 1 ms, flat in the tree size)."""
     base = ctx.fresh_dir(f"A-{nfiles}")
     cow, git, cp = Variant("cowfs"), Variant("shadow git"), Variant("cp --reflink")
     api = Variant("cowfs")
-    target = f"≤ {A_MAX_MS:g} ms"
-    if nfiles == A_SPEEDUP_AT_FILES:
-        target += f"; ≥ {A_MIN_SPEEDUP_VS_GIT:g}× faster than shadow git"
+    limit = floor + A_MAX_ABOVE_PYTHON_MS
+    target = f"≤ `python -c pass` + {A_MAX_ABOVE_PYTHON_MS:g} ms ({limit:.1f} ms)"
     row = Row(f"A/{nfiles}", f"A checkpoint, {nfiles:,} files", cow, [git, cp], target)
     api_row = Row(f"A-api/{nfiles}", f"A checkpoint via the Python API, {nfiles:,} files", api,
                   [git, cp], f"≤ {A_API_MAX_MS:g} ms")
@@ -143,12 +137,8 @@ def checkpoint_rows(ctx, nfiles):
     log(f"A: {nfiles:,} files: cp -r --reflink=always")
     attempt(cp, a_cp_reflink, ctx, base / "native", base, cp, show_traceback=True)
 
-    def passed(r):
-        ok = r.cowfs.median <= A_MAX_MS
-        if nfiles == A_SPEEDUP_AT_FILES:
-            ok = ok and git.median / r.cowfs.median >= A_MIN_SPEEDUP_VS_GIT
-        return ok
-    return [row.judge(passed), api_row.judge(lambda r: api.median <= A_API_MAX_MS)]
+    return [row.judge(lambda r: cow.median <= limit),
+            api_row.judge(lambda r: api.median <= A_API_MAX_MS)]
 
 
 def a_cowfs(ctx, ws, nfiles, v, api):
@@ -354,6 +344,9 @@ def measure_c(ctx):
                            else (nfiles, "stdlib file"))
             passes = " (both passes)" if op == C_REREAD else ""
             row.notes["FUSE requests (cowfs)"] = f"{n:,.0f}{passes}: {n / files:.1f} per {what}"
+            if op == "untar":
+                row.target = f"≤ {C_UNTAR_MAX_REQUESTS:g} FUSE requests per file (time: diagnostic)"
+                row.judge(lambda r, per_file=n / files: per_file <= C_UNTAR_MAX_REQUESTS)
     for row in rows:
         fingerprints = seen["native"].get(row.key.removeprefix("C/"), {None}) - {None}
         if fingerprints:
@@ -399,20 +392,15 @@ def _seen(fingerprints):
 
 
 def c_rows(native, cow):
-    rows = []
-    for op in C_STEPS:
-        limit = C_MAX_REREAD if op == C_REREAD else C_MAX_EACH
-        row = Row(f"C/{op}", f"C {op}", cow[op], [native[op]], f"≤ {limit:g}× native")
-        rows.append(row.judge(lambda r, limit=limit: r.ratio(r.baselines[0]) <= limit))
+    """Diagnostics: their ratios, no verdict (issue 13: row T judges)."""
+    rows = [Row(f"C/{op}", f"C {op}", cow[op], [native[op]], "—") for op in C_STEPS]
     ratios = [r.ratio(r.baselines[0]) for r in rows if r.key != f"C/{C_REREAD}"]
     mean = Variant("cowfs", unit="×")
     if all(x is not None for x in ratios):
         mean.add(geomean(ratios))
     else:
         mean.fail("error: not every operation has a ratio")
-    row = Row("C/geomean", "C geometric mean of the ratios (without re-read)", mean, [],
-              f"≤ {C_MAX_GEOMEAN:g}×, none above {C_MAX_EACH:g}×")
-    rows.append(row.judge(lambda r: mean.median <= C_MAX_GEOMEAN and max(ratios) <= C_MAX_EACH))
+    rows.append(Row("C/geomean", "C geometric mean of the ratios (without re-read)", mean, [], "—"))
     return rows
 
 
@@ -469,13 +457,13 @@ def measure_e(ctx):
     nfiles, changes = ctx.cfg.e_files, ctx.cfg.e_changes
     cow, git = Variant("cowfs"), Variant("shadow git")
     row = Row("E", f"E rollback of {changes:,} changed files ({nfiles:,}-file tree)", cow, [git],
-              f"≤ {E_MAX_MS:g} ms and faster than shadow git")
+              f"≥ {E_MIN_SPEEDUP_VS_GIT:g}× faster than shadow git")
     base = ctx.fresh_dir("E")
     log(f"E: cowfs rollback of {changes:,} files")
     attempt(cow, e_cowfs, ctx, base / "cowfs", nfiles, changes, cow)
     log(f"E: shadow git checkout + clean of {changes:,} files")
     attempt(git, e_shadow_git, ctx, base, nfiles, changes, git, show_traceback=True)
-    return [row.judge(lambda r: cow.median <= E_MAX_MS and cow.median < git.median)]
+    return [row.judge(lambda r: git.median / cow.median >= E_MIN_SPEEDUP_VS_GIT)]
 
 
 def e_cowfs(ctx, ws, nfiles, changes, v):

@@ -139,10 +139,10 @@ class Workspace:
         return Turn.from_record(self._request("checkpoint", message=message)["record"])
 
     def sync(self) -> None:
-        """Hand the kernel's dirty pages of the mount to the daemon (what `checkpoint` and a live
-        `diff` do first), so that `status().pending_changes` counts writes still in the page
-        cache, such as those of a file that is still open."""
-        control.syncfs(self._mount)
+        """Have the kernel write back, and wait for, what it holds of files still open for writing
+        (what `checkpoint`, `rollback`, `restore` and a live `diff` do first), so that
+        `status().pending_changes` counts writes still in the page cache."""
+        self._request("flush")
 
     def turns(self) -> list[Turn]:
         """Every turn still kept, oldest first; the last one is the open turn."""
@@ -179,8 +179,6 @@ class Workspace:
         """
         a = self._last_sealed() if a is None else _turn_number(a)
         b = None if b is None else _turn_number(b)
-        if b is None:
-            control.syncfs(self._mount)     # what the kernel still holds is part of the live tree
         reply = self._request("diff", a=a, b=b, paths=[self.relative(p) for p in paths])
         return [Change.from_record(r) for r in reply["changes"]]
 

@@ -125,31 +125,6 @@ def _decoded(data: bytes) -> dict:
     return reply
 
 
-def syncfs(mount: Mount) -> None:
-    """Make the kernel hand every dirty page of the mount to the daemon (before a seal)."""
-    flush_kernel_writes(mount.mountpoint)
-
-
-def flush_kernel_writes(path: str) -> None:
-    """syncfs(2) of the filesystem of *path*, a directory.
-
-    A write-back error (a full disk, say) is reported by syncfs too, but it belongs
-    to the file whose pages failed, and its writer is told at close() or fsync():
-    the data never reached the tree, so the history stays exact without it and the
-    seal goes on (failing the checkpoint left a turn unsealed that held nothing wrong).
-    """
-    from . import libc
-    import errno
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        libc.syncfs(fd)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
-            raise
-    finally:
-        os.close(fd)
-
-
 def checkpoint(path: str, message: str = "") -> int:
     """End the current turn of the mount containing *path*; return the sealed turn.
 
@@ -188,7 +163,6 @@ def rollback(path: str, turn: int) -> dict:
     sealed as first, or None)."""
     import threading
     mount = find_mount(path)
-    syncfs(mount)
     reply = request(mount, "rollback", turn=turn, tid=threading.get_native_id(), uid=os.getuid())
     refresh_kernel_view(mount, reply.get("refresh", []))
     return reply
@@ -199,7 +173,6 @@ def restore(mount: Mount, turn: int, paths: list[str]) -> dict:
     (`restored`: [path, what was done] per path). Like a rollback, the kernel is then told the
     restored files' sizes (refresh_kernel_view)."""
     import threading
-    syncfs(mount)
     reply = request(mount, "restore", turn=turn, paths=paths, tid=threading.get_native_id(),
                     uid=os.getuid())
     refresh_kernel_view(mount, reply.get("refresh", []))

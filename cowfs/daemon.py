@@ -413,6 +413,8 @@ class Daemon:
         """What changed between sealed turn `a` and sealed turn `b` (None: the live tree)."""
         a = self._sealed_turn(req.get("a"))
         b = req.get("b")
+        if b is None:
+            await self.fs.flush_open_writes()   # what the kernel still holds is part of the live tree
         b = self.capture.turn if b is None else self._sealed_turn(b)
         changes = await self.history.diff(a, b, self._paths(req), self.capture.turn,
                                           self.capture.writers)
@@ -427,6 +429,7 @@ class Daemon:
         for path in paths:
             self._refuse_ignored(turn, path)
         tid, uid = req.get("tid"), req.get("uid", 0)
+        await self.fs.flush_open_writes()
         while self.capture.captures_in_flight():
             await trio.sleep(0.005)
         # No await from here to the end of the restore: every other request waits.
@@ -516,6 +519,11 @@ class Daemon:
         names = [(SNAPDIR_ID, b"turn-%d" % t) for t in sorted(known)]
         if names:
             await trio.to_thread.run_sync(invalidate_entries, names)
+
+    async def _op_flush(self, req: dict) -> dict:
+        """Have the kernel write back what it holds of files open for writing (Workspace.sync)."""
+        await self.fs.flush_open_writes()
+        return {}
 
     async def _op_umount(self, req: dict) -> dict:
         await self.fs.flush_open_writes()

@@ -24,7 +24,7 @@ import trio
 from . import libc
 from .capture import Capture
 from .catalogue import disk_full
-from .control import REFRESH_PREFIX, flush_kernel_writes
+from .control import REFRESH_PREFIX
 from .inodes import VIRTUAL_BASE, InodeTable, Node
 from .snapshot import SnapObject, SnapshotNodes, SnapshotView
 from .store import STORE_NAME, ObjectRef, Store
@@ -240,8 +240,9 @@ class _SnapFile:
 class CowFS(pyfuse3.Operations):
     supports_dot_lookup = False
     # The kernel gathers small writes into pages and sends them in large
-    # batches; `cowfs checkpoint` syncfs()es the mount before sealing, so every
-    # page written in a turn reaches the capture path within that turn.
+    # batches; before every seal the daemon has it write back the files still
+    # open for writing (flush_open_writes), so every page written in a turn
+    # reaches the capture path within that turn.
     enable_writeback_cache = True
     # POSIX ACLs: the kernel enforces them (with default_permissions) and asks for them by
     # getxattr; the backing filesystem keeps them and their mode in step. The caller's umask
@@ -276,6 +277,7 @@ class CowFS(pyfuse3.Operations):
         # os.open; the daemon sets it once mounted).
         self.flushing: set[int] = set()
         self.flusher_tid = 0
+        self._flush_lock = trio.Lock()   # one flusher at a time: they share flushing/flusher_tid
         self.mount_path: tuple[int | None, bytes] | None = None
         # Objects a rollback took out of the tree, while the kernel may still hold dentries
         # of their old names (until the rollback's invalidation is done): see _not_detached.
@@ -835,14 +837,15 @@ class CowFS(pyfuse3.Operations):
         open for writing, by its reserved name. A file not open has no dirty page: its last
         close wrote them back.
         """
-        nodeids = sorted({self.inodes.nodeid(self.open_files[fh].ino) for fh in self.writer_fhs})
-        if not nodeids or self.mount_path is None:
+        if not self.writer_fhs or self.mount_path is None:
             return
-        self.flushing = set(nodeids)
-        try:
-            await trio.to_thread.run_sync(self._open_and_close, nodeids)
-        finally:
-            self.flushing, self.flusher_tid = set(), 0
+        async with self._flush_lock:
+            nodeids = sorted({self.inodes.nodeid(self.open_files[fh].ino) for fh in self.writer_fhs})
+            self.flushing = set(nodeids)
+            try:
+                await trio.to_thread.run_sync(self._open_and_close, nodeids)
+            finally:
+                self.flushing, self.flusher_tid = set(), 0
 
     def _open_and_close(self, nodeids: list[int]) -> None:
         self.flusher_tid = threading.get_native_id()
@@ -850,17 +853,29 @@ class CowFS(pyfuse3.Operations):
         unreached = 0
         for nodeid in nodeids:
             try:
-                os.close(os.open(os.path.join(root, REFRESH_PREFIX + b"%d" % nodeid),
-                                 os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd))
+                fd = os.open(os.path.join(root, REFRESH_PREFIX + b"%d" % nodeid),
+                             os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
             except FileNotFoundError:
-                pass            # closed meanwhile: that close wrote the pages back
+                continue        # closed meanwhile: that close wrote the pages back
             except OSError as e:
                 # A rootless daemon may not read a file its owner made unreadable.
                 log.warning("cannot reopen open file %d to write its pages back: %s", nodeid, e)
                 unreached += 1
+                continue
+            try:
+                os.close(fd)
+            except OSError as e:
+                # A write-back that failed (a full disk): the data is not in the tree, so the
+                # turn is exact without it. The writer's fsync still reports it; its close may
+                # not, as this close took the error (see docs/architecture.md).
+                log.warning("write-back of open file %d failed: %s", nodeid, e)
         if unreached:
             with contextlib.suppress(OSError):   # the next best thing: starts the write-back
-                flush_kernel_writes(root if dir_fd is None else b"/proc/self/fd/%d/%s" % (dir_fd, root))
+                fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    libc.syncfs(fd)
+                finally:
+                    os.close(fd)
 
     def _drop_kernel_entry(self, node: Node) -> None:
         # In a thread of its own, never awaited: the kernel takes the directory's lock for it,

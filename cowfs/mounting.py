@@ -219,7 +219,6 @@ def unmount(path: str, lazy: bool = False) -> Unmounted:
     if is_dead(mount.mountpoint):
         clear_dead_mount(mount.mountpoint)
         return Unmounted(mount.mountpoint, cleared_dead=True)
-    control.syncfs(mount)
     reply = control.request(mount, "umount")
     argv = ["fusermount3", "-u", *(["-z"] if lazy else []), mount.mountpoint]
     result = subprocess.run(argv, capture_output=True, text=True)

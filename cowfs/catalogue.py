@@ -294,11 +294,12 @@ class Catalogue:
         self.db.execute("UPDATE turns SET changes=max(changes, ?) WHERE turn=?", (rows, turn))
         return self.db.execute("SELECT changes FROM turns WHERE turn=?", (turn,)).fetchone()[0]
 
-    def entry_created_since(self, parent: int, name: bytes, turn: int) -> bool:
-        """Entry (parent, name) held nothing at the start of some turn >= *turn* (it was created
-        then)."""
+    def entry_made_since(self, parent: int, name: bytes, ino: int, turn: int) -> bool:
+        """Entry (parent, name), which holds object *ino* now, held nothing or another object at
+        the start of some turn >= *turn* (what it holds was put there since)."""
         return self.db.execute("SELECT 1 FROM entries WHERE parent=? AND name=? AND turn>=? "
-                               "AND ino IS NULL LIMIT 1", (parent, name, turn)).fetchone() is not None
+                               "AND (ino IS NULL OR ino<>?) LIMIT 1",
+                               (parent, name, turn, ino)).fetchone() is not None
 
     # -- turns --------------------------------------------------------------
     def open_turn(self) -> int:

@@ -67,10 +67,11 @@ class SessionRecords:
             parent is not None and self.catalogue.entry_recorded_since(parent, name, self.first)
             or self.catalogue.attrs_recorded_since(st.st_ino, self.first))
 
-    def created_in_session(self, parent: int, name: bytes) -> bool:
-        """Entry (parent, name) was created in a turn of the session: what lies below it needed
-        no rows in that turn, and has them for every later one."""
-        return self.catalogue.entry_created_since(parent, name, self.first)
+    def created_in_session(self, parent: int, name: bytes, ino: int) -> bool:
+        """Directory *ino* at entry (parent, name) was made there in a turn of the session (the
+        entry held nothing, or something else it replaced, at the start of that turn): what
+        lies below it needed no rows in that turn, and has them for every later one."""
+        return self.catalogue.entry_made_since(parent, name, ino, self.first)
 
 
 def since_last_session(catalogue: Catalogue) -> tuple[int | None, SessionRecords | None]:
@@ -126,7 +127,8 @@ def find_drift(root_fd: int, since_ns: int | None, records: SessionRecords | Non
                     if stat.S_ISDIR(st.st_mode):
                         sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
                         # Made in the session: its ctime is later than the session's start.
-                        created = judged and records is not None and records.created_in_session(dir_ino, name)
+                        created = judged and records is not None \
+                            and records.created_in_session(dir_ino, name, st.st_ino)
                         stack.append((sub, st.st_ino, None if prefix is None else prefix + entry.name + "/",
                                       spared, new_below or created))
         finally:

@@ -137,9 +137,15 @@ def refuse_mounted(path: str) -> list[str]:
     return notes
 
 
+# How cowfs starts a process of its own: -P, so that `-m` imports the installed cowfs and not a
+# `cowfs/` directory in the caller's working directory (PYTHONPATH, the editable install's .pth
+# and a rootless user's site still count), from "/", which holds no mount the child would keep busy.
+CHILD = (sys.executable, "-P")
+
+
 def _spawn_daemon(req: MountRequest, opts) -> tuple[int, str]:
     read_end, write_end = os.pipe()
-    argv = [sys.executable, "-m", "cowfs", "mount", opts.workspace, "--at", opts.mountpoint,
+    argv = [*CHILD, "-m", "cowfs", "mount", opts.workspace, "--at", opts.mountpoint,
             "--foreground", "--snapdir", req.snapdir, "--ready-fd", str(write_end)]
     flags = {"--force": req.force, "--debug": req.debug, "--allow-other": req.allow_other,
              "--export-git-on-checkpoint": req.export_git_on_checkpoint}
@@ -150,22 +156,40 @@ def _spawn_daemon(req: MountRequest, opts) -> tuple[int, str]:
     argv += ["--keep", str(limits.keep)] if limits.keep is not None else []
     argv += ["--older-than", f"{limits.older_than}s"] if limits.older_than is not None else []
     argv += ["--max-store", str(limits.max_store)] if limits.max_store is not None else []
-    proc = subprocess.Popen(argv, pass_fds=(write_end,), start_new_session=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    os.close(write_end)
+    # What the daemon says before its own log exists (it lives in the store it has yet to
+    # open) goes to a file of the caller's: kept, and named, only if the daemon fails to start.
+    import tempfile
+    err_fd, err_path = tempfile.mkstemp(prefix="cowfs-daemon-", suffix=".log")
+    try:
+        proc = subprocess.Popen(argv, pass_fds=(write_end,), start_new_session=True, cwd="/",
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_fd)
+    finally:
+        os.close(err_fd)
+        os.close(write_end)
     message = _read_ready(read_end, proc)
     if message == "ok" or message.startswith("ok "):
+        os.unlink(err_path)
         return proc.pid, message.removeprefix("ok").strip()
     if message.startswith("error: "):
+        os.unlink(err_path)
         raise BadInput(message.removeprefix("error: "))
-    raise OperationFailed(f"the daemon failed to start ({message or 'no message'}); "
-                          f"see {opts.workspace}/.cowfs/daemon.log")
+    raise OperationFailed(f"the daemon failed to start ({message or 'no message'}"
+                          f"{_last_line(err_path)}); see {err_path}")
+
+
+def _last_line(path: str) -> str:
+    """The last line the daemon wrote to stderr (a traceback's names the exception), after ": "."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ""
+    return f": {lines[-1]}" if lines else ""
 
 
 def _spawn_watcher(mountpoint: str, quiet: float, daemon_pid: int) -> None:
     """The auto-checkpoint watcher (autocheckpoint.py), outside the mount so it never keeps it busy."""
-    subprocess.Popen([sys.executable, "-m", "cowfs.autocheckpoint", mountpoint, str(quiet),
+    subprocess.Popen([*CHILD, "-m", "cowfs.autocheckpoint", mountpoint, str(quiet),
                       str(daemon_pid)], cwd="/", start_new_session=True, stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

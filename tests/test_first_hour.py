@@ -1,0 +1,167 @@
+"""The first hour of a new user (issue 21): after the README's set-up `cowfs` is a command,
+the processes cowfs starts import the installed cowfs wherever they are started from, and a
+daemon that fails to start leaves a log the error names.
+"""
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TEST_USER, as_user, chown_tree, run
+
+# What the launcher scripts/setup installs runs: the venv's console script (its sys.path
+# starts with the venv's bin, not with the caller's working directory).
+COWFS_BIN = str(Path(sys.executable).parent / "cowfs")
+NEWCOMER = "cowfs-newcomer"     # an ordinary user with a home and a login shell
+
+
+def _as(ws) -> list[str]:
+    return [*(as_user(ws.user) if ws.user else []), COWFS_BIN]
+
+
+def _mount_from(ws, cwd: Path, *extra, env=None):
+    ws.backing      # opened while the directory underneath is reachable (ws.cleanup needs none)
+    if ws.user:
+        chown_tree(ws.path, ws.user)
+    return run([*_as(ws), "mount", ws.path, *ws.mount_args, *extra], cwd=cwd, env=env, check=False)
+
+
+def _decoy(parent: Path) -> Path:
+    """A directory holding a `cowfs/` package that fails when imported: the parent of a cowfs
+    checkout looks like this to Python."""
+    here = parent / "here"
+    for module in ("__init__.py", "__main__.py", "autocheckpoint.py"):
+        path = here / "cowfs" / module
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("raise SystemExit('imported the cowfs directory in the working directory')\n")
+    here.chmod(0o755)
+    (here / "cowfs").chmod(0o755)
+    return here
+
+
+@pytest.mark.parametrize("backing", ["xfs", "xfs-rootless"], indirect=True)
+def test_the_daemon_and_the_watcher_ignore_a_cowfs_directory_in_the_working_directory(workspace):
+    ws = workspace
+    (ws.path / "a").write_text("one\n")
+    here = _decoy(ws.path.parent)
+    mounted = _mount_from(ws, here, "--auto-checkpoint", "0.3")
+    assert mounted.returncode == 0, mounted.stderr
+    (ws.path / "a").write_text("two\n")
+    deadline = time.monotonic() + 30
+    while "last sealed turn-1" not in ws.cli("status").stdout:     # the watcher sealed it
+        assert time.monotonic() < deadline, ws.cli("status").stdout
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("backing", ["xfs", "xfs-rootless"], indirect=True)
+def test_a_daemon_that_fails_to_start_leaves_the_log_its_error_names(workspace):
+    ws = workspace
+    site = ws.path.parent / "site"
+    site.mkdir()
+    site.chmod(0o755)
+    # Imported by every interpreter at start (PYTHONPATH): fails the daemon's alone.
+    (site / "sitecustomize.py").write_text(
+        "import sys\nif '--foreground' in sys.argv:\n"
+        "    raise SystemExit('this daemon was told to fail at start')\n")
+    failed = _mount_from(ws, ws.path.parent, env={"PYTHONPATH": f"{site}{os.pathsep}{REPO}"})
+    assert failed.returncode == 1 and not ws.is_mounted()
+    line = failed.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line, failed.stderr
+    assert line.startswith("cowfs: error: the daemon failed to start"), line
+    assert "this daemon was told to fail at start" in line
+    log = Path(line.rpartition("; see ")[2])
+    try:
+        assert "this daemon was told to fail at start" in log.read_text()
+    finally:
+        log.unlink()
+
+
+# -- the README's set-up, from a fresh clone -------------------------------------------------
+@pytest.fixture
+def newcomer():
+    """An ordinary user as `adduser` makes one: a home, bash as login shell, Debian's ~/.profile."""
+    try:
+        pwd.getpwnam(NEWCOMER)
+    except KeyError:
+        run(["useradd", "--create-home", "--shell", "/bin/bash", NEWCOMER])
+    return NEWCOMER
+
+
+@pytest.fixture
+def launcher_kept():
+    """scripts/setup points /usr/local/bin/cowfs at the checkout that ran it: point it back at
+    the one it named before this test."""
+    launcher = "/usr/local/bin/cowfs"
+    before = os.readlink(launcher) if os.path.islink(launcher) else None
+    yield launcher
+    if before is not None:
+        tmp = launcher + ".tmp"
+        os.symlink(before, tmp)
+        os.replace(tmp, launcher)
+    elif os.path.islink(launcher):
+        os.unlink(launcher)
+
+
+def _login_shell(user: str, command: str):
+    """`su - USER -c COMMAND`: a new login shell, its PATH from the system's and the user's
+    profile only (none of this process's environment)."""
+    return run(["env", "-i", "su", "-", user, "-c", command], check=False, timeout=60)
+
+
+def _clone(dest: Path, owner: str | None = None) -> Path:
+    run(["git", "clone", "-q", "--no-hardlinks", REPO, dest])
+    if owner:
+        chown_tree(dest, owner)
+    return dest
+
+
+@pytest.mark.slow
+def test_after_roots_setup_cowfs_is_a_command_for_root_and_for_a_user(newcomer, launcher_kept):
+    """From a fresh clone (of this checkout's HEAD: commit what you test), README's set-up, then
+    `cowfs --version` in new login shells, sourcing nothing."""
+    parent = Path(tempfile.mkdtemp(prefix="cowfs-clone-", dir="/var/tmp"))
+    try:
+        parent.chmod(0o755)
+        clone = _clone(parent / "cowfs")
+        run(["bash", clone / "scripts/setup"], timeout=600)
+        for user in ("root", newcomer):
+            answer = _login_shell(user, "cowfs --version && readlink -f \"$(command -v cowfs)\"")
+            assert answer.returncode == 0, (user, answer.stderr)
+            version, where = answer.stdout.split()[1:3]
+            assert version == _version(clone) and where == str(clone / ".venv/bin/cowfs"), answer
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_after_a_users_own_setup_cowfs_is_their_command(newcomer):
+    """A user's own clone and set-up (root installed the system packages): `cowfs` is theirs,
+    in ~/.local/bin, at their next login."""
+    home = Path(pwd.getpwnam(newcomer).pw_dir)
+    clone = home / "src" / "cowfs"
+    shutil.rmtree(home / "src", ignore_errors=True)
+    shutil.rmtree(home / ".local", ignore_errors=True)
+    try:
+        (home / "src").mkdir()
+        chown_tree(home / "src", newcomer)
+        run([*as_user(newcomer), "git", "clone", "-q", REPO, clone], cwd=home)
+        setup = run([*as_user(newcomer), "env", f"HOME={home}", "bash", clone / "scripts/setup"],
+                    cwd=home, timeout=900)
+        assert f"{home}/.local/bin/cowfs" in setup.stdout
+        answer = _login_shell(newcomer, "cowfs --version && readlink -f \"$(command -v cowfs)\"")
+        assert answer.returncode == 0, answer.stderr
+        assert answer.stdout.split()[1:3] == [_version(clone), str(clone / ".venv/bin/cowfs")]
+    finally:
+        shutil.rmtree(home / "src", ignore_errors=True)
+        shutil.rmtree(home / ".local", ignore_errors=True)
+
+
+def _version(clone: Path) -> str:
+    text = (clone / "pyproject.toml").read_text()
+    return text.split('version = "', 1)[1].split('"', 1)[0]

@@ -6,7 +6,6 @@ daemon that fails to start leaves a log the error names.
 import os
 import pwd
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -149,8 +148,8 @@ def test_after_a_users_own_setup_cowfs_is_their_command(newcomer):
     shutil.rmtree(home / ".local", ignore_errors=True)
     try:
         (home / "src").mkdir()
+        _clone(clone, owner=newcomer)    # by root: git refuses to read a repository it does not own
         chown_tree(home / "src", newcomer)
-        run([*as_user(newcomer), "git", "clone", "-q", REPO, clone], cwd=home)
         setup = run([*as_user(newcomer), "env", f"HOME={home}", "bash", clone / "scripts/setup"],
                     cwd=home, timeout=900)
         assert f"{home}/.local/bin/cowfs" in setup.stdout
@@ -165,3 +164,25 @@ def test_after_a_users_own_setup_cowfs_is_their_command(newcomer):
 def _version(clone: Path) -> str:
     text = (clone / "pyproject.toml").read_text()
     return text.split('version = "', 1)[1].split('"', 1)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("pipx") is None, reason="pipx is not installed (apt-get install pipx)")
+def test_pipx_install_from_the_checkout_is_a_users_command(newcomer):
+    """README's other way in: `pipx install .` in the user's clone, then `cowfs` at their next
+    login, and a rootless mount with it."""
+    home = Path(pwd.getpwnam(newcomer).pw_dir)
+    clone = home / "src" / "cowfs"
+    shutil.rmtree(home / "src", ignore_errors=True)
+    try:
+        (home / "src").mkdir()
+        _clone(clone, owner=newcomer)
+        chown_tree(home / "src", newcomer)
+        installed = _login_shell(newcomer, "cd src/cowfs && pipx install --force .")
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        used = _login_shell(newcomer, "mkdir -p src/ws && cowfs mount src/ws && echo x >src/ws/a "
+                                      "&& cowfs checkpoint -C src/ws && cowfs umount src/ws")
+        assert used.stdout.splitlines()[1:] == ["turn-1", f"unmounted {home}/src/ws"], used
+    finally:
+        _login_shell(newcomer, "pipx uninstall cowfs")
+        shutil.rmtree(home / "src", ignore_errors=True)

@@ -72,6 +72,9 @@ def options(req: MountRequest):
         raise BadInput(f"--auto-checkpoint {req.auto_checkpoint}: expected a number of seconds > 0")
     if req.snapdir not in ("hidden", "visible"):
         raise BadInput(f"--snapdir {req.snapdir}: expected hidden or visible")
+    reason = fuse_unavailable_reason(workspace)
+    if reason:
+        raise BadInput(reason)
     limits = Limits.parse(req.keep, req.older_than, req.max_store)
     return MountOptions(workspace, mountpoint, req.snapdir == "visible", req.force, req.debug,
                         req.export_git_on_checkpoint, owner_uid(req.owner), allow_other(req.allow_other),
@@ -325,3 +328,47 @@ def wait_exit(pid: int) -> None:
         except OSError:
             return
         time.sleep(0.02)
+
+
+# -- can FUSE mount here? ------------------------------------------------------------------
+CONTAINER_FIX = "docker run --device /dev/fuse --cap-add SYS_ADMIN"
+
+
+def fuse_unavailable_reason(path: str) -> str | None:
+    """Why cowfs cannot mount over *path* on this machine, and the fix, in one line; None when
+    nothing that can be seen without mounting stands in the way. A syscall or two a check."""
+    import shutil
+    root = os.geteuid() == 0
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
+    except FileNotFoundError:
+        return ("there is no /dev/fuse: load the FUSE kernel module (modprobe fuse) or, in a "
+                f"container, pass the device in ({CONTAINER_FIX})")
+    except OSError as e:
+        if e.errno in (errno.ENODEV, errno.ENXIO):
+            return "/dev/fuse has no driver: load the FUSE kernel module (modprobe fuse)"
+        if root or e.errno == errno.EPERM:      # a container's device rules
+            return f"cannot open /dev/fuse ({e.strerror}): in a container, allow it ({CONTAINER_FIX})"
+        return (f"cannot open /dev/fuse ({e.strerror}): make it usable by everyone as udev does "
+                "(as root: chmod 0666 /dev/fuse), or mount as root")
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (it mounts and unmounts FUSE): install fuse3"
+    if root and not _capability(21):            # CAP_SYS_ADMIN
+        return f"root without CAP_SYS_ADMIN (in a container?) cannot mount FUSE: {CONTAINER_FIX}"
+    try:
+        read_only = os.statvfs(path).f_flag & os.ST_RDONLY
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if read_only:
+        return f"{path} is on a read-only filesystem: cowfs keeps the history beside it, in .cowfs"
+    if not root and not os.access(path, os.W_OK):
+        return f"{path} is not writable by you: mount a directory you own (or mount as root)"
+    return None
+
+
+def _capability(bit: int) -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    return False

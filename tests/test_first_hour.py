@@ -186,3 +186,66 @@ def test_pipx_install_from_the_checkout_is_a_users_command(newcomer):
     finally:
         _login_shell(newcomer, "pipx uninstall cowfs")
         shutil.rmtree(home / "src", ignore_errors=True)
+
+
+# -- errors that point the way ---------------------------------------------------------------
+def _refused(ws, before: str = "", user: str | None = None, wrap=()) -> str:
+    """`cowfs mount WS` after the shell commands *before*, in a mount namespace of its own (what
+    they change is seen by nothing else); the one-line error it exits 2 with."""
+    argv = [*wrap, *(as_user(user) if user else []), sys.executable, "-m", "cowfs", "mount", ws]
+    done = run(["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+                before + '\nexec "$@"', "sh", *argv], check=False)
+    line = done.stderr.strip()
+    assert done.returncode == 2 and "\n" not in line and line.startswith("cowfs: error: "), done
+    return line.removeprefix("cowfs: error: ")
+
+
+def _fuse_node(tmp: Path, mode: str, options: str = "", major_minor: str = "10 229") -> str:
+    """Shell commands that put a character device *major_minor* with *mode* over /dev/fuse."""
+    return (f"mkdir -p {tmp} && mount -t tmpfs -o {options or 'defaults'} none {tmp}\n"
+            f"mknod -m {mode} {tmp}/fuse c {major_minor}\nmount --bind {tmp}/fuse /dev/fuse")
+
+
+@pytest.mark.parametrize("backing", ["xfs"], indirect=True)
+def test_what_stands_in_the_way_of_fuse_is_named_with_its_fix(backing, test_users):
+    ws, tmp = backing / "ws", backing / "dev"
+    ws.mkdir()
+    no_dev_fuse = _refused(ws, f"mkdir {tmp} && mount -t tmpfs none {tmp} && mount --rbind {tmp} /dev")
+    assert no_dev_fuse.startswith("there is no /dev/fuse: load the FUSE kernel module")
+    assert "--device /dev/fuse" in no_dev_fuse
+    assert _refused(ws, _fuse_node(tmp, "666", major_minor="10 254")).startswith(
+        "/dev/fuse has no driver: load the FUSE kernel module (modprobe fuse)")
+    # A container's rules refuse the device (here: a filesystem mounted nodev) even to root.
+    assert _refused(ws, _fuse_node(tmp, "666", "nodev")).startswith(
+        "cannot open /dev/fuse (Permission denied): in a container, allow it (docker run")
+    ws.chmod(0o777)
+    assert _refused(ws, _fuse_node(tmp, "600"), user=TEST_USER).startswith(
+        "cannot open /dev/fuse (Permission denied): make it usable by everyone as udev does")
+    assert _refused(ws, "export PATH=/nonexistent") == \
+        "fusermount3 is not installed (it mounts and unmounts FUSE): install fuse3"
+    assert _refused(ws, wrap=["setpriv", "--bounding-set", "-sys_admin", "--inh-caps",
+                              "-sys_admin"]).startswith("root without CAP_SYS_ADMIN")
+    assert _refused(ws, f"mount --bind {ws} {ws} && mount -o remount,bind,ro {ws}") == \
+        f"{ws} is on a read-only filesystem: cowfs keeps the history beside it, in .cowfs"
+    ws.chmod(0o755)
+    assert _refused(ws, user=TEST_USER) == \
+        f"{ws} is not writable by you: mount a directory you own (or mount as root)"
+    assert not (ws / ".cowfs").exists()
+
+
+@pytest.mark.parametrize("backing", ["xfs", "xfs-rootless"], indirect=True)
+def test_outside_a_mount_commands_name_the_mounts_there_are(workspace):
+    ws = workspace
+    ws.mount()
+    outside = ws.path.parent
+    who = as_user(ws.user) if ws.user else []
+    log = run([*who, sys.executable, "-m", "cowfs", "log"], cwd=outside, check=False)
+    assert log.returncode == 2 and log.stderr.startswith(
+        "cowfs: error: . is not inside a cowfs mount; cowfs mounts: "), log.stderr
+    assert str(ws.path) in log.stderr and len(log.stderr.splitlines()) == 1
+    status = run([*who, sys.executable, "-m", "cowfs", "status"], cwd=outside)
+    assert f"{ws.path}  turn-1 open (0 changes), last sealed turn-0, store 0 B" in \
+        status.stdout.splitlines()
+    # -C names where to look: outside a mount that is an error, as before.
+    assert run([*who, sys.executable, "-m", "cowfs", "status", "-C", outside],
+               check=False).returncode == 2

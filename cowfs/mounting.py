@@ -357,8 +357,8 @@ def fuse_unavailable_reason(path: str) -> str | None:
         return f"root without CAP_SYS_ADMIN (in a container?) cannot mount FUSE: {CONTAINER_FIX}"
     try:
         read_only = os.statvfs(path).f_flag & os.ST_RDONLY
-    except OSError as e:
-        return f"{path}: {e.strerror}"
+    except OSError:
+        return None     # a dead mount there (mount() clears it), say: the mount tells what it is
     if read_only:
         return f"{path} is on a read-only filesystem: cowfs keeps the history beside it, in .cowfs"
     if not root and not os.access(path, os.W_OK):

@@ -75,10 +75,17 @@ def options(req: MountRequest):
     reason = fuse_unavailable_reason(workspace)
     if reason:
         raise BadInput(reason)
+    if req.export_git_on_checkpoint and not _has_git():
+        raise BadInput("--export-git-on-checkpoint needs git, which is not installed (install git)")
     limits = Limits.parse(req.keep, req.older_than, req.max_store)
     return MountOptions(workspace, mountpoint, req.snapdir == "visible", req.force, req.debug,
                         req.export_git_on_checkpoint, owner_uid(req.owner), allow_other(req.allow_other),
                         req.message, prune_limits=limits)
+
+
+def _has_git() -> bool:
+    import shutil
+    return shutil.which("git") is not None
 
 
 def owner_uid(owner: str | None) -> int:

@@ -249,3 +249,34 @@ def test_outside_a_mount_commands_name_the_mounts_there_are(workspace):
     # -C names where to look: outside a mount that is an error, as before.
     assert run([*who, sys.executable, "-m", "cowfs", "status", "-C", outside],
                check=False).returncode == 2
+
+
+@pytest.mark.parametrize("backing", ["xfs", "xfs-rootless"], indirect=True)
+def test_git_is_needed_only_to_export(workspace):
+    ws = workspace
+    nogit = ws.path.parent / "bin"      # a PATH with what cowfs needs to mount, and no git
+    nogit.mkdir()
+    nogit.chmod(0o755)
+    for tool in ("fusermount3", "runuser"):
+        (nogit / tool).symlink_to(shutil.which(tool))
+    without = {"PATH": str(nogit)}
+    (ws.path / "a").write_text("one\n")
+    ws.mount(env=without)
+    (ws.path / "a").write_text("two\n")
+    assert ws.cli("checkpoint", env=without).stdout == "turn-1\n"
+    assert "turn-1" in ws.cli("log", env=without).stdout
+    refused = ws.cli("export-git", check=False, env=without)
+    assert (refused.returncode, refused.stderr) == (
+        2, "cowfs: error: git is not installed: the export to git needs it (install git)\n")
+    # git installed since the mount: the store's repository waits for the next one.
+    (nogit / "git").symlink_to(shutil.which("git"))
+    later = ws.cli("export-git", check=False, env=without)
+    assert later.returncode == 2 and "remount (cowfs umount, cowfs mount)" in later.stderr
+    (nogit / "git").unlink()
+    ws.umount(env=without)
+    assert not (ws.backing / ".cowfs" / "git").exists()
+    refused = ws.mount("--export-git-on-checkpoint", env=without, check=False)
+    assert (refused.returncode, refused.stderr) == (2, "cowfs: error: --export-git-on-checkpoint "
+                                                       "needs git, which is not installed (install git)\n")
+    ws.mount()
+    assert "exported 2 turn(s)" in ws.cli("export-git").stdout     # turn-0 and turn-1

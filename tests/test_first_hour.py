@@ -280,3 +280,26 @@ def test_git_is_needed_only_to_export(workspace):
                                                        "needs git, which is not installed (install git)\n")
     ws.mount()
     assert "exported 2 turn(s)" in ws.cli("export-git").stdout     # turn-0 and turn-1
+
+
+@pytest.mark.parametrize("backing", ["xfs", "xfs-rootless"], indirect=True)
+def test_status_and_prune_measure_the_store_alike(workspace):
+    """A directory made in turn 1 and taken away by a rollback to turn 0: the store keeps its
+    whole tree, and `status` counts it as `prune` does (not the directory's own blocks alone)."""
+    ws = workspace
+    ws.mount()
+    (ws.path / "d").mkdir()
+    (ws.path / "d" / "big").write_bytes(os.urandom(2 << 20))
+    ws.cli("checkpoint")
+    ws.cli("rollback", "0")
+
+    def shown(text: str, before: str, after: str = "\n") -> str:
+        return text.split(before, 1)[1].split(after, 1)[0]
+    status = ws.cli("status").stdout
+    dry_run = ws.cli("prune", "--keep", "1", "--dry-run").stdout
+    assert shown(status, "store size:   ") == shown(dry_run, "of the store's ") == "2.0 MiB"
+    (ws.path / "e").write_text("new\n")     # and measured again after a change
+    (ws.path / "f").write_bytes(os.urandom(1 << 20))
+    ws.cli("checkpoint")
+    (ws.path / "f").unlink()
+    assert shown(ws.cli("status").stdout, "store size:   ") == "3.0 MiB"

@@ -303,3 +303,11 @@ def test_status_and_prune_measure_the_store_alike(workspace):
     ws.cli("checkpoint")
     (ws.path / "f").unlink()
     assert shown(ws.cli("status").stdout, "store size:   ") == "3.0 MiB"
+
+
+def test_the_readmes_synopsis_is_the_parsers():
+    """Every command and option of the parser, and nothing else, in README's synopsis."""
+    from cowfs.arguments import synopsis
+    readme = (REPO / "README.md").read_text()
+    assert f"```\n{synopsis()}\n```\n" in readme, \
+        "README's synopsis differs from the parser's: regenerate it (see cowfs.arguments.synopsis)"

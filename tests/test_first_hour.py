@@ -188,6 +188,20 @@ def test_pipx_install_from_the_checkout_is_a_users_command(newcomer):
         shutil.rmtree(home / "src", ignore_errors=True)
 
 
+def test_an_install_without_what_pyfuse3_needs_to_build_says_what_to_install(tmp_path):
+    """`pip install .` (pipx's way too) on a machine without a compiler or pkg-config: the first
+    error is one line naming the packages, not pyfuse3's compiler output."""
+    venv = tmp_path / "venv"
+    run([shutil.which("python3"), "-m", "venv", venv])
+    bare = {"PATH": str(venv / "bin")}     # no gcc, no pkg-config
+    done = run([venv / "bin" / "pip", "install", "--disable-pip-version-check", REPO], env=bare,
+               check=False, timeout=300)
+    assert done.returncode != 0
+    assert "cowfs: error: pyfuse3 is built from source against libfuse 3 and needs pkg-config, gcc: " \
+           "install them first (Debian/Ubuntu: sudo apt-get install libfuse3-dev pkg-config " \
+           "python3-dev gcc fuse3)" in done.stdout + done.stderr, done
+
+
 # -- errors that point the way ---------------------------------------------------------------
 def _refused(ws, before: str = "", user: str | None = None, wrap=()) -> str:
     """`cowfs mount WS` after the shell commands *before*, in a mount namespace of its own (what

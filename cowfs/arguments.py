@@ -254,7 +254,7 @@ def _add_c(p: argparse.ArgumentParser) -> None:
 
 def synopsis(width: int = 100) -> str:
     """Every command with every option, one command a paragraph: README's synopsis, which
-    tests/test_cli.py holds to this (regenerate: python -c 'from cowfs.arguments import
+    tests/test_first_hour.py holds to this (regenerate: python -c 'from cowfs.arguments import
     synopsis; print(synopsis())')."""
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

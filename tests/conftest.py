@@ -40,7 +40,7 @@ Environment
 -----------
 ``COWFS_HYPOTHESIS_PROFILE``  "ci" (default; "quick" with --quick) or "long".
 ``COWFS_HYPOTHESIS_EXAMPLES`` max_examples of the profile (default 25 for "ci",
-                              8 for "quick", 2000 for "long").
+                              6 for "quick", 2000 for "long").
 Failing hypothesis examples are kept in ``tests/hypothesis-db`` (committed): see
 ``EXAMPLE_DATABASE``.
 ``COWFS_TEST_BASE``           where the per-session temp dirs go (default
@@ -98,7 +98,7 @@ settings.register_profile(
 settings.register_profile("long", parent=settings.get_profile("ci"),
                           max_examples=int(os.environ.get("COWFS_HYPOTHESIS_EXAMPLES", "2000")))
 settings.register_profile("quick", parent=settings.get_profile("ci"),
-                          max_examples=int(os.environ.get("COWFS_HYPOTHESIS_EXAMPLES", "8")))
+                          max_examples=int(os.environ.get("COWFS_HYPOTHESIS_EXAMPLES", "6")))
 settings.load_profile(os.environ.get("COWFS_HYPOTHESIS_PROFILE", "ci"))
 
 # The quick tier (`scripts/test --quick`, under 5 minutes on a 2-core machine): these modules,
@@ -106,7 +106,7 @@ settings.load_profile(os.environ.get("COWFS_HYPOTHESIS_PROFILE", "ci"))
 # hypothesis profile (a short model-test run). Every test still mounts cowfs for real; the full
 # run (what CI runs) is the judge. A new module joins by its name here.
 QUICK_MODULES = {"test_scenarios", "test_cli", "test_api", "test_differential", "test_model",
-                 "test_first_hour", "test_rootless", "test_ignore", "test_fsck"}
+                 "test_first_hour", "test_rootless"}
 
 
 def pytest_addoption(parser):

@@ -102,8 +102,8 @@ settings.register_profile("quick", parent=settings.get_profile("ci"),
 settings.load_profile(os.environ.get("COWFS_HYPOTHESIS_PROFILE", "ci"))
 
 # The quick tier (`scripts/test --quick`, under 5 minutes on a 2-core machine): these modules,
-# on one backing filesystem (XFS, as root), without the tests marked slow, with the "quick"
-# hypothesis profile (a short model-test run). Every test still mounts cowfs for real; the full
+# on one backing filesystem (their "xfs" runs: root mounts, and test_rootless's user mounts),
+# without the tests marked slow, with the "quick" hypothesis profile (a short model-test run). Every test still mounts cowfs for real; the full
 # run (what CI runs) is the judge. A new module joins by its name here.
 QUICK_MODULES = {"test_scenarios", "test_cli", "test_api", "test_differential", "test_model",
                  "test_first_hour", "test_rootless"}

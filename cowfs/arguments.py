@@ -12,8 +12,9 @@ import sys
 from . import __version__
 from .cli import COMMANDS
 
-# Commands whose arguments after "--" are not options: diff's paths, run's command.
-_AFTER_DASHES = ("diff", "run")
+# Commands whose arguments after "--" are not options (diff's paths, run's command), and how
+# the synopsis shows them.
+_AFTER_DASHES = {"diff": "[-- PATH...]", "run": "-- CMD [ARGS...]"}
 
 def parse_turn(text: str) -> int:
     value = text.removeprefix("turn-")
@@ -249,6 +250,68 @@ def _add_limits(p: argparse.ArgumentParser, what: str) -> None:
 def _add_c(p: argparse.ArgumentParser) -> None:
     p.add_argument("-C", dest="cwd", metavar="PATH",
                    help="any path inside the mount (default: the current directory)")
+
+
+def synopsis(width: int = 100) -> str:
+    """Every command with every option, one command a paragraph: README's synopsis, which
+    tests/test_first_hour.py holds to this (regenerate: python -c 'from cowfs.arguments import
+    synopsis; print(synopsis())')."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    lines = [_wrapped("cowfs " + " ".join(_words(parser, skip={"command"})) + " COMMAND ...", width)]
+    for name, p in commands.choices.items():
+        lines.append(_wrapped(" ".join([f"cowfs {name}", *_words(p)]), width))
+    return "\n".join(lines)
+
+
+def _words(p: argparse.ArgumentParser, skip=frozenset()) -> list[str]:
+    """The usage words of *p*'s arguments, positionals first, help and hidden ones left out,
+    options of a mutually exclusive group in one pair of brackets."""
+    shown = [a for a in p._actions if a.help != argparse.SUPPRESS and a.dest not in skip
+             and not isinstance(a, argparse._HelpAction)]
+    words = [_word(a) for a in shown if not a.option_strings]
+    done = set()
+    for a in shown:
+        if a.option_strings and id(a) not in done:
+            group = next((g._group_actions for g in p._mutually_exclusive_groups
+                          if a in g._group_actions), [a])
+            done.update(map(id, group))
+            words.append("[" + " | ".join(map(_word, group)) + "]")
+    command = p.prog.removeprefix("cowfs ")
+    return words + ([_AFTER_DASHES[command]] if command in _AFTER_DASHES else [])
+
+
+def _word(a: argparse.Action) -> str:
+    if not a.option_strings:
+        name = a.metavar or a.dest
+        return {"?": f"[{name}]", "*": f"[{name}...]", "+": f"{name}..."}.get(a.nargs, name)
+    value = "" if a.nargs == 0 else " " + (a.metavar or "|".join(a.choices or []) or a.dest.upper())
+    return "|".join(a.option_strings) + value
+
+
+def _wrapped(text: str, width: int) -> str:
+    out, line = [], ""
+    for word in _usage_words(text):
+        if line and len(line) + 1 + len(word) > width:
+            out.append(line)
+            line = "    " + word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join(out + [line])
+
+
+def _usage_words(text: str) -> list[str]:
+    """*text* split at spaces outside brackets: an option and its value stay on one line."""
+    words, depth, word = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == " " and depth == 0:
+            words.append(word)
+            word = ""
+        else:
+            word += ch
+    return words + [word]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -22,7 +22,7 @@ def watch(mountpoint: str, quiet: float, daemon_pid: int) -> int:
         time.sleep(poll)
         try:
             mount = control.find_mount(mountpoint)
-            status = control.request(mount, "status", timeout=30)
+            status = control.request(mount, "status", timeout=30, size=False)   # no store walk
             if status["daemon_pid"] != daemon_pid:
                 return 0        # another daemon's mount now: its own watcher looks after it
             if status["pending_changes"] and status["quiet_seconds"] >= quiet:

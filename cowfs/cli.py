@@ -15,7 +15,7 @@ import sys
 import time
 
 from . import control
-from .errors import EXIT_FAILED, BadInput, CowfsError
+from .errors import EXIT_FAILED, BadInput, CowfsError, NotMounted
 
 # -- mount / umount ------------------------------------------------------------------------
 def cmd_mount(args) -> int:
@@ -228,7 +228,12 @@ def shlex_join(argv: list[str]) -> str:
 
 
 def cmd_status(args) -> int:
-    mount = control.find_mount(args.cwd)
+    try:
+        mount = control.find_mount(args.cwd)
+    except NotMounted:
+        if args.base is not None:
+            raise
+        return _status_of_every_mount(args.json)    # asked outside any mount, with no -C
     s = control.request(mount, "status")
     s.pop("ok", None)
     if args.json:
@@ -262,6 +267,29 @@ def cmd_status(args) -> int:
     if mirror:
         print("git mirror:   " + (f"error: {mirror['error']}" if "error" in mirror else
                                    f"turn-{mirror['turn']} -> {mirror['sha'][:7]} ({mirror['repo']})"))
+    return 0
+
+
+def _status_of_every_mount(as_json: bool) -> int:
+    """One line a cowfs mount (the mounts this process sees), for `cowfs status` outside them."""
+    mounts = control.cowfs_mounts()
+    if not mounts:
+        raise NotMounted(f"not inside a cowfs mount; {control.mounts_in_words()}")
+    found = []
+    for m in mounts:
+        try:
+            found.append({k: v for k, v in control.request(m, "status", timeout=10).items()
+                          if k != "ok"})
+        except CowfsError as e:
+            found.append({"mountpoint": m.mountpoint, "error": str(e)})
+    if as_json:
+        import json
+        print(json.dumps(found, indent=2))
+        return 0
+    for s in found:
+        print(f"{s['mountpoint']}  " + (s["error"] if "error" in s else
+              f"turn-{s['open_turn']} open ({s['pending_changes']} changes), last sealed "
+              f"turn-{s['last_turn']}, store {_size(s['store_bytes'])}"))
     return 0
 
 

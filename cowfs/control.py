@@ -80,8 +80,17 @@ def find_mount(path: str) -> Mount:
             if best is None or len(m.mountpoint) > len(best.mountpoint):
                 best = m
     if best is None:
-        raise NotMounted(f"{path} is not inside a cowfs mount")
+        raise NotMounted(f"{path} is not inside a cowfs mount; {mounts_in_words()}")
     return best
+
+
+def mounts_in_words() -> str:
+    """The cowfs mounts there are, for an error that says where to go instead."""
+    names = [m.mountpoint for m in cowfs_mounts()]
+    if not names:
+        return "no cowfs mount exists (cowfs mount WORKSPACE makes one)"
+    more = f" and {len(names) - 5} more (cowfs status)" if len(names) > 5 else ""
+    return f"cowfs mounts: {', '.join(names[:5])}{more} (-C PATH names one)"
 
 
 def socket_path(mount: Mount) -> bytes:

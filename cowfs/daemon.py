@@ -81,6 +81,7 @@ class Daemon:
         self.drift_note = ""
         self.crashed_turn: int | None = None    # the open turn of a daemon that died
         self.startup_note = ""     # one line for the user, after "mounted ..."
+        self._store_size: tuple[tuple, int] | None = None   # (what it was measured at, bytes)
 
     # -- start-up ------------------------------------------------------------------
     def prepare(self) -> None:
@@ -358,7 +359,7 @@ class Daemon:
             "turns": len(turns),
             "pending_changes": self.capture.changes + self._persisted_changes(),
             "capture_mode": self.capture.mode,
-            "store_bytes": self.store.allocated_bytes(),
+            "store_bytes": await self._store_bytes() if req.get("size", True) else None,
             "daemon_pid": os.getpid(),
             "snapdir": "visible" if self.opts.snapdir_visible else "hidden",
             "drift": self.store.catalogue.get_meta("drift"),
@@ -369,6 +370,18 @@ class Daemon:
             "auto_prune": ({**self.opts.prune_limits.as_dict(), "last": self.pruner.last}
                            if self.opts.prune_limits else None),
         }
+
+    async def _store_bytes(self) -> int:
+        """What the store holds, measured as a prune measures it (retention.measure: pre-images
+        and kept objects, a kept directory's whole tree), in a worker thread, and again only
+        after something may have changed it: a request that changed the tree, a change the
+        daemon made itself (restore, rollback), a prune."""
+        key = (self.capture.turn, self.fs.epoch, self.capture.changes + self._persisted_changes(),
+               self.store.catalogue.oldest_turn())
+        if self._store_size is None or self._store_size[0] != key:
+            usage = await trio.to_thread.run_sync(retention.measure, self.store)
+            self._store_size = (key, usage.total)
+        return self._store_size[1]
 
     def _persisted_changes(self) -> int:
         row = self.store.catalogue.db.execute("SELECT changes FROM turns WHERE turn=?",

@@ -24,6 +24,7 @@ store), so exporting the same turns again gives the same commits.
 import logging
 import os
 import pwd
+import shutil
 import stat
 import subprocess
 import threading
@@ -136,9 +137,15 @@ def git_command(target: Target | None, *args) -> tuple[list, dict]:
     return prefix + ["--"] + argv, {**kwargs, "pass_fds": (target.namespace,)}
 
 
+NO_GIT = "git is not installed: the export to git needs it (install git)"
+
+
 def git(target: Target | None, *args, check: bool = True) -> subprocess.CompletedProcess:
     argv, kwargs = git_command(target, *args)
-    result = subprocess.run(argv, capture_output=True, **kwargs)
+    try:
+        result = subprocess.run(argv, capture_output=True, **kwargs)
+    except FileNotFoundError:
+        raise TargetError(NO_GIT if argv[0] == "git" else f"{argv[0]} is not installed") from None
     if check and result.returncode != 0:
         raise ExportError(f"git {os.fsdecode(args[0])} failed: {_last_line(result.stderr)}")
     return result
@@ -242,9 +249,10 @@ def default_target(store_path: bytes, branch: str, shown: bytes) -> Target:
 
 def create_default_repo(store_path: bytes) -> None:
     """The store's bare repository, made before mounting: `git init` resolves the real path of
-    the directory it makes, which under the mount would be hidden (and the daemon's own)."""
+    the directory it makes, which under the mount would be hidden (and the daemon's own).
+    Without git, nothing: only the export needs it (ExportRunner._export says so)."""
     git_dir = store_path.rstrip(b"/") + b"/" + DEFAULT_REPO
-    if not os.path.isdir(git_dir):
+    if not os.path.isdir(git_dir) and shutil.which("git", path=_git_env(None).get("PATH")):
         git(None, "init", "--quiet", "--bare", git_dir)
 
 
@@ -616,6 +624,10 @@ class ExportRunner:
         target = (default_target(self.store_dir, branch, self.root_path + b"/" + STORE_NAME)
                   if repo is None
                   else named_target(repo, branch, self.forbidden, pid))
+        if repo is None and not os.path.isdir(target.git_dir):
+            # Made before mounting only (create_default_repo): git was installed since.
+            raise TargetError("the store's git repository is made when cowfs mounts with git "
+                              "installed: remount (cowfs umount, cowfs mount), or export-git --to REPO")
         try:
             return export_in_thread(self.store, self.catalogue, self.root_path, self.root_ino,
                                     self.root_handle, target, self._stop)

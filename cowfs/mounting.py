@@ -72,10 +72,20 @@ def options(req: MountRequest):
         raise BadInput(f"--auto-checkpoint {req.auto_checkpoint}: expected a number of seconds > 0")
     if req.snapdir not in ("hidden", "visible"):
         raise BadInput(f"--snapdir {req.snapdir}: expected hidden or visible")
+    reason = fuse_unavailable_reason(workspace)
+    if reason:
+        raise BadInput(reason)
+    if req.export_git_on_checkpoint and not _has_git():
+        raise BadInput("--export-git-on-checkpoint needs git, which is not installed (install git)")
     limits = Limits.parse(req.keep, req.older_than, req.max_store)
     return MountOptions(workspace, mountpoint, req.snapdir == "visible", req.force, req.debug,
                         req.export_git_on_checkpoint, owner_uid(req.owner), allow_other(req.allow_other),
                         req.message, prune_limits=limits)
+
+
+def _has_git() -> bool:
+    import shutil
+    return shutil.which("git") is not None
 
 
 def owner_uid(owner: str | None) -> int:
@@ -137,9 +147,15 @@ def refuse_mounted(path: str) -> list[str]:
     return notes
 
 
+# How cowfs starts a process of its own: -P, so that `-m` imports the installed cowfs and not a
+# `cowfs/` directory in the caller's working directory (PYTHONPATH, the editable install's .pth
+# and a rootless user's site still count), from "/", which holds no mount the child would keep busy.
+CHILD = (sys.executable, "-P")
+
+
 def _spawn_daemon(req: MountRequest, opts) -> tuple[int, str]:
     read_end, write_end = os.pipe()
-    argv = [sys.executable, "-m", "cowfs", "mount", opts.workspace, "--at", opts.mountpoint,
+    argv = [*CHILD, "-m", "cowfs", "mount", opts.workspace, "--at", opts.mountpoint,
             "--foreground", "--snapdir", req.snapdir, "--ready-fd", str(write_end)]
     flags = {"--force": req.force, "--debug": req.debug, "--allow-other": req.allow_other,
              "--export-git-on-checkpoint": req.export_git_on_checkpoint}
@@ -150,22 +166,40 @@ def _spawn_daemon(req: MountRequest, opts) -> tuple[int, str]:
     argv += ["--keep", str(limits.keep)] if limits.keep is not None else []
     argv += ["--older-than", f"{limits.older_than}s"] if limits.older_than is not None else []
     argv += ["--max-store", str(limits.max_store)] if limits.max_store is not None else []
-    proc = subprocess.Popen(argv, pass_fds=(write_end,), start_new_session=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    os.close(write_end)
+    # What the daemon says before its own log exists (it lives in the store it has yet to
+    # open) goes to a file of the caller's: kept, and named, only if the daemon fails to start.
+    import tempfile
+    err_fd, err_path = tempfile.mkstemp(prefix="cowfs-daemon-", suffix=".log")
+    try:
+        proc = subprocess.Popen(argv, pass_fds=(write_end,), start_new_session=True, cwd="/",
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_fd)
+    finally:
+        os.close(err_fd)
+        os.close(write_end)
     message = _read_ready(read_end, proc)
     if message == "ok" or message.startswith("ok "):
+        os.unlink(err_path)
         return proc.pid, message.removeprefix("ok").strip()
     if message.startswith("error: "):
+        os.unlink(err_path)
         raise BadInput(message.removeprefix("error: "))
-    raise OperationFailed(f"the daemon failed to start ({message or 'no message'}); "
-                          f"see {opts.workspace}/.cowfs/daemon.log")
+    raise OperationFailed(f"the daemon failed to start ({message or 'no message'}"
+                          f"{_last_line(err_path)}); see {err_path}")
+
+
+def _last_line(path: str) -> str:
+    """The last line the daemon wrote to stderr (a traceback's names the exception), after ": "."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ""
+    return f": {lines[-1]}" if lines else ""
 
 
 def _spawn_watcher(mountpoint: str, quiet: float, daemon_pid: int) -> None:
     """The auto-checkpoint watcher (autocheckpoint.py), outside the mount so it never keeps it busy."""
-    subprocess.Popen([sys.executable, "-m", "cowfs.autocheckpoint", mountpoint, str(quiet),
+    subprocess.Popen([*CHILD, "-m", "cowfs.autocheckpoint", mountpoint, str(quiet),
                       str(daemon_pid)], cwd="/", start_new_session=True, stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -301,3 +335,47 @@ def wait_exit(pid: int) -> None:
         except OSError:
             return
         time.sleep(0.02)
+
+
+# -- can FUSE mount here? ------------------------------------------------------------------
+CONTAINER_FIX = "docker run --device /dev/fuse --cap-add SYS_ADMIN"
+
+
+def fuse_unavailable_reason(path: str) -> str | None:
+    """Why cowfs cannot mount over *path* on this machine, and the fix, in one line; None when
+    nothing that can be seen without mounting stands in the way. A syscall or two a check."""
+    import shutil
+    root = os.geteuid() == 0
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
+    except FileNotFoundError:
+        return ("there is no /dev/fuse: load the FUSE kernel module (modprobe fuse) or, in a "
+                f"container, pass the device in ({CONTAINER_FIX})")
+    except OSError as e:
+        if e.errno in (errno.ENODEV, errno.ENXIO):
+            return "/dev/fuse has no driver: load the FUSE kernel module (modprobe fuse)"
+        if root or e.errno == errno.EPERM:      # a container's device rules
+            return f"cannot open /dev/fuse ({e.strerror}): in a container, allow it ({CONTAINER_FIX})"
+        return (f"cannot open /dev/fuse ({e.strerror}): make it usable by everyone as udev does "
+                "(as root: chmod 0666 /dev/fuse), or mount as root")
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (it mounts and unmounts FUSE): install fuse3"
+    if root and not _capability(21):            # CAP_SYS_ADMIN
+        return f"root without CAP_SYS_ADMIN (in a container?) cannot mount FUSE: {CONTAINER_FIX}"
+    try:
+        read_only = os.statvfs(path).f_flag & os.ST_RDONLY
+    except OSError:
+        return None     # a dead mount there (mount() clears it), say: the mount tells what it is
+    if read_only:
+        return f"{path} is on a read-only filesystem: cowfs keeps the history beside it, in .cowfs"
+    if not root and not os.access(path, os.W_OK):
+        return f"{path} is not writable by you: mount a directory you own (or mount as root)"
+    return None
+
+
+def _capability(bit: int) -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    return False

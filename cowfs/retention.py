@@ -153,15 +153,17 @@ class Usage:
         return sum(size for at, size in self.items if at <= oldest)
 
 
-def measure(store: Store, catalogue: Catalogue) -> Usage:
-    """Scan the store (O(its files)): in a worker thread, with a connection of its own."""
+def measure(store: Store, catalogue: Catalogue | None = None) -> Usage:
+    """Scan the store (O(its files)): in a worker thread, with a connection of its own. Without
+    a catalogue, the total alone (what `cowfs status` shows): every object counts as never freed."""
     usage = Usage()
     for name, st in _scan(store.content_fd):
         turn, _, ino = name.partition(b"-")
         at = int(turn) if turn.isdigit() and ino.isdigit() else NEVER
         usage.items.append((at, st.st_blocks * 512))
     for name, st in _scan(store.objects_fd):
-        last = catalogue.last_turn_naming(st.st_ino) if name == store.object_name(st.st_ino) else None
+        last = (catalogue.last_turn_naming(st.st_ino)
+                if catalogue is not None and name == store.object_name(st.st_ino) else None)
         size = st.st_blocks * 512
         if stat.S_ISDIR(st.st_mode):
             size += _tree_blocks(store.objects_fd, name) * 512

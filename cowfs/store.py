@@ -351,14 +351,6 @@ class Store:
             self.hold_at(dir_fd, name, st.st_ino)
 
     # -- accounting ------------------------------------------------------------
-    def allocated_bytes(self) -> int:
-        """Bytes allocated to pre-image copies and kept objects (shared extents counted in full)."""
-        total = 0
-        for dir_fd in (self.content_fd, self.objects_fd):
-            for entry in os.scandir(libc.proc_path(dir_fd)):
-                total += entry.stat(follow_symlinks=False).st_blocks * 512
-        return total
-
     def probe_clone(self) -> str:
         """'reflink' if this filesystem can clone files, else 'copy'."""
         src, src_name = self.new_content(0, -1)

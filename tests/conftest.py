@@ -38,9 +38,9 @@ Helpers that test modules may import (``from conftest import ...``; keep
 
 Environment
 -----------
-``COWFS_HYPOTHESIS_PROFILE``  "ci" (default) or "long".
+``COWFS_HYPOTHESIS_PROFILE``  "ci" (default; "quick" with --quick) or "long".
 ``COWFS_HYPOTHESIS_EXAMPLES`` max_examples of the profile (default 25 for "ci",
-                              2000 for "long").
+                              6 for "quick", 2000 for "long").
 Failing hypothesis examples are kept in ``tests/hypothesis-db`` (committed): see
 ``EXAMPLE_DATABASE``.
 ``COWFS_TEST_BASE``           where the per-session temp dirs go (default
@@ -97,12 +97,36 @@ settings.register_profile(
 )
 settings.register_profile("long", parent=settings.get_profile("ci"),
                           max_examples=int(os.environ.get("COWFS_HYPOTHESIS_EXAMPLES", "2000")))
+settings.register_profile("quick", parent=settings.get_profile("ci"),
+                          max_examples=int(os.environ.get("COWFS_HYPOTHESIS_EXAMPLES", "6")))
 settings.load_profile(os.environ.get("COWFS_HYPOTHESIS_PROFILE", "ci"))
+
+# The quick tier (`scripts/test --quick`, under 5 minutes on a 2-core machine): these modules,
+# on one backing filesystem (their "xfs" runs: root mounts, and test_rootless's user mounts),
+# without the tests marked slow, with the "quick" hypothesis profile (a short model-test run). Every test still mounts cowfs for real; the full
+# run (what CI runs) is the judge. A new module joins by its name here.
+QUICK_MODULES = {"test_scenarios", "test_cli", "test_api", "test_differential", "test_model",
+                 "test_first_hour", "test_rootless"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true",
+                     help="the quick tier: scenarios, CLI, API, differential POSIX checks and a "
+                          "short model-test run, on XFS only (see QUICK_MODULES in conftest.py)")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a slow test (large files, long runs)")
     config.addinivalue_line("markers", "root_only: root-mode semantics (not run on xfs-rootless)")
+    if config.getoption("quick") and "COWFS_HYPOTHESIS_PROFILE" not in os.environ:
+        settings.load_profile("quick")
+
+
+def _in_quick_tier(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    backing = callspec.params.get("backing", "xfs") if callspec else "xfs"
+    return (item.module.__name__ in QUICK_MODULES and backing == "xfs"
+            and item.get_closest_marker("slow") is None)
 
 
 # The modules whose tests also run with cowfs mounted by TEST_USER (backing
@@ -113,7 +137,7 @@ ROOTLESS_MODULES = {"test_scenarios", "test_model", "test_model_regressions", "t
                     "test_rollback_stale_size", "test_parity", "test_recovery",
                     "test_checkpoint_cost", "test_everyday", "test_security",
                     "test_history_random", "test_differential", "test_prune", "test_ignore",
-                    "test_history_ops"}
+                    "test_history_ops", "test_first_hour"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -124,6 +148,8 @@ def pytest_collection_modifyitems(config, items):
             str(callspec.params.get("backing", "")).endswith("-rootless")
         if rootless_run and (item.module.__name__ not in ROOTLESS_MODULES
                              or item.get_closest_marker("root_only")):
+            dropped.append(item)
+        elif config.getoption("quick") and not _in_quick_tier(item):
             dropped.append(item)
         else:
             keep.append(item)

@@ -44,6 +44,9 @@ SNAPSHOT_TIMEOUT = 365 * 86400.0
 # How long a lookup of a file whose write failed waits for its pending release (fs.write).
 FORGET_WAIT = 1.0
 
+# How long a direct write waits for the page cache of its file to be dropped (fs._after_direct_write).
+DIRECT_INVALIDATE_WAIT = 1.0
+
 # File handles of `.snapshots` files live above every possible descriptor number.
 SNAP_FH_BASE = 1 << 40
 
@@ -164,6 +167,16 @@ def invalidate_entries(names: list[tuple[int, bytes]]) -> None:
                 log.warning("invalidate_entry(%d, %r): %s", parent, name, e)
 
 
+def _drop_pages(nodeid: int) -> None:
+    """Make the kernel drop the cached pages (and attributes) of *nodeid*; blocks: call from a
+    thread, never from the trio loop (pages being read or written back wait for the daemon)."""
+    try:
+        pyfuse3.invalidate_inode(nodeid, attr_only=False)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOSYS):
+            log.warning("invalidate_inode(%d): %s", nodeid, e)
+
+
 def _backing_flags(flags: int) -> int:
     """How to open the backing file for a kernel open with *flags*.
 
@@ -268,6 +281,10 @@ class CowFS(pyfuse3.Operations):
         self.open_files: dict[int, Node] = {}        # live fh (= descriptor) -> node
         self._forgotten: dict[int, trio.Event] = {}  # ino -> the kernel forgot it (fs.write)
         self.writer_fhs: set[int] = set()
+        # Handles opened with O_DIRECT for writing, and how many each object has: their writes
+        # bypass the page cache, which must then not serve the old content (_after_direct_write).
+        self.direct_fhs: set[int] = set()
+        self.direct_writers: collections.Counter[int] = collections.Counter()
         # After a rollback the refresher re-applies sizes and mtimes through the mount
         # (see Daemon.kernel_refresh_list): those setattrs are not changes to capture.
         self.refreshing: set[int] = set()
@@ -752,6 +769,9 @@ class CowFS(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             self.writer_fhs.add(fd)
             node.writers += 1
+            if flags & os.O_DIRECT:
+                self.direct_fhs.add(fd)
+                self.direct_writers[node.ino] += 1
 
     @fuse_op
     async def open(self, nodeid, flags, ctx):
@@ -833,7 +853,29 @@ class CowFS(pyfuse3.Operations):
         os.utime(fh, ns=(st.st_atime_ns, st.st_mtime_ns))
         if written < len(buf):
             self._size_unsure(node)
+        if fh in self.direct_fhs:
+            await self._after_direct_write(node)
         return written
+
+    async def _after_direct_write(self, node: Node) -> None:
+        """Drop the kernel's cached pages of a file a direct write has just changed, before the
+        write is answered.
+
+        The kernel drops them before it sends an O_DIRECT write, and again after a synchronous
+        one, but not after an asynchronous one (io_submit): a buffered read of the range that
+        reached the daemon meanwhile cached the old bytes, and they stayed (issue 20). pyfuse3
+        does not say whether a write is direct or a write-back of cached pages, so a write on
+        a handle opened with O_DIRECT is taken for direct. Dropping pages waits for those
+        under write-back, and the write-back of a page may be this very request when another,
+        buffered, writer has the file open: then the drop is not awaited (the reply must go
+        first), and else it is awaited at most DIRECT_INVALIDATE_WAIT (pages a mapping dirtied).
+        """
+        nodeid = self.inodes.nodeid(node.ino)
+        if node.writers > self.direct_writers[node.ino]:
+            threading.Thread(target=_drop_pages, args=(nodeid,), daemon=True).start()
+            return
+        with trio.move_on_after(DIRECT_INVALIDATE_WAIT):
+            await trio.to_thread.run_sync(_drop_pages, nodeid, abandon_on_cancel=True)
 
     # A write the backing file refused (or took in part) is already counted in the size the
     # kernel keeps: with the writeback cache it owns a file's size and never takes it from a
@@ -962,6 +1004,11 @@ class CowFS(pyfuse3.Operations):
             node.writers -= 1
             if not node.writers:
                 node.write_error = 0    # its close has reported it
+            if fh in self.direct_fhs:
+                self.direct_fhs.discard(fh)
+                self.direct_writers[node.ino] -= 1
+                if not self.direct_writers[node.ino]:
+                    del self.direct_writers[node.ino]
 
     # -- directories ----------------------------------------------------------------------
     @fuse_op

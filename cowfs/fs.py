@@ -167,6 +167,17 @@ def invalidate_entries(names: list[tuple[int, bytes]]) -> None:
                 log.warning("invalidate_entry(%d, %r): %s", parent, name, e)
 
 
+def _has_default_acl(fd: int) -> bool:
+    """Whether the directory open as *fd* has a default ACL."""
+    try:
+        os.getxattr(libc.proc_path(fd), b"system.posix_acl_default")
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
+
+
 def _drop_pages(nodeid: int) -> None:
     """Make the kernel drop the cached pages (and attributes) of *nodeid*; blocks: call from a
     thread, never from the trio loop (pages being read or written back wait for the daemon)."""
@@ -277,7 +288,6 @@ class CowFS(pyfuse3.Operations):
         self.snapdir_visible = snapdir_visible
         self.as_root = os.geteuid() == 0
         self.atime = atime_policy(root_fd)
-        self.daemon_gid = os.getegid()
         self.open_files: dict[int, Node] = {}        # live fh (= descriptor) -> node
         self._forgotten: dict[int, trio.Event] = {}  # ino -> the kernel forgot it (fs.write)
         self.writer_fhs: set[int] = set()
@@ -376,7 +386,7 @@ class CowFS(pyfuse3.Operations):
     def _created(self, parent: Node, name: bytes, ctx) -> pyfuse3.EntryAttributes:
         """Finish a creation: owner, birth, the kernel's entry."""
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        uid, gid = self._owner(st, ctx)
+        uid, gid = self._owner(parent, st, ctx)
         if (uid, gid) != (st.st_uid, st.st_gid):
             os.chown(name, uid, gid, dir_fd=parent.fd, follow_symlinks=False)
         self.capture.note_born(st.st_ino)
@@ -386,15 +396,18 @@ class CowFS(pyfuse3.Operations):
         entry.st_uid, entry.st_gid = uid, gid
         return entry
 
-    def _owner(self, st, ctx) -> tuple[int, int]:
+    def _owner(self, parent: Node, st, ctx) -> tuple[int, int]:
         """Objects created through the mount belong to the caller, as on the backing filesystem.
 
-        The backing filesystem created *st* as the daemon; a group other than the
-        daemon's means the parent directory is setgid, whose group is kept.
+        The backing filesystem created *st* as the daemon: in a setgid directory with the
+        directory's group (kept), elsewhere with the daemon's (the caller's instead). The
+        directory's mode says which: its group may be the daemon's own (0).
         """
         if not self.as_root:
             return st.st_uid, st.st_gid
-        return ctx.uid, (ctx.gid if st.st_gid == self.daemon_gid else st.st_gid)
+        if os.stat(parent.fd).st_mode & stat.S_ISGID:
+            return ctx.uid, st.st_gid
+        return ctx.uid, ctx.gid
 
     def _before_entry_change(self, parent_id: int, parent: Node, name: bytes) -> None:
         self.capture.before_entry_change(parent.ino, parent.fd, name)
@@ -548,12 +561,37 @@ class CowFS(pyfuse3.Operations):
         self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         return self._created(parent, name, ctx)
 
+    def _requested_mode(self, parent_id: int, mode: int, ctx) -> int:
+        """The mode a creation asked for, before the kernel's umask, where the parent directory
+        has a default ACL; else *mode*.
+
+        POSIX.1e: under a default ACL the new object's permissions are the ACL's and the
+        requested mode's, and the umask does not apply. The kernel leaves the umask to the
+        filesystem only if the daemon negotiates FUSE_DONT_MASK, which pyfuse3 does not: it
+        sends the mode already masked (and the umask). The caller is blocked in its system
+        call meanwhile, so its mode argument is read from /proc/TID/syscall, and taken only if
+        it is what the kernel masked. Where it cannot be read, the masked mode stands (never
+        more access than natively, maybe less; README).
+        """
+        umask = ctx.umask & 0o777
+        if not umask or parent_id >= VIRTUAL_BASE or not ctx.pid:
+            return mode
+        node = self.inodes.get(parent_id)
+        if node is None or not _has_default_acl(node.fd):
+            return mode
+        asked = libc.creation_mode(ctx.pid)
+        if asked is None or (asked & 0o7777) & ~umask != mode & 0o7777:
+            return mode
+        return (mode & ~0o7777) | (asked & 0o7777)
+
     @fuse_op
     async def mkdir(self, parent_id, name, mode, ctx):
+        mode = self._requested_mode(parent_id, mode, ctx)
         return self._make(parent_id, name, ctx, lambda dir_fd: os.mkdir(name, mode, dir_fd=dir_fd))
 
     @fuse_op
     async def mknod(self, parent_id, name, mode, rdev, ctx):
+        mode = self._requested_mode(parent_id, mode, ctx)
         return self._make(parent_id, name, ctx,
                           lambda dir_fd: os.mknod(name, mode, rdev, dir_fd=dir_fd))
 
@@ -564,6 +602,7 @@ class CowFS(pyfuse3.Operations):
 
     @fuse_op
     async def create(self, parent_id, name, mode, flags, ctx):
+        mode = self._requested_mode(parent_id, mode, ctx)
         parent = self._live_parent(parent_id, name)
         self._before_entry_change(parent_id, parent, name)
         with _umask(ctx):

@@ -178,6 +178,33 @@ def _has_default_acl(fd: int) -> bool:
     return True
 
 
+_ACL_ACCESS = b"system.posix_acl_access"
+
+
+def _acl_drop_setgid(fd: int, ctx) -> None:
+    """What setting an access ACL does natively (posix_acl_update_mode): clear S_ISGID unless
+    the caller is in the file's group (or has CAP_FSETID: uid 0 stands for it). The daemon
+    set the ACL with its own credentials, and the kernel's way to ask for it
+    (FUSE_SETXATTR_ACL_KILL_SGID) needs FUSE_SETXATTR_EXT, which pyfuse3 does not negotiate."""
+    st = os.stat(fd)
+    if st.st_mode & stat.S_ISGID and not _in_group(ctx, st.st_gid):
+        os.chmod(libc.proc_path(fd), stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
+
+
+def _in_group(ctx, gid: int) -> bool:
+    """Whether the caller of a request is in group *gid* (its own or a supplementary one)."""
+    if ctx.gid == gid:
+        return True
+    try:
+        with open(b"/proc/%d/status" % ctx.pid, "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return str(gid).encode() in line.split()[1:]
+    except OSError:
+        pass
+    return False
+
+
 def _drop_pages(nodeid: int) -> None:
     """Make the kernel drop the cached pages (and attributes) of *nodeid*; blocks: call from a
     thread, never from the trio loop (pages being read or written back wait for the daemon)."""
@@ -1168,6 +1195,8 @@ class CowFS(pyfuse3.Operations):
         self.writers.object(node.ino, ctx.pid, ctx.uid)
         node.entry = None    # its ctime
         os.setxattr(libc.proc_path(node.fd), name, value)
+        if name == _ACL_ACCESS and ctx.uid != 0:
+            _acl_drop_setgid(node.fd, ctx)
 
     @fuse_op
     async def removexattr(self, nodeid, name, ctx):

@@ -171,3 +171,39 @@ def test_creation_in_setgid_directories_and_under_default_acls(workspace, test_u
     made_n = {f"{user}: {k}": v for user in creators for k, v in _created_by(user, dirs_n).items()}
     assert {k: v for k, v in made_m.items() if v != made_n[k]} == {}, made_n
 
+
+def _owned_outside_their_group(top: Path, user: str) -> None:
+    """A file and a directory (mode 2775) owned by *user*, of a group *user* is not in; and
+    a file of *user*'s own group."""
+    uid, gid = _ids(user)
+    other_gid = grp.getgrnam(OTHER_USER).gr_gid
+    for name in ("f", "d", "own"):
+        (top / name).mkdir() if name == "d" else (top / name).write_bytes(b"x")
+        os.chown(top / name, uid, gid if name == "own" else other_gid)
+        os.chmod(top / name, 0o2775)
+
+
+def _setfacl_as(user: str, top: Path) -> dict:
+    """*user* sets an access ACL on each file of *top*: their modes and ACLs after."""
+    return {name: subprocess.run([*as_user(user), "sh", "-c", f"setfacl -m u:{OTHER_USER}:r-x {name} "
+                                  f"&& stat -c %A {name} && getfacl -cp {name}"],
+                                 cwd=top, capture_output=True, text=True, check=True).stdout
+            for name in ("f", "d", "own")}
+
+
+def test_setfacl_by_a_caller_outside_the_group_clears_setgid(workspace, test_users):
+    """Issue 20: setting an ACL, like chmod, clears S_ISGID when the caller is neither in the
+    file's group nor privileged. Through a root mount the daemon writes the ACL as root, so
+    the kernel's rule did not fire. The files are made in the backing directory: a rootless
+    mount cannot give a file a group its owner is not in."""
+    native = _native(workspace, "setfacl")
+    workspace.mount()
+    work = workspace.path / "work"
+    work.mkdir()
+    os.chmod(work, 0o755)
+    _owned_outside_their_group(native, TEST_USER)
+    _owned_outside_their_group(workspace.backing / "work", TEST_USER)
+    expected = _setfacl_as(TEST_USER, native)
+    assert expected["f"].startswith("-rwxrwxr-x") and expected["d"].startswith("drwxrwxr-x")
+    assert expected["own"].startswith("-rwxrwsr-x")
+    assert _setfacl_as(TEST_USER, work) == expected

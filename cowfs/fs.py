@@ -253,6 +253,14 @@ def atime_policy(fd: int) -> str:
     return "relatime" if flags & os.ST_RELATIME else "strictatime"
 
 
+def _read_one_byte(path: bytes) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.pread(fd, 1, 0)
+    finally:
+        os.close(fd)
+
+
 def _relatime_due(st: os.stat_result) -> bool:
     """Whether a read moves atime under relatime (the kernel's rule)."""
     return (st.st_atime_ns <= st.st_mtime_ns or st.st_atime_ns <= st.st_ctime_ns
@@ -301,7 +309,7 @@ class CowFS(pyfuse3.Operations):
     enable_acl = True
 
     def __init__(self, root_fd: int, store: Store, capture: Capture, control_path: bytes,
-                 snapdir_visible: bool = False):
+                 snapdir_visible: bool = False, atime: str = "", nodiratime: bool = False):
         super().__init__()
         self.store = store
         self.capture = capture
@@ -314,7 +322,13 @@ class CowFS(pyfuse3.Operations):
         self.control_path = control_path
         self.snapdir_visible = snapdir_visible
         self.as_root = os.geteuid() == 0
-        self.atime = atime_policy(root_fd)
+        # How reads move atime: the mount's -o noatime|relatime|strictatime, else the backing
+        # mount's policy. With an option the daemon's own descriptors read with O_NOATIME
+        # (the backing mount's policy would move atime at each of its reads), and an open for
+        # reading moves atime as the option says (_read_access).
+        self.atime = atime or atime_policy(root_fd)
+        self.noatime_reads = os.O_NOATIME if atime or nodiratime else 0
+        self.nodiratime = nodiratime
         self.open_files: dict[int, Node] = {}        # live fh (= descriptor) -> node
         self._forgotten: dict[int, trio.Event] = {}  # ino -> the kernel forgot it (fs.write)
         self.writer_fhs: set[int] = set()
@@ -633,7 +647,8 @@ class CowFS(pyfuse3.Operations):
         parent = self._live_parent(parent_id, name)
         self._before_entry_change(parent_id, parent, name)
         with _umask(ctx):
-            fd = os.open(name, _backing_flags(flags) | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd)
+            fd = os.open(name, _backing_flags(flags) | os.O_CREAT | os.O_EXCL | self.noatime_reads,
+                         mode, dir_fd=parent.fd)
         self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         try:
             entry = self._created(parent, name, ctx)
@@ -858,12 +873,22 @@ class CowFS(pyfuse3.Operations):
             node.entry = None
             if ctx.uid != 0:
                 self._drop_setid_bits(node)
-        fd = os.open(libc.proc_path(node.fd), _backing_flags(flags))
+        fd = self._open_backing(node, _backing_flags(flags))
         self._opened(fd, node, flags)
         if flags & os.O_ACCMODE == os.O_RDONLY and self.atime != "noatime" \
                 and ctx.pid != self.flusher_tid:
             self._read_access(nodeid, node, fd)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    def _open_backing(self, node: Node, flags: int) -> int:
+        """Open the backing object of *node*, with O_NOATIME where an atime option wants it
+        (not the owner, a rootless daemon may not: its reads then follow the backing mount)."""
+        if self.noatime_reads:
+            try:
+                return os.open(libc.proc_path(node.fd), flags | os.O_NOATIME)
+            except PermissionError:
+                pass
+        return os.open(libc.proc_path(node.fd), flags)
 
     def _read_access(self, nodeid: int, node: Node, fd: int) -> None:
         """Record a read as the backing filesystem would. The kernel keeps no atime for a FUSE
@@ -873,7 +898,10 @@ class CowFS(pyfuse3.Operations):
         st = os.fstat(fd)
         if self.atime == "relatime" and not _relatime_due(st):
             return              # the usual case: one fstat
-        os.pread(fd, 1, 0)
+        if self.noatime_reads:  # *fd* reads without moving atime: a descriptor of its own
+            _read_one_byte(libc.proc_path(node.fd))
+        else:
+            os.pread(fd, 1, 0)
         if os.fstat(fd).st_atime_ns != st.st_atime_ns:
             node.entry = None
             # Attributes only: no page is dropped, so no lock the kernel holds for us is needed.
@@ -1140,13 +1168,31 @@ class CowFS(pyfuse3.Operations):
     def _list(self, nodeid: int) -> tuple[list[bytes], list[int]]:
         """The names of a live directory and their inode numbers (as the directory says),
         "." and ".." first, as the backing filesystem lists them."""
-        with os.scandir(libc.proc_path(self._in_tree(self._node(nodeid)).fd)) as it:
-            listed = [(b".", 0), (b"..", 0)] + [(e.name, e.inode()) for e in it]
+        node = self._in_tree(self._node(nodeid))
+        if not self.noatime_reads:
+            with os.scandir(libc.proc_path(node.fd)) as it:
+                listed = [(b".", 0), (b"..", 0)] + [(e.name, e.inode()) for e in it]
+        else:
+            fd = self._open_listed_dir(node)
+            try:
+                with os.scandir(fd) as it:
+                    listed = [(b".", 0), (b"..", 0)] + [(os.fsencode(e.name), e.inode()) for e in it]
+            finally:
+                os.close(fd)
         if nodeid == pyfuse3.ROOT_INODE:
             listed = [(n, i) for n, i in listed if n != STORE_NAME and n != SNAPDIR]
             if self.snapdir_visible:
                 listed.append((SNAPDIR, 0))
         return [n for n, _ in listed], [i for _, i in listed]
+
+    def _open_listed_dir(self, node: Node) -> int:
+        """A descriptor to list *node* by, under an atime option: its reading moves the
+        directory's atime only as the option says (nodiratime, noatime: never)."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        moves = not self.nodiratime and self.atime != "noatime" and \
+            (self.atime == "strictatime" or _relatime_due(os.stat(node.fd)))
+        return self._open_backing(node, flags) if not moves else \
+            os.open(libc.proc_path(node.fd), flags)
 
     def _snap_list(self, nodeid: int) -> list[bytes]:
         if nodeid == SNAPDIR_ID:

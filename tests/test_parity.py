@@ -283,3 +283,61 @@ def test_buffered_reads_after_an_async_o_direct_write_see_it(workspace):
             for reader in readers:
                 reader.kill()
                 reader.wait()
+
+
+def _atime_moves(top) -> list[bool]:
+    """Whether each of these moves atime: reading a file just written (twice), reading an old
+    file (twice), executing a script, listing a directory (twice)."""
+    def moved(path, act) -> bool:
+        before = os.stat(path).st_atime_ns
+        time.sleep(0.02)                 # past the clock tick atime is taken from
+        act()
+        return os.stat(path).st_atime_ns != before
+    time.sleep(0.05)                     # atime must be able to move past mtime
+    return [moved(top / "new", (top / "new").read_bytes), moved(top / "new", (top / "new").read_bytes),
+            moved(top / "old", (top / "old").read_bytes), moved(top / "old", (top / "old").read_bytes),
+            moved(top / "s", lambda: subprocess.run([top / "s"], check=True)),
+            moved(top / "d", lambda: os.listdir(top / "d")), moved(top / "d", lambda: os.listdir(top / "d"))]
+
+
+@pytest.mark.parametrize("backing_atime", ["relatime", "strictatime"])
+@pytest.mark.parametrize("option", ["noatime", "relatime", "strictatime", "nodiratime"])
+def test_atime_mount_options_behave_as_on_a_native_mount_with_them(workspace, option, backing_atime):
+    """`cowfs mount -o OPTION`: reads, executions and listings move atime as they do on a bind
+    mount of a plain directory with that option (issue 20: they followed the backing mount's
+    policy, so a noatime mount moved atime). The backing mount is relatime or strictatime (a
+    bind mount of the workspace). strictatime cannot do more than the backing mount lets a
+    read do (only a utime could, and it moves ctime): over a relatime backing mount it
+    behaves as relatime (README)."""
+    native = workspace.path.parent / f"{workspace.path.name}-native"
+    native.mkdir()
+    reference = "relatime" if option == "strictatime" and backing_atime == "relatime" else option
+    if option == "nodiratime":
+        reference = f"{backing_atime},nodiratime"
+    p = workspace.path
+    for top in (native, p):
+        (top / "old").write_bytes(b"old\n")
+        (top / "s").write_text("#!/bin/sh\ntrue\n")
+        os.chmod(top / "s", 0o755)
+        (top / "d").mkdir()
+        (top / "d/x").write_bytes(b"x")
+    past = time.time_ns() - 2 * 86400 * 10**9     # relatime moves atime a day after the last read
+    for top in (native, p):
+        for name in ("old", "s", "d"):
+            os.utime(top / name, ns=(past, past))
+    workspace.backing          # opened before the bind mount and the mount hide it
+    binds = [(native, reference), (p, backing_atime)]
+    try:
+        for top, options in binds:
+            subprocess.run(["mount", "--bind", top, top], check=True)
+            subprocess.run(["mount", "-o", f"remount,bind,{options}", top], check=True)
+        workspace.mount("-o", option)
+        for top in (native, p):
+            (top / "new").write_bytes(b"new\n")
+        expected = _atime_moves(native)
+        assert expected != [True] * 7 or "strictatime" in reference
+        assert _atime_moves(p) == expected
+    finally:
+        workspace.umount(check=False)
+        for top, _ in binds:
+            subprocess.run(["umount", top], check=False)

@@ -9,6 +9,7 @@ the reason, and the test checks that it is exactly that difference: a new one fa
 import grp
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,27 @@ def test_setfacl_by_a_caller_outside_the_group_clears_setgid(workspace, test_use
     assert expected["f"].startswith("-rwxrwxr-x") and expected["d"].startswith("drwxrwxr-x")
     assert expected["own"].startswith("-rwxrwsr-x")
     assert _setfacl_as(TEST_USER, work) == expected
+
+
+def test_default_acl_where_the_callers_mode_cannot_be_read(workspace):
+    """The documented limit (README, POSIX ACLs): the mode a creation asked for is read from the
+    caller's /proc/TID/syscall, which a rootless daemon may not read for another user's
+    process (here root's, through --allow-other): the kernel's umask then stays applied, less
+    access than natively. Root's daemon reads it: as natively."""
+    native = _native(workspace, "acl-unreadable")
+    workspace.mount()
+    work = workspace.path / "work"
+    work.mkdir()
+    os.chmod(work, 0o777)
+    for top in (native, workspace.backing / "work"):
+        (top / "acl").mkdir()
+        os.chmod(top / "acl", 0o777)
+        subprocess.run(["setfacl", "-d", "-m", "u::rwx,g::rwx,o::r-x", top / "acl"], check=True)
+    old = os.umask(0o22)
+    try:
+        for top in (native, work):
+            os.mkdir(top / "acl/d", 0o777)
+    finally:
+        os.umask(old)
+    modes = [stat.S_IMODE(os.stat(top / "acl/d").st_mode) for top in (native, work)]
+    assert modes == [0o775, 0o755 if workspace.user else 0o775]

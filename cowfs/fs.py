@@ -167,6 +167,15 @@ def invalidate_entries(names: list[tuple[int, bytes]]) -> None:
                 log.warning("invalidate_entry(%d, %r): %s", parent, name, e)
 
 
+def _give(dir_fd: int, name: bytes, st, uid: int, gid: int) -> None:
+    """chown a new object to its creator. A chown clears the set-user-ID and set-group-ID bits of
+    what is not a directory, which the creator's own creation would have kept (the kernel has
+    already dropped an S_ISGID the creator may not have): they are put back."""
+    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and stat.S_ISREG(st.st_mode):
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
+
+
 def _has_default_acl(fd: int) -> bool:
     """Whether the directory open as *fd* has a default ACL."""
     try:
@@ -429,7 +438,7 @@ class CowFS(pyfuse3.Operations):
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         uid, gid = self._owner(parent, st, ctx)
         if (uid, gid) != (st.st_uid, st.st_gid):
-            os.chown(name, uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+            _give(parent.fd, name, st, uid, gid)
         self.capture.note_born(st.st_ino)
         self.capture.created(parent.ino, parent.fd, name, st)
         self.inodes.remember(parent, name, st.st_ino)

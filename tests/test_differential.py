@@ -106,8 +106,9 @@ def test_permission_checks_for_another_user_behave_as_on_the_backing_filesystem(
             run_script(work, "permissions", TEST_USER))
 
 
-# Creates, with umask 022, a file (mode 0666) and a directory (0777) in each directory named on
-# the command line, and prints what each became: mode, owner, group, and the ACL it inherited.
+# Creates, with umask 022, a file (mode 0666), directories (0777, 0750) and set-id files (4755,
+# 2755) in each directory named on the command line, and prints what each became: mode, owner,
+# group, and the ACL it inherited.
 _CREATE = r"""
 import json, os, subprocess, sys
 os.umask(0o22)
@@ -116,7 +117,9 @@ out = {}
 for d in sys.argv[2:]:
     for kind, make in (("f", lambda p: os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o666))),
                        ("d", lambda p: os.mkdir(p, 0o777)),
-                       ("p", lambda p: os.mkdir(p, 0o750))):
+                       ("p", lambda p: os.mkdir(p, 0o750)),
+                       ("u", lambda p: os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o4755))),
+                       ("g", lambda p: os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o2755)))):
         path = os.path.join(d, f"{kind}-{who}")
         make(path)
         st = os.stat(path)
@@ -170,7 +173,8 @@ def test_creation_in_setgid_directories_and_under_default_acls(workspace, test_u
     dirs_m = [str(work / os.path.basename(d)) for d in dirs_m]
     made_m = {f"{user}: {k}": v for user in creators for k, v in _created_by(user, dirs_m).items()}
     made_n = {f"{user}: {k}": v for user in creators for k, v in _created_by(user, dirs_n).items()}
-    assert {k: v for k, v in made_m.items() if v != made_n[k]} == {}, made_n
+    differences = [f"{k}: {v[:3]} natively {made_n[k][:3]}" for k, v in made_m.items() if v != made_n[k]]
+    assert differences == [], made_n
 
 
 def _owned_outside_their_group(top: Path, user: str) -> None:

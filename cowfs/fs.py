@@ -630,9 +630,11 @@ class CowFS(pyfuse3.Operations):
         if node is None or not _has_default_acl(node.fd):
             return mode
         asked = libc.creation_mode(ctx.pid)
-        if asked is None or (asked & 0o7777) & ~umask != mode & 0o7777:
+        if asked is None or asked & 0o777 & ~umask != mode & 0o777:
             return mode
-        return (mode & ~0o7777) | (asked & 0o7777)
+        # The permission bits only: the set-id and sticky bits are the kernel's decision (it
+        # drops an S_ISGID the caller may not have).
+        return (mode & ~0o777) | (asked & 0o777)
 
     @fuse_op
     async def mkdir(self, parent_id, name, mode, ctx):

@@ -107,7 +107,7 @@ def test_permission_checks_for_another_user_behave_as_on_the_backing_filesystem(
 
 
 # Creates, with umask 022, a file (mode 0666), directories (0777, 0750) and set-id files (4755,
-# 2755) in each directory named on the command line, and prints what each became: mode, owner,
+# 2755, 2777) in each directory named on the command line, and prints what each became: mode, owner,
 # group, and the ACL it inherited.
 _CREATE = r"""
 import json, os, subprocess, sys
@@ -119,7 +119,8 @@ for d in sys.argv[2:]:
                        ("d", lambda p: os.mkdir(p, 0o777)),
                        ("p", lambda p: os.mkdir(p, 0o750)),
                        ("u", lambda p: os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o4755))),
-                       ("g", lambda p: os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o2755)))):
+                       ("g", lambda p: os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o2755))),
+                       ("G", lambda p: os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o2777)))):
         path = os.path.join(d, f"{kind}-{who}")
         make(path)
         st = os.stat(path)

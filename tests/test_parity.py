@@ -341,3 +341,28 @@ def test_atime_mount_options_behave_as_on_a_native_mount_with_them(workspace, op
         workspace.umount(check=False)
         for top, _ in binds:
             subprocess.run(["umount", top], check=False)
+
+
+def test_o_direct_writes_beside_a_buffered_writer_of_the_same_file(workspace):
+    """A buffered writer keeps the file open while direct writes go on: the kernel may write the
+    buffered pages back through the O_DIRECT handle, and dropping the pages then must not wait
+    for that write's own reply (fs._after_direct_write). Each step returns promptly, and the
+    file ends as natively."""
+    native = workspace.path.parent / f"{workspace.path.name}-native"
+    native.mkdir()
+    workspace.mount()
+    results = []
+    for top in (native, workspace.path):
+        f = top / "f"
+        f.write_bytes(b"\x55" * 0xa0000)
+        buffered = os.open(f, os.O_WRONLY)
+        try:
+            started = time.monotonic()
+            for i in range(20):
+                os.pwrite(buffered, bytes([i + 100]) * 8192, 0x1000 * i)
+                _aio_direct_write(f, 0x3c000, bytes([i]) * 0x10000)
+            assert time.monotonic() - started < 10
+        finally:
+            os.close(buffered)
+        results.append(f.read_bytes())
+    assert results[0] == results[1]

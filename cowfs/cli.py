@@ -397,8 +397,8 @@ def mount_helper_argv(argv: list[str]) -> list[str] | None:
     """`mount -t fuse.cowfs WORKSPACE MOUNTPOINT -o OPTIONS` (or an fstab line) runs mount.fuse3,
     which runs `cowfs WORKSPACE MOUNTPOINT -o OPTIONS`: that command line as `cowfs mount`'s;
     None for any other."""
-    if len(argv) < 2 or argv[0] in COMMANDS or argv[0].startswith("-"):
-        return None
+    if len(argv) < 2 or argv[0] in COMMANDS or not (os.path.isdir(argv[0]) and os.path.isdir(argv[1])):
+        return None     # a mistyped command still gets argparse's error
     out, options, words = ["mount", argv[0], "--at", argv[1]], [], iter(argv[2:])
     for word in words:
         if word != "-o":

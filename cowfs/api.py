@@ -270,12 +270,14 @@ def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hid
           force: bool = False, export_git_on_checkpoint: bool = False, owner: str | None = None,
           allow_other: bool = False, message: str = "",
           auto_checkpoint: float | None = None, keep: int | None = None,
-          older_than: float | str | None = None, max_store: int | str | None = None) -> Workspace:
+          older_than: float | str | None = None, max_store: int | str | None = None,
+          options: str = "") -> Workspace:
     """Mount cowfs over *path* (or at *at*) and return the mounted Workspace.
 
     The first mount of a directory makes its tree turn 0 (named *message*, if
     given). *keep*, *older_than*, *max_store*: prune limits applied after
-    each checkpoint, in the background (see `Workspace.prune`). If this process's working directory is inside the mount, it is
+    each checkpoint, in the background (see `Workspace.prune`). *options*: as `cowfs mount -o`
+    ("noatime", "relatime", "strictatime", "nodiratime", comma-separated). If this process's working directory is inside the mount, it is
     entered again, so that relative paths from now on go through the mount
     (a process that was already inside still sees the directory underneath).
     Raises BadInput (not a directory, already mounted, changed while unmounted:
@@ -286,7 +288,7 @@ def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hid
     from . import mounting
     req = mounting.MountRequest(os.fspath(path), at, snapdir, force, False, export_git_on_checkpoint,
                                 owner, allow_other, message, auto_checkpoint, keep=keep,
-                                older_than=older_than, max_store=max_store)
+                                older_than=older_than, max_store=max_store, options=options)
     mounted_ = mounting.mount(req)
     _reenter_cwd(mounted_.mountpoint)
     return Workspace(mounted_.mountpoint)

@@ -101,6 +101,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--allow-other", action="store_true",
                    help="let other users reach the mount (as the files' permissions allow); "
                         "always on as root, else needs user_allow_other in /etc/fuse.conf")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
+                   help="comma-separated mount options: noatime, relatime or strictatime (how reads "
+                        "move atime; default: as the backing mount), nodiratime")
     p.add_argument("--initial-message", default="", metavar="MSG",
                    help="the message of turn 0 when this mount starts the history")
     p.add_argument("--auto-checkpoint", type=float, metavar="SECONDS",

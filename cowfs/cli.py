@@ -23,7 +23,8 @@ def cmd_mount(args) -> int:
     req = mounting.MountRequest(args.workspace, args.at, args.snapdir, args.force, args.debug,
                                 args.export_git_on_checkpoint, args.owner, args.allow_other,
                                 args.initial_message, args.auto_checkpoint, keep=args.keep,
-                                older_than=args.older_than, max_store=args.max_store)
+                                older_than=args.older_than, max_store=args.max_store,
+                                options=",".join(args.options or ()))
     if args.foreground:
         from .daemon import run
         return run(mounting.options(req), args.ready_fd)
@@ -414,8 +415,33 @@ def plain_checkpoint(argv: list[str]) -> tuple[str, str] | None:
     return (cwd or top_cwd or ".", message) if named else None
 
 
+# Options mount(8) and mount.fuse3 pass that mean nothing to cowfs or that a cowfs mount has
+# anyway (mount.fuse3 adds dev,suid; the mount is nosuid,nodev: README).
+_HELPER_IGNORED = frozenset({"rw", "defaults", "auto", "noauto", "nouser", "nofail", "_netdev",
+                             "async", "exec", "dev", "suid", "nodev", "nosuid"})
+
+
+def mount_helper_argv(argv: list[str]) -> list[str] | None:
+    """`mount -t fuse.cowfs WORKSPACE MOUNTPOINT -o OPTIONS` (or an fstab line) runs mount.fuse3,
+    which runs `cowfs WORKSPACE MOUNTPOINT -o OPTIONS`: that command line as `cowfs mount`'s;
+    None for any other."""
+    if len(argv) < 2 or argv[0] in COMMANDS or not (os.path.isdir(argv[0]) and os.path.isdir(argv[1])):
+        return None     # a mistyped command still gets argparse's error
+    out, options, words = ["mount", argv[0], "--at", argv[1]], [], iter(argv[2:])
+    for word in words:
+        if word != "-o":
+            return None
+        options += next(words, "").split(",")
+    options = [o for o in options if o and o not in _HELPER_IGNORED]
+    if "allow_other" in options:
+        options.remove("allow_other")
+        out.append("--allow-other")
+    return out + (["-o", ",".join(options)] if options else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = mount_helper_argv(argv) or argv
     plain = plain_checkpoint(argv)
     if plain is None:
         from .arguments import parse_args

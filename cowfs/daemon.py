@@ -66,6 +66,8 @@ class MountOptions:
     allow_other: bool = False   # other users may reach the mount (as permissions allow)
     initial_message: str = ""   # turn 0's message, if this mount creates the store
     prune_limits: retention.Limits = field(default_factory=retention.Limits)  # after each seal
+    atime: str = ""             # -o noatime|relatime|strictatime; "": the backing mount's policy
+    nodiratime: bool = False    # -o nodiratime: listing a directory never moves its atime
 
     @property
     def as_root(self) -> bool:
@@ -208,7 +210,7 @@ class Daemon:
 
     def mount(self) -> None:
         self.fs = CowFS(self.root_fd, self.store, self.capture, self.control.getsockname(),
-                        self.opts.snapdir_visible)
+                        self.opts.snapdir_visible, self.opts.atime, self.opts.nodiratime)
         self.fs.debug = self.opts.debug
         self.git_export = ExportRunner(
             self.store, os.fsencode(self.opts.workspace), [self.opts.mountpoint, self.opts.workspace],
@@ -747,6 +749,10 @@ def fuse_options(opts: MountOptions) -> set[str]:
     options = set(pyfuse3.default_options) | {"fsname=cowfs", "subtype=cowfs"}
     if opts.allow_other:
         options.add("allow_other")
+    if opts.atime == "noatime":
+        # Shown in /proc/mounts (libfuse 3.14 takes no relatime, strictatime or nodiratime);
+        # the kernel keeps no atime for FUSE files: the daemon does what they say (fs.CowFS.atime).
+        options.add("noatime")
     return options
 
 

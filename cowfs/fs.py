@@ -44,6 +44,9 @@ SNAPSHOT_TIMEOUT = 365 * 86400.0
 # How long a lookup of a file whose write failed waits for its pending release (fs.write).
 FORGET_WAIT = 1.0
 
+# How long a direct write waits for the page cache of its file to be dropped (fs._after_direct_write).
+DIRECT_INVALIDATE_WAIT = 1.0
+
 # File handles of `.snapshots` files live above every possible descriptor number.
 SNAP_FH_BASE = 1 << 40
 
@@ -164,6 +167,63 @@ def invalidate_entries(names: list[tuple[int, bytes]]) -> None:
                 log.warning("invalidate_entry(%d, %r): %s", parent, name, e)
 
 
+def _give(dir_fd: int, name: bytes, st, uid: int, gid: int) -> None:
+    """chown a new object to its creator. A chown clears the set-user-ID and set-group-ID bits of
+    what is not a directory, which the creator's own creation would have kept (the kernel has
+    already dropped an S_ISGID the creator may not have): they are put back."""
+    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and stat.S_ISREG(st.st_mode):
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
+
+
+def _has_default_acl(fd: int) -> bool:
+    """Whether the directory open as *fd* has a default ACL."""
+    try:
+        os.getxattr(libc.proc_path(fd), b"system.posix_acl_default")
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
+
+
+_ACL_ACCESS = b"system.posix_acl_access"
+
+
+def _acl_drop_setgid(fd: int, ctx) -> None:
+    """What setting an access ACL does natively (posix_acl_update_mode): clear S_ISGID unless
+    the caller is in the file's group (or has CAP_FSETID: uid 0 stands for it). The daemon
+    set the ACL with its own credentials, and the kernel's way to ask for it
+    (FUSE_SETXATTR_ACL_KILL_SGID) needs FUSE_SETXATTR_EXT, which pyfuse3 does not negotiate."""
+    st = os.stat(fd)
+    if st.st_mode & stat.S_ISGID and not _in_group(ctx, st.st_gid):
+        os.chmod(libc.proc_path(fd), stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
+
+
+def _in_group(ctx, gid: int) -> bool:
+    """Whether the caller of a request is in group *gid* (its own or a supplementary one)."""
+    if ctx.gid == gid:
+        return True
+    try:
+        with open(b"/proc/%d/status" % ctx.pid, "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return str(gid).encode() in line.split()[1:]
+    except OSError:
+        pass
+    return False
+
+
+def _drop_pages(nodeid: int) -> None:
+    """Make the kernel drop the cached pages (and attributes) of *nodeid*; blocks: call from a
+    thread, never from the trio loop (pages being read or written back wait for the daemon)."""
+    try:
+        pyfuse3.invalidate_inode(nodeid, attr_only=False)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOSYS):
+            log.warning("invalidate_inode(%d): %s", nodeid, e)
+
+
 def _backing_flags(flags: int) -> int:
     """How to open the backing file for a kernel open with *flags*.
 
@@ -200,6 +260,14 @@ def atime_policy(fd: int) -> str:
     if flags & os.ST_NOATIME:
         return "noatime"
     return "relatime" if flags & os.ST_RELATIME else "strictatime"
+
+
+def _read_one_byte(path: bytes) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.pread(fd, 1, 0)
+    finally:
+        os.close(fd)
 
 
 def _relatime_due(st: os.stat_result) -> bool:
@@ -250,7 +318,7 @@ class CowFS(pyfuse3.Operations):
     enable_acl = True
 
     def __init__(self, root_fd: int, store: Store, capture: Capture, control_path: bytes,
-                 snapdir_visible: bool = False):
+                 snapdir_visible: bool = False, atime: str = "", nodiratime: bool = False):
         super().__init__()
         self.store = store
         self.capture = capture
@@ -263,11 +331,20 @@ class CowFS(pyfuse3.Operations):
         self.control_path = control_path
         self.snapdir_visible = snapdir_visible
         self.as_root = os.geteuid() == 0
-        self.atime = atime_policy(root_fd)
-        self.daemon_gid = os.getegid()
+        # How reads move atime: the mount's -o noatime|relatime|strictatime, else the backing
+        # mount's policy. With an option the daemon's own descriptors read with O_NOATIME
+        # (the backing mount's policy would move atime at each of its reads), and an open for
+        # reading moves atime as the option says (_read_access).
+        self.atime = atime or atime_policy(root_fd)
+        self.noatime_reads = os.O_NOATIME if atime or nodiratime else 0
+        self.nodiratime = nodiratime
         self.open_files: dict[int, Node] = {}        # live fh (= descriptor) -> node
         self._forgotten: dict[int, trio.Event] = {}  # ino -> the kernel forgot it (fs.write)
         self.writer_fhs: set[int] = set()
+        # Handles opened with O_DIRECT for writing, and how many each object has: their writes
+        # bypass the page cache, which must then not serve the old content (_after_direct_write).
+        self.direct_fhs: set[int] = set()
+        self.direct_writers: collections.Counter[int] = collections.Counter()
         # After a rollback the refresher re-applies sizes and mtimes through the mount
         # (see Daemon.kernel_refresh_list): those setattrs are not changes to capture.
         self.refreshing: set[int] = set()
@@ -359,9 +436,9 @@ class CowFS(pyfuse3.Operations):
     def _created(self, parent: Node, name: bytes, ctx) -> pyfuse3.EntryAttributes:
         """Finish a creation: owner, birth, the kernel's entry."""
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        uid, gid = self._owner(st, ctx)
+        uid, gid = self._owner(parent, st, ctx)
         if (uid, gid) != (st.st_uid, st.st_gid):
-            os.chown(name, uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+            _give(parent.fd, name, st, uid, gid)
         self.capture.note_born(st.st_ino)
         self.capture.created(parent.ino, parent.fd, name, st)
         self.inodes.remember(parent, name, st.st_ino)
@@ -369,15 +446,18 @@ class CowFS(pyfuse3.Operations):
         entry.st_uid, entry.st_gid = uid, gid
         return entry
 
-    def _owner(self, st, ctx) -> tuple[int, int]:
+    def _owner(self, parent: Node, st, ctx) -> tuple[int, int]:
         """Objects created through the mount belong to the caller, as on the backing filesystem.
 
-        The backing filesystem created *st* as the daemon; a group other than the
-        daemon's means the parent directory is setgid, whose group is kept.
+        The backing filesystem created *st* as the daemon: in a setgid directory with the
+        directory's group (kept), elsewhere with the daemon's (the caller's instead). The
+        directory's mode says which: its group may be the daemon's own (0).
         """
         if not self.as_root:
             return st.st_uid, st.st_gid
-        return ctx.uid, (ctx.gid if st.st_gid == self.daemon_gid else st.st_gid)
+        if os.stat(parent.fd).st_mode & stat.S_ISGID:
+            return ctx.uid, st.st_gid
+        return ctx.uid, ctx.gid
 
     def _before_entry_change(self, parent_id: int, parent: Node, name: bytes) -> None:
         self.capture.before_entry_change(parent.ino, parent.fd, name)
@@ -531,12 +611,39 @@ class CowFS(pyfuse3.Operations):
         self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         return self._created(parent, name, ctx)
 
+    def _requested_mode(self, parent_id: int, mode: int, ctx) -> int:
+        """The mode a creation asked for, before the kernel's umask, where the parent directory
+        has a default ACL; else *mode*.
+
+        POSIX.1e: under a default ACL the new object's permissions are the ACL's and the
+        requested mode's, and the umask does not apply. The kernel leaves the umask to the
+        filesystem only if the daemon negotiates FUSE_DONT_MASK, which pyfuse3 does not: it
+        sends the mode already masked (and the umask). The caller is blocked in its system
+        call meanwhile, so its mode argument is read from /proc/TID/syscall, and taken only if
+        it is what the kernel masked. Where it cannot be read, the masked mode stands (never
+        more access than natively, maybe less; README).
+        """
+        umask = ctx.umask & 0o777
+        if not umask or parent_id >= VIRTUAL_BASE or not ctx.pid:
+            return mode
+        node = self.inodes.get(parent_id)
+        if node is None or not _has_default_acl(node.fd):
+            return mode
+        asked = libc.creation_mode(ctx.pid)
+        if asked is None or asked & 0o777 & ~umask != mode & 0o777:
+            return mode
+        # The permission bits only: the set-id and sticky bits are the kernel's decision (it
+        # drops an S_ISGID the caller may not have).
+        return (mode & ~0o777) | (asked & 0o777)
+
     @fuse_op
     async def mkdir(self, parent_id, name, mode, ctx):
+        mode = self._requested_mode(parent_id, mode, ctx)
         return self._make(parent_id, name, ctx, lambda dir_fd: os.mkdir(name, mode, dir_fd=dir_fd))
 
     @fuse_op
     async def mknod(self, parent_id, name, mode, rdev, ctx):
+        mode = self._requested_mode(parent_id, mode, ctx)
         return self._make(parent_id, name, ctx,
                           lambda dir_fd: os.mknod(name, mode, rdev, dir_fd=dir_fd))
 
@@ -547,10 +654,12 @@ class CowFS(pyfuse3.Operations):
 
     @fuse_op
     async def create(self, parent_id, name, mode, flags, ctx):
+        mode = self._requested_mode(parent_id, mode, ctx)
         parent = self._live_parent(parent_id, name)
         self._before_entry_change(parent_id, parent, name)
         with _umask(ctx):
-            fd = os.open(name, _backing_flags(flags) | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd)
+            fd = os.open(name, _backing_flags(flags) | os.O_CREAT | os.O_EXCL | self.noatime_reads,
+                         mode, dir_fd=parent.fd)
         self.writers.entry(parent.ino, name, ctx.pid, ctx.uid)
         try:
             entry = self._created(parent, name, ctx)
@@ -752,6 +861,9 @@ class CowFS(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             self.writer_fhs.add(fd)
             node.writers += 1
+            if flags & os.O_DIRECT:
+                self.direct_fhs.add(fd)
+                self.direct_writers[node.ino] += 1
 
     @fuse_op
     async def open(self, nodeid, flags, ctx):
@@ -772,12 +884,22 @@ class CowFS(pyfuse3.Operations):
             node.entry = None
             if ctx.uid != 0:
                 self._drop_setid_bits(node)
-        fd = os.open(libc.proc_path(node.fd), _backing_flags(flags))
+        fd = self._open_backing(node, _backing_flags(flags))
         self._opened(fd, node, flags)
         if flags & os.O_ACCMODE == os.O_RDONLY and self.atime != "noatime" \
                 and ctx.pid != self.flusher_tid:
             self._read_access(nodeid, node, fd)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    def _open_backing(self, node: Node, flags: int) -> int:
+        """Open the backing object of *node*, with O_NOATIME where an atime option wants it
+        (not the owner, a rootless daemon may not: its reads then follow the backing mount)."""
+        if self.noatime_reads:
+            try:
+                return os.open(libc.proc_path(node.fd), flags | os.O_NOATIME)
+            except PermissionError:
+                pass
+        return os.open(libc.proc_path(node.fd), flags)
 
     def _read_access(self, nodeid: int, node: Node, fd: int) -> None:
         """Record a read as the backing filesystem would. The kernel keeps no atime for a FUSE
@@ -787,7 +909,10 @@ class CowFS(pyfuse3.Operations):
         st = os.fstat(fd)
         if self.atime == "relatime" and not _relatime_due(st):
             return              # the usual case: one fstat
-        os.pread(fd, 1, 0)
+        if self.noatime_reads:  # *fd* reads without moving atime: a descriptor of its own
+            _read_one_byte(libc.proc_path(node.fd))
+        else:
+            os.pread(fd, 1, 0)
         if os.fstat(fd).st_atime_ns != st.st_atime_ns:
             node.entry = None
             # Attributes only: no page is dropped, so no lock the kernel holds for us is needed.
@@ -833,7 +958,29 @@ class CowFS(pyfuse3.Operations):
         os.utime(fh, ns=(st.st_atime_ns, st.st_mtime_ns))
         if written < len(buf):
             self._size_unsure(node)
+        if fh in self.direct_fhs:
+            await self._after_direct_write(node)
         return written
+
+    async def _after_direct_write(self, node: Node) -> None:
+        """Drop the kernel's cached pages of a file a direct write has just changed, before the
+        write is answered.
+
+        The kernel drops them before it sends an O_DIRECT write, and again after a synchronous
+        one, but not after an asynchronous one (io_submit): a buffered read of the range that
+        reached the daemon meanwhile cached the old bytes, and they stayed (issue 20). pyfuse3
+        does not say whether a write is direct or a write-back of cached pages, so a write on
+        a handle opened with O_DIRECT is taken for direct. Dropping pages waits for those
+        under write-back, and the write-back of a page may be this very request when another,
+        buffered, writer has the file open: then the drop is not awaited (the reply must go
+        first), and else it is awaited at most DIRECT_INVALIDATE_WAIT (pages a mapping dirtied).
+        """
+        nodeid = self.inodes.nodeid(node.ino)
+        if node.writers > self.direct_writers[node.ino]:
+            threading.Thread(target=_drop_pages, args=(nodeid,), daemon=True).start()
+            return
+        with trio.move_on_after(DIRECT_INVALIDATE_WAIT):
+            await trio.to_thread.run_sync(_drop_pages, nodeid, abandon_on_cancel=True)
 
     # A write the backing file refused (or took in part) is already counted in the size the
     # kernel keeps: with the writeback cache it owns a file's size and never takes it from a
@@ -962,6 +1109,11 @@ class CowFS(pyfuse3.Operations):
             node.writers -= 1
             if not node.writers:
                 node.write_error = 0    # its close has reported it
+            if fh in self.direct_fhs:
+                self.direct_fhs.discard(fh)
+                self.direct_writers[node.ino] -= 1
+                if not self.direct_writers[node.ino]:
+                    del self.direct_writers[node.ino]
 
     # -- directories ----------------------------------------------------------------------
     @fuse_op
@@ -1027,13 +1179,31 @@ class CowFS(pyfuse3.Operations):
     def _list(self, nodeid: int) -> tuple[list[bytes], list[int]]:
         """The names of a live directory and their inode numbers (as the directory says),
         "." and ".." first, as the backing filesystem lists them."""
-        with os.scandir(libc.proc_path(self._in_tree(self._node(nodeid)).fd)) as it:
-            listed = [(b".", 0), (b"..", 0)] + [(e.name, e.inode()) for e in it]
+        node = self._in_tree(self._node(nodeid))
+        if not self.noatime_reads:
+            with os.scandir(libc.proc_path(node.fd)) as it:
+                listed = [(b".", 0), (b"..", 0)] + [(e.name, e.inode()) for e in it]
+        else:
+            fd = self._open_listed_dir(node)
+            try:
+                with os.scandir(fd) as it:
+                    listed = [(b".", 0), (b"..", 0)] + [(os.fsencode(e.name), e.inode()) for e in it]
+            finally:
+                os.close(fd)
         if nodeid == pyfuse3.ROOT_INODE:
             listed = [(n, i) for n, i in listed if n != STORE_NAME and n != SNAPDIR]
             if self.snapdir_visible:
                 listed.append((SNAPDIR, 0))
         return [n for n, _ in listed], [i for _, i in listed]
+
+    def _open_listed_dir(self, node: Node) -> int:
+        """A descriptor to list *node* by, under an atime option: its reading moves the
+        directory's atime only as the option says (nodiratime, noatime: never)."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        moves = not self.nodiratime and self.atime != "noatime" and \
+            (self.atime == "strictatime" or _relatime_due(os.stat(node.fd)))
+        return self._open_backing(node, flags) if not moves else \
+            os.open(libc.proc_path(node.fd), flags)
 
     def _snap_list(self, nodeid: int) -> list[bytes]:
         if nodeid == SNAPDIR_ID:
@@ -1082,6 +1252,8 @@ class CowFS(pyfuse3.Operations):
         self.writers.object(node.ino, ctx.pid, ctx.uid)
         node.entry = None    # its ctime
         os.setxattr(libc.proc_path(node.fd), name, value)
+        if name == _ACL_ACCESS and ctx.uid != 0:
+            _acl_drop_setgid(node.fd, ctx)
 
     @fuse_op
     async def removexattr(self, nodeid, name, ctx):

@@ -1,14 +1,15 @@
 """Linux system calls that the os module does not expose.
 
 Owns the ctypes bindings for renameat2, syncfs, FICLONE, copy_file_range,
-fchownat(AT_EMPTY_PATH), readlinkat and the private mount namespace of a
-root daemon. No file handles: open_by_handle_at needs CAP_DAC_READ_SEARCH.
+fchownat(AT_EMPTY_PATH), readlinkat, the private mount namespace of a root
+daemon, and the mode argument of a caller's creating system call. No file handles: open_by_handle_at needs CAP_DAC_READ_SEARCH.
 Every wrapper raises OSError with the real errno.
 """
 
 import ctypes
 import fcntl
 import os
+import platform
 
 # The C library the interpreter already has loaded (find_library would run ldconfig).
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -112,3 +113,27 @@ def _mountpoints() -> list[str]:
     with open("/proc/self/mountinfo", "rb") as f:
         return [os.fsdecode(line.split()[4].decode("unicode_escape").encode("latin-1"))
                 for line in f]
+
+
+# The creating system calls and which argument is the mode, by syscall number, per architecture.
+_MODE_ARGUMENT = {
+    "x86_64": {2: 2, 85: 1, 257: 3, 83: 1, 258: 2, 133: 1, 259: 2},   # open creat openat
+    #                                                   mkdir mkdirat mknod mknodat
+    "aarch64": {56: 3, 34: 2, 33: 2},                                  # openat mkdirat mknodat
+}.get(platform.machine(), {})
+
+
+def creation_mode(tid: int) -> int | None:
+    """The mode argument of the creating system call (open, creat, mkdir, mknod and their *at
+    forms) thread *tid* is blocked in, as it passed it; None if it is in none of them or
+    cannot be read (another user's process for a rootless daemon; io_uring; openat2, whose
+    mode is in the caller's memory)."""
+    try:
+        with open(b"/proc/%d/syscall" % tid, "rb") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if len(fields) < 7 or not fields[0].isdigit():
+        return None       # "running", or -1: not in a system call
+    index = _MODE_ARGUMENT.get(int(fields[0]))
+    return None if index is None else int(fields[1 + index], 16)

@@ -39,6 +39,7 @@ class MountRequest:
     keep: int | str | None = None         # prune limits after each checkpoint (retention.Limits)
     older_than: float | str | None = None
     max_store: int | str | None = None
+    options: str = ""           # -o: comma-separated mount options (ATIME_OPTIONS)
 
 
 @dataclass
@@ -78,9 +79,27 @@ def options(req: MountRequest):
     if req.export_git_on_checkpoint and not _has_git():
         raise BadInput("--export-git-on-checkpoint needs git, which is not installed (install git)")
     limits = Limits.parse(req.keep, req.older_than, req.max_store)
+    atime, nodiratime = atime_options(req.options)
     return MountOptions(workspace, mountpoint, req.snapdir == "visible", req.force, req.debug,
                         req.export_git_on_checkpoint, owner_uid(req.owner), allow_other(req.allow_other),
-                        req.message, prune_limits=limits)
+                        req.message, prune_limits=limits, atime=atime, nodiratime=nodiratime)
+
+
+ATIME_OPTIONS = ("noatime", "relatime", "strictatime", "nodiratime")
+
+
+def atime_options(text: str) -> tuple[str, bool]:
+    """The atime policy ("": the backing mount's) and nodiratime that `-o` options ask for;
+    the last of noatime, relatime, strictatime wins, as with mount(8)."""
+    atime, nodiratime = "", False
+    for option in filter(None, text.split(",")):
+        if option not in ATIME_OPTIONS:
+            raise BadInput(f"-o {option}: cowfs takes {', '.join(ATIME_OPTIONS)}")
+        if option == "nodiratime":
+            nodiratime = True
+        else:
+            atime = option
+    return atime, nodiratime
 
 
 def _has_git() -> bool:
@@ -162,6 +181,7 @@ def _spawn_daemon(req: MountRequest, opts) -> tuple[int, str]:
     argv += [flag for flag, on in flags.items() if on]
     argv += ["--owner", req.owner] if req.owner else []
     argv += ["--initial-message", req.message] if req.message else []
+    argv += ["-o", req.options] if req.options else []
     limits = opts.prune_limits
     argv += ["--keep", str(limits.keep)] if limits.keep is not None else []
     argv += ["--older-than", f"{limits.older_than}s"] if limits.older_than is not None else []

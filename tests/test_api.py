@@ -86,3 +86,20 @@ def test_mount_and_mounted_re_enter_the_working_directory(workspace, monkeypatch
         cowfs.umount(p)
     with pytest.raises(cowfs.BadInput):
         cowfs.mount(p / "old")                            # not a directory
+
+
+@pytest.mark.root_only
+def test_mount_options_reach_the_daemon(workspace):
+    """cowfs.mount(options=...) is `cowfs mount -o`: a noatime mount moves no atime."""
+    (workspace.path / "f").write_text("f\n")
+    past = 10**18
+    os.utime(workspace.path / "f", ns=(past, past))       # relatime would move atime at a read
+    workspace.backing
+    with pytest.raises(cowfs.BadInput):
+        cowfs.mount(workspace.path, options="noatime,sync")
+    cowfs.mount(workspace.path, options="noatime")
+    assert workspace.is_mounted()
+    (workspace.path / "f").read_text()
+    assert os.stat(workspace.path / "f").st_atime_ns == past
+    workspace.umount()
+    assert os.stat(workspace.path / "f").st_atime_ns == past

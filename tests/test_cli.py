@@ -280,3 +280,33 @@ def test_debug_logs_each_request_without_its_data(workspace):
     assert writes and all("bytes:" in line and len(line) < 400 for line in writes), writes[:2]
     assert "create(" in log and "release(" in log
     assert len(log) < 200_000
+
+
+@pytest.mark.root_only
+def test_mount_t_fuse_cowfs(workspace, tmp_path):
+    """`mount -t fuse.cowfs WS WS -o noatime` (and fstab) runs mount.fuse3, which runs
+    `cowfs WS WS -o rw,noatime,dev,suid`: a cowfs mount with that option; an option cowfs
+    cannot honour is refused, as `cowfs mount -o` refuses it."""
+    (workspace.path / "f").write_text("f\n")
+    past = 10**18
+    os.utime(workspace.path / "f", ns=(past, past))       # relatime would move atime at a read
+    workspace.backing
+    bindir = tmp_path / "bin"           # mount(8) would find whichever cowfs is installed
+    bindir.mkdir()
+    (bindir / "cowfs").write_text(f"#!/bin/sh\nexec {sys.executable} -m cowfs \"$@\"\n")
+    (bindir / "cowfs").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+
+    def helper(options):
+        return subprocess.run(["mount.fuse3", workspace.path, workspace.path, "-t", "fuse.cowfs",
+                               "-o", options], env=env, capture_output=True, text=True, timeout=120)
+    refused = helper("rw,ro")
+    assert refused.returncode == 2 and "-o ro: cowfs takes" in refused.stderr
+    assert not workspace.is_mounted()
+    assert helper("rw,noatime").returncode == 0
+    options = next(line.split()[5] for line in open("/proc/self/mountinfo")
+                   if line.split()[4] == str(workspace.path))
+    assert "noatime" in options.split(",")
+    (workspace.path / "f").read_text()
+    assert os.stat(workspace.path / "f").st_atime_ns == past
+    workspace.umount()

@@ -92,6 +92,7 @@ def test_an_fsync_makes_the_history_durable_first_and_a_repeat_costs_nothing(wor
     p = workspace.path
     (p / "f").write_bytes(os.urandom(64 << 10))
     (p / "g").write_bytes(b"g\n")
+    (p / "h").write_bytes(b"h\n")
     workspace.mount()
     ino = os.stat(p / "f").st_ino
     log = p.parent / "durability.strace"
@@ -119,6 +120,10 @@ def test_an_fsync_makes_the_history_durable_first_and_a_repeat_costs_nothing(wor
             f.write(b"synced by syncfs?")
             assert libc.syncfs(f.fileno()) == 0
             mark(p, 5)
+            h = os.open(p / "h", os.O_WRONLY | os.O_DSYNC)    # the kernel sends an fsync
+            os.write(h, b"H")
+            os.close(h)
+            mark(p, 6)
     syncs, marks = parse(log)
 
     first = between(syncs, marks, 0, 1)
@@ -148,6 +153,13 @@ def test_an_fsync_makes_the_history_durable_first_and_a_repeat_costs_nothing(wor
     # below, neither the change nor its pre-image (docs/architecture.md, Durability).
     assert between(syncs, marks, 4, 5) == []
     assert b"again" * 20 + b"synced by syncfs?" in (workspace.backing / "f").read_bytes()
+
+    dsync = between(syncs, marks, 5, 6)       # O_DSYNC, O_SYNC, msync: FUSE_FSYNC as above
+    h_ino = os.stat(p / "h").st_ino
+    h_sync = one(dsync, lambda s: s.call == "fdatasync" and s.path.endswith("/ws/h"))
+    for before in (one(dsync, lambda s: re.search(rf"/\.cowfs/content/\d+-{h_ino}$", s.path)),
+                   one(dsync, store("catalogue.db-wal"))):
+        assert before.end < h_sync.start, (before, h_sync, dsync)
 
 
 @pytest.fixture(params=["xfs", "ext4"])

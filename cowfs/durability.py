@@ -15,7 +15,9 @@ Owns only the ordering; capture.py lists the content files written since the
 last sync (`Capture.unsynced`). See docs/architecture.md, "Durability".
 """
 
+import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import trio
 
@@ -24,6 +26,8 @@ from .capture import Capture
 from .store import CATALOGUE, Store
 
 WAL = CATALOGUE + b"-wal"
+# Syncs run at once by one fsync (_sync) at most.
+PARALLEL_SYNCS = 8
 
 
 class HistorySync:
@@ -35,6 +39,7 @@ class HistorySync:
         # -1: not yet in this mount (then the store's own directory is synced too, once).
         self.synced_rows = -1
         self._lock = trio.Lock()    # one sync at a time: a second waits and finds it done
+        self._pool: ThreadPoolExecutor | None = None
 
     def pending(self) -> bool:
         """Whether something was recorded since the last sync (two comparisons: every fsync)."""
@@ -62,35 +67,37 @@ class HistorySync:
             self.synced_rows = -2 if self.db.in_transaction else rows
 
     def _sync(self, names: list[str], overflow: bool, rows: bool, first: bool) -> None:
-        """In a worker thread: the content files, then the directories naming them and the
-        objects moved into the store, then the rows (which name those files and objects)."""
+        """In a worker thread: the content files, the directories naming them and the objects
+        moved into the store, the rows (the WAL), all at once: a journal commits concurrent syncs
+        together (on ext4, one commit instead of one per sync). All have returned when this does."""
         store = self.store
-        if overflow:
-            libc.syncfs(store.fd)   # too many to list: the whole backing filesystem
-        for name in names:
-            try:
-                fd = store.open_content(name)
-            except FileNotFoundError:
-                continue            # dropped since (a capture that lost a race, a prune)
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-        if names or rows:
-            os.fsync(store.content_fd)
+        jobs = [functools.partial(_sync_entry, store.content_fd, os.fsencode(n)) for n in names]
+        if names:
+            jobs.append(functools.partial(os.fsync, store.content_fd))
         if rows:
-            os.fsync(store.objects_fd)
-            self._sync_file(WAL)
+            jobs += [functools.partial(os.fsync, store.objects_fd),
+                     functools.partial(_sync_entry, store.fd, WAL)]
         if first:
-            self._sync_file(CATALOGUE)
-            os.fsync(store.fd)      # the WAL's, objects/ and content/'s own entries
+            jobs += [functools.partial(_sync_entry, store.fd, CATALOGUE),
+                     functools.partial(os.fsync, store.fd)]    # the WAL's, objects/, content/
+        if overflow:
+            jobs.append(functools.partial(libc.syncfs, store.fd))  # too many to list: all of it
+        if len(jobs) == 1:
+            jobs[0]()
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(PARALLEL_SYNCS, thread_name_prefix="cowfs-sync")
+        for _ in self._pool.map(lambda job: job(), jobs):
+            pass
 
-    def _sync_file(self, name: bytes) -> None:
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.store.fd)
-        except FileNotFoundError:
-            return                  # no WAL: every row is in the database file, synced by SQLite
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+
+def _sync_entry(dir_fd: int, name: bytes) -> None:
+    """fdatasync entry *name* of *dir_fd*, if it is there."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return      # a content file dropped since (a prune); no WAL: SQLite synced every row
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)

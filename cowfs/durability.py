@@ -8,7 +8,7 @@ reach the disk first. So `fsync`, `fdatasync` and `fsyncdir` through the
 mount first make durable every pre-image recorded so far (the content files
 not yet synced, the store directories naming them and the objects moved
 into the store, and the catalogue's WAL), then sync the file or directory
-itself. Nothing to do (the usual repeat fsync) costs two comparisons; the
+itself. Nothing to do (the usual repeat fsync) costs three comparisons; the
 syncs run in a worker thread (brief 5: an fsync must not stall the mount).
 
 Owns only the ordering; capture.py lists the content files written since the
@@ -42,7 +42,7 @@ class HistorySync:
         self._pool: ThreadPoolExecutor | None = None
 
     def pending(self) -> bool:
-        """Whether something was recorded since the last sync (two comparisons: every fsync)."""
+        """Whether something was recorded since the last sync (three comparisons: every fsync)."""
         return bool(self.capture.unsynced) or self.capture.unsynced_overflow \
             or self.db.total_changes != self.synced_rows
 

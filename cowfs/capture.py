@@ -108,9 +108,12 @@ class Capture:
         return len(self._in_flight)
 
     def flush_counts(self) -> None:
-        """Persist the open turn's counters (for `cowfs log` of an unsealed turn after a crash)."""
-        self.catalogue.add_counts(self.turn, self.changes, self.bytes)
-        self.changes = self.bytes = 0
+        """Persist the open turn's counters (for `cowfs log` of an unsealed turn after a crash).
+        Nothing new, nothing written: an idle mount's WAL stays as it is, and the next fsync
+        has no row to sync (durability.py)."""
+        if self.changes or self.bytes:
+            self.catalogue.add_counts(self.turn, self.changes, self.bytes)
+            self.changes = self.bytes = 0
 
     # -- entries -----------------------------------------------------------------
     def before_entry_change(self, parent: int, parent_fd: int, name: bytes) -> None:

@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 
@@ -197,12 +196,14 @@ def test_what_an_fsync_made_durable_keeps_its_history_after_a_power_loss(small_f
     """A file edited in place in turn 2 and fsynced, then the power goes: after recovery the
     file holds the edit (the user's fsync), and turn 1's snapshot still shows it as it was
     (its pre-image and the row naming it reached the disk first). So does a file made in
-    turn 2 and fsynced: it is in no earlier snapshot."""
+    turn 2 and fsynced: it is in no earlier snapshot; and a file removed in turn 2 and its
+    directory fsynced: it is in turn 1's."""
     img, mnt = small_fs
     ws = Workspace(mnt / "ws")
     old = os.urandom(256 << 10)
     (ws.path / "f").write_bytes(old)
-    subprocess.run(["sync"], check=True)
+    (ws.path / "gone").write_bytes(b"removed in turn 2\n")
+    run(["sync", "-f", mnt])
     ws.mount()
     try:
         (ws.path / "turn1").write_bytes(b"1\n")
@@ -213,15 +214,21 @@ def test_what_an_fsync_made_durable_keeps_its_history_after_a_power_loss(small_f
         with open(ws.path / "born", "wb", buffering=0) as b:
             b.write(b"born in turn 2\n")
             os.fsync(b.fileno())
+        os.unlink(ws.path / "gone")
+        root = os.open(ws.path, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(root)
+        os.close(root)
         power_loss(ws, img, mnt)
     finally:
         ws.cleanup()
     assert (ws.path / "f").read_bytes() == b"EDITED" + old[6:]     # the user's fsync held
     assert (ws.path / "born").read_bytes() == b"born in turn 2\n"
+    assert not (ws.path / "gone").exists()
     ws.mount()     # turn 2 went through the daemon that died: no drift
     try:
         assert (ws.snapshots / "turn-1" / "f").read_bytes() == old
         assert not (ws.snapshots / "turn-1" / "born").exists()
+        assert (ws.snapshots / "turn-1" / "gone").read_bytes() == b"removed in turn 2\n"
         assert (ws.snapshots / "turn-0" / "f").read_bytes() == old
     finally:
         ws.umount(check=False)

@@ -13,7 +13,7 @@ json is imported where it is used: checkpoint_in_one_shot, the path of a plain
 
 import os
 
-from .errors import DaemonUnreachable, NotMounted, OperationFailed, from_reply
+from .errors import CowfsError, DaemonUnreachable, NotMounted, OperationFailed, from_reply
 
 FSTYPE = "fuse.cowfs"
 CONTROL_XATTR = "user.cowfs.control"
@@ -161,20 +161,25 @@ def rollback(path: str, turn: int) -> dict:
     """Make the mount containing *path* exactly sealed turn *turn*; return the daemon's reply
     (`turn`: the rollback's own turn, `target`, `sealed_pending`: the turn pending changes were
     sealed as first, or None)."""
-    import threading
-    mount = find_mount(path)
-    reply = request(mount, "rollback", turn=turn, tid=threading.get_native_id(), uid=os.getuid())
-    refresh_kernel_view(mount, reply.get("refresh", []))
-    return reply
+    return _history_request(find_mount(path), "rollback", turn=turn)
 
 
 def restore(mount: Mount, turn: int, paths: list[str]) -> dict:
     """Restore *paths* (relative to the root) of *mount* to sealed turn *turn*; the daemon's reply
     (`restored`: [path, what was done] per path). Like a rollback, the kernel is then told the
     restored files' sizes (refresh_kernel_view)."""
+    return _history_request(mount, "restore", turn=turn, paths=paths)
+
+
+def _history_request(mount: Mount, op: str, **args) -> dict:
+    """A rollback or restore, then the refresh of the kernel's view it asks this thread for:
+    also when it failed part-way, or the kernel would keep serving what it changed as before."""
     import threading
-    reply = request(mount, "restore", turn=turn, paths=paths, tid=threading.get_native_id(),
-                    uid=os.getuid())
+    try:
+        reply = request(mount, op, tid=threading.get_native_id(), uid=os.getuid(), **args)
+    except CowfsError as e:
+        refresh_kernel_view(mount, e.details.get("refresh", []))
+        raise
     refresh_kernel_view(mount, reply.get("refresh", []))
     return reply
 

@@ -9,6 +9,7 @@ Rollback, served to root and the mount's owner only. pyfuse3 runs every
 request on this one trio thread.
 """
 
+import contextlib
 import errno
 import json
 import logging
@@ -320,7 +321,7 @@ class Daemon:
                 _vouch(req, *peer)
             return await self.handle_request(req)
         except CowfsError as e:
-            return {"ok": False, "error": str(e), "kind": e.kind}
+            return {"ok": False, "error": str(e), "kind": e.kind, **({"details": e.details} if e.details else {})}
         except Exception as e:
             if disk_full(e):
                 return {"ok": False, "kind": OperationFailed.kind,
@@ -428,23 +429,15 @@ class Daemon:
             raise BadInput("restore needs at least one path")
         for path in paths:
             self._refuse_ignored(turn, path)
-        tid, uid = req.get("tid"), req.get("uid", 0)
-        await self.fs.flush_open_writes()
-        while self.capture.captures_in_flight():
-            await trio.sleep(0.005)
-        # No await from here to the end of the restore: every other request waits.
+        await self._settle()
         trees = TurnTrees(self.fs.view, self.store, os.fsencode(self.opts.workspace))
         restore = Restore(self.store, self.capture, self._writers, os.fsencode(self.opts.workspace),
                           trees)
-        done = restore.run_paths(turn, paths)
-        result = restore.result
-        self._attribute(result, tid, uid)
-        self.fs.epoch += 1
-        self.fs.generation += 1
-        await self._invalidate(result)
+        restore.check(turn, paths)
+        async with self._history_change(restore.result, req, restore.progress) as reply:
+            restore.run_paths(turn, paths)
         return {"turn": turn, "open_turn": self.capture.turn,
-                "restored": [[os.fsdecode(p), what] for p, what in done],
-                "refresh": self.kernel_refresh_list(result, tid)}
+                "restored": [[os.fsdecode(p), what] for p, what in restore.done], **reply}
 
     def _refuse_ignored(self, turn: int, path: bytes) -> None:
         """A path the rules ignore now, or that turn *turn*'s snapshot hides, has no history."""
@@ -467,32 +460,61 @@ class Daemon:
 
     async def _op_rollback(self, req: dict) -> dict:
         target = self._sealed_turn(req.get("turn"))
-        await self.fs.flush_open_writes()
-        while self.capture.captures_in_flight():
-            await trio.sleep(0.005)
-        # No await from here to the seal: every other request waits.
+        await self._settle()
         rollback = Rollback(self.store, self.capture, self._writers, os.fsencode(self.opts.workspace))
         try:
             rollback.refuse_losing_ignored(target)
         except BaseException:
             rollback.close()
             raise
-        pending = None
-        if self.capture.has_changes() or self._persisted_changes():
-            pending = self.capture.seal("changes before rollback")
-        result = rollback.run(target)
-        self._attribute(result, req.get("tid"), req.get("uid", 0))
-        self.fs.epoch += 1      # what readdir knew of the live tree is history now
+        pending = self._seal_pending("changes before rollback")
+        progress = lambda: (f"what it changed is a change of the open turn turn-{self.capture.turn}: "
+                            f"`cowfs rollback {self.capture.turn - 1}` undoes it")
+        async with self._history_change(rollback.result, req, progress) as reply:
+            rollback.run(target)
+            turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
+        return {"turn": turn, "target": target, "sealed_pending": pending,
+                "entries": len(rollback.result.entries), "objects": len(rollback.result.objects),
+                **reply}
+
+    async def _settle(self) -> None:
+        """Before a history operation: what the kernel holds is written back, no capture runs."""
+        await self.fs.flush_open_writes()
+        while self.capture.captures_in_flight():
+            await trio.sleep(0.005)
+
+    @contextlib.asynccontextmanager
+    async def _history_change(self, result, req: dict, progress):
+        """Around the body of a rollback or restore, which must not await (every other request
+        waits meanwhile): whatever it changed on disk becomes the caller's change and visible to
+        the kernel on every exit path, success or failure. Otherwise a failure part-way would
+        leave the kernel serving the old size and pages, and the next write would put the old
+        content back. Yields the reply's part it fills (`refresh`: see kernel_refresh_list); a
+        failure is re-raised as a CowfsError naming what was done (*progress*) and carrying it.
+        """
+        reply, failure = {}, None
+        try:
+            yield reply
+        except CowfsError as e:
+            failure = type(e)(f"{e}; {progress()}")
+        except Exception as e:
+            log.exception("history operation failed part-way")
+            failure = OperationFailed(f"failed part-way ({e}); {progress()}")
+        tid = req.get("tid")
+        self._attribute(result, tid, req.get("uid", 0))
+        self.fs.epoch += 1          # what readdir knew of the live tree is history now
         self.fs.generation += 1
-        turn = self.capture.seal(f"rollback to turn-{target}", kind="rollback", target=target)
+        if result.detached:
+            self.fs.inodes.tree_epoch += 1      # directories the kernel holds prove they are in the tree
         self.fs.detached = result.detached      # until the kernel has dropped their dentries
         try:
             await self._invalidate(result)
         finally:
             self.fs.detached = set()
-        return {"turn": turn, "target": target, "sealed_pending": pending,
-                "entries": len(result.entries), "objects": len(result.objects),
-                "refresh": self.kernel_refresh_list(result, req.get("tid", req.get("pid")))}
+        reply["refresh"] = self.kernel_refresh_list(result, tid)
+        if failure is not None:
+            failure.details["refresh"] = reply["refresh"]
+            raise failure
 
     async def _op_export_git(self, req: dict) -> dict:
         repo, branch, pid = req.get("repo"), req.get("branch") or DEFAULT_BRANCH, req.get("pid")

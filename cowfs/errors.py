@@ -12,9 +12,16 @@ EXIT_USAGE = 2
 
 
 class CowfsError(Exception):
-    """Anything cowfs refuses or fails to do; the message is one line meant for the user."""
+    """Anything cowfs refuses or fails to do; the message is one line meant for the user.
+
+    *details*: what the client must still act on although the request failed (a history
+    operation that failed part-way still has the kernel's view to refresh: `refresh`)."""
     exit_code = EXIT_FAILED
     kind = "failed"
+
+    def __init__(self, message: str = "", details: dict | None = None):
+        super().__init__(message)
+        self.details = dict(details or {})
 
 
 class BadInput(CowfsError):
@@ -56,4 +63,5 @@ _BY_KIND = {cls.kind: cls for cls in (BadInput, NotMounted, UnknownTurn, DaemonU
 def from_reply(reply: dict) -> CowfsError:
     """The exception a failed control reply stands for."""
     cls = _BY_KIND.get(reply.get("kind"), OperationFailed)
-    return cls(reply.get("error", "unknown error"))
+    details = reply.get("details")
+    return cls(reply.get("error", "unknown error"), details if isinstance(details, dict) else None)

@@ -28,7 +28,7 @@ from .control import REFRESH_PREFIX
 from .durability import HistorySync
 from .inodes import VIRTUAL_BASE, InodeTable, Node
 from .snapshot import SnapObject, SnapshotNodes, SnapshotView
-from .store import STORE_NAME, ObjectRef, Store
+from .store import STORE_NAME, ObjectRef, Store, tree_path
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,21 @@ class CowFS(pyfuse3.Operations):
             raise _erofs()
         if nodeid == pyfuse3.ROOT_INODE and name in (SNAPDIR, STORE_NAME):
             raise pyfuse3.FUSEError(errno.EPERM)
-        return self._not_detached(self._node(nodeid))
+        return self._in_tree(self._not_detached(self._node(nodeid)))
+
+    def _in_tree(self, node: Node) -> Node:
+        """Refuse, with ENOENT, to look up, list or change entries of a directory that a
+        history operation took out of the live tree behind the kernel's back (a rollback or
+        restore removed it), reached through what the kernel still holds: a process's working
+        directory, an open directory descriptor. Natively such a directory is dead (the kernel
+        refuses the same with ENOENT); here it lives on in the store, and a file made in it
+        would vanish into history with no error. Free on the hot path: a directory proves
+        that it is in the tree once after each history operation that took anything out."""
+        if node.tree_epoch != self.inodes.tree_epoch:
+            if tree_path(node.fd, self.capture.root_prefix) is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            node.tree_epoch = self.inodes.tree_epoch
+        return node
 
     def _not_detached(self, node: Node) -> Node:
         """Refuse, with ESTALE, to open or change entries in an object a rollback has just taken
@@ -393,7 +407,7 @@ class CowFS(pyfuse3.Operations):
                     return self._reserved_lookup(name, self.refreshing)
                 if ctx.pid == self.flusher_tid:
                     return self._reserved_lookup(name, self.flushing)
-        parent = self._node(parent_id)
+        parent = self._in_tree(self._node(parent_id))
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -994,7 +1008,7 @@ class CowFS(pyfuse3.Operations):
     def _list(self, nodeid: int) -> tuple[list[bytes], list[int]]:
         """The names of a live directory and their inode numbers (as the directory says),
         "." and ".." first, as the backing filesystem lists them."""
-        with os.scandir(libc.proc_path(self._node(nodeid).fd)) as it:
+        with os.scandir(libc.proc_path(self._in_tree(self._node(nodeid)).fd)) as it:
             listed = [(b".", 0), (b"..", 0)] + [(e.name, e.inode()) for e in it]
         if nodeid == pyfuse3.ROOT_INODE:
             listed = [(n, i) for n, i in listed if n != STORE_NAME and n != SNAPDIR]

@@ -28,7 +28,7 @@ _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 class Node:
     __slots__ = ("_fd", "ino", "lookups", "writers", "pins", "parent", "name", "table",
-                 "entry", "entry_generation", "size_unsure")
+                 "entry", "entry_generation", "size_unsure", "tree_epoch")
 
     def __init__(self, fd: int, ino: int, table: "InodeTable"):
         self._fd = fd         # O_PATH | O_NOFOLLOW descriptor, or -1 while closed
@@ -42,6 +42,7 @@ class Node:
         self.entry = None     # the attributes readdir last sent, None once changed since,
         self.entry_generation = -1  # ... valid only in this generation (CowFS.generation)
         self.size_unsure = False    # a write failed: the kernel's size may be more (fs.write)
+        self.tree_epoch = table.tree_epoch  # last seen in the live tree then (CowFS._in_tree)
 
     @property
     def fd(self) -> int:
@@ -56,6 +57,9 @@ class InodeTable:
         if self.root_ino == pyfuse3.ROOT_INODE or self.root_ino >= VIRTUAL_BASE:
             raise RuntimeError(f"backing root has unsupported inode number {self.root_ino}")
         self.store = store
+        # Ends whenever a history operation took objects out of the tree behind the kernel's
+        # back: a directory node then proves once that it is still in the tree (CowFS._in_tree).
+        self.tree_epoch = 0
         root = Node(root_fd, self.root_ino, self)
         root.lookups = root.pins = 1
         self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}

@@ -43,6 +43,8 @@ class Restore(Rollback):
         self.trees, self.view = trees, trees.view
         self.root_ino = trees.root_ino
         self._made: dict[int, tuple[int, bytes]] = {}   # turn-N object -> (dir fd, name) made now
+        self.done: list[tuple[bytes, str]] = []          # (path, what was done), as it goes
+        self._paths: list[bytes] = []
 
     def check(self, turn: int, paths: list[bytes]) -> None:
         """Refuse, before anything is touched, a path whose directory did not exist at *turn*."""
@@ -52,19 +54,26 @@ class Restore(Rollback):
                 raise BadInput(f"{parent}/ did not exist at turn-{turn}: restore it instead")
 
     def run_paths(self, turn: int, paths: list[bytes]) -> list[tuple[bytes, str]]:
-        """Restore each path; returns (path, what was done) for each."""
-        self.check(turn, paths)
+        """Restore each path, after check(); returns (path, what was done) for each, also kept in
+        `done` as it goes: a failure part-way leaves there what was restored (see progress)."""
         self._fds[self.root_ino] = os.dup(self.store.root_fd)
-        done = []
+        self._paths = paths
         try:
             for path in paths:
-                done.append((path, self._restore_path(turn, path)))
+                self.done.append((path, self._restore_path(turn, path)))
             for ino in list(self._detached_dirs):
                 if self.store.kept(ino):
                     self._drop_shared_names(ino, self._fd(ino))
         finally:
             self._close()
-        return done
+        return self.done
+
+    def progress(self) -> str:
+        """What a restore that failed part-way did and did not do, in words for its error."""
+        restored = [os.fsdecode(p) or "." for p, _ in self.done]
+        left = [os.fsdecode(p) or "." for p in self._paths[len(self.done):]]
+        return (f"restored: {', '.join(restored) or 'nothing'}; not (fully) restored: {', '.join(left)} "
+                "(what was restored is a change of the open turn)")
 
     def _restore_path(self, turn: int, path: bytes) -> str:
         if not path:
@@ -166,8 +175,6 @@ class Restore(Rollback):
                 self.capture.before_attr_change(obj.ino, fd)
         st = os.stat(fd)
         self.result.objects.add(obj.ino)
-        if stat.S_ISREG(st.st_mode):
-            self.result.restored[obj.ino] = st.st_size
         self._restore(fd, st, record, self.view.xattrs(obj))
 
     def _restore_dir(self, turn: int, obj: SnapObject, fd: int) -> None:

@@ -348,8 +348,6 @@ class Rollback:
         if self._only_in_store(ino, st):
             return None     # not in the tree of the target turn: its state does not matter
         self.result.objects.add(ino)
-        if stat.S_ISREG(st.st_mode):
-            self.result.restored[ino] = st.st_size
         return ino, fd, st, record
 
     def _restore(self, fd: int, st: os.stat_result, record: AttrRecord,
@@ -357,6 +355,7 @@ class Rollback:
         """Make the object open as *fd* what *record* says (its pre-image is recorded already)."""
         path = libc.proc_path(fd)
         if record.content is None or not stat.S_ISREG(st.st_mode):
+            self._changing_file(st)
             self._restore_attrs(fd, path, st, record, xattrs)
             return
         # The descriptor that restores the content serves the calls after it too:
@@ -369,11 +368,19 @@ class Rollback:
             os.chmod(path, stat.S_IMODE(st.st_mode) | stat.S_IWUSR)
             st = os.stat(fd)
             target = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        self._changing_file(st)
         try:
             self._restore_content(target, record.content)
             self._restore_attrs(fd, target, st, record, xattrs)
         finally:
             os.close(target)
+
+    def _changing_file(self, st: os.stat_result) -> None:
+        """A regular file is about to change behind the kernel's back: it must be told the size
+        and mtime (Daemon.kernel_refresh_list). Only what was changed, even if a failure
+        stops the rollback after it: a refresh of a file that could not be changed may fail."""
+        if stat.S_ISREG(st.st_mode):
+            self.result.restored[st.st_ino] = st.st_size
 
     def _restore_attrs(self, fd: int, target: int | bytes, st: os.stat_result, record: AttrRecord,
                        xattrs: dict[bytes, bytes]) -> None:

@@ -38,6 +38,21 @@ LOST_FOUND = b"lost+found"
 NEEDS_CHECK = b"needs-check"
 
 
+def tree_path(fd: int, root_prefix: bytes) -> bytes | None:
+    """Where the object open as *fd* is in the live tree, relative to its root (b"" for the
+    root itself), or None once it has left the tree: removed, or inside the store.
+
+    The kernel keeps a descriptor's path current through every rename of it or of a
+    directory above it; a directory has one path, a file the name it was opened by.
+    *root_prefix* is the workspace's path with a trailing slash, as the kernel names it.
+    """
+    path = os.readlink(libc.proc_path(fd)) + b"/"
+    if not path.startswith(root_prefix) or path.endswith(b" (deleted)/"):
+        return None
+    rel = path[len(root_prefix):-1]
+    return None if rel.split(b"/", 1)[0] == STORE_NAME else rel
+
+
 class StoreBusy(Exception):
     """Another daemon holds the store."""
 

@@ -996,6 +996,47 @@ class CowfsMachine(RuleBasedStateMachine):
         finally:
             os.close(fd)
 
+    def _holdable_dirs(self) -> list:
+        return [p for p in self.subdirs()
+                if len(p) < MAX_DEPTH and self.model.get(p).mode & 0o300 == 0o300]
+
+    @precondition(lambda self: self._holdable_dirs())
+    @rule(data=st.data())
+    def rollback_with_directory_held(self, data):
+        """A process inside a directory across a rollback (an open descriptor of it: what a
+        working directory is to the kernel) makes a file there afterwards: the file lands in
+        the live tree if the directory is still in it, and fails with ENOENT, as natively, if
+        the rollback removed it (it lives on in the store: a file made there would vanish)."""
+        path = self.draw_path(data, self._holdable_dirs(), "held")
+        target = data.draw(st.sampled_from(sorted(self.model.turns)), label="turn")
+        content = data.draw(SOME_BYTES, label="content")
+        held = self.model.get(path)
+        note(f"hold directory {show(path)} open during the rollback, then create a file in it")
+
+        def make_a_file_there():
+            live = self.model.find(held.oid)
+            name = next(n for n in (b"made%d" % i for i in range(100))
+                        if live is None or n not in live.entries)
+            try:
+                made = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+            except OSError as e:
+                assert live is None and e.errno == errno.ENOENT, \
+                    f"create in the held directory ({'in' if live else 'out of'} the tree): {e}"
+                self.stats["creates refused in a held directory a rollback removed"] += 1
+                return
+            try:
+                assert live is not None, "a file was made in a directory the rollback removed"
+                write_all(made, content)
+            finally:
+                os.close(made)
+            self.model.write(self.model.names_of(held.oid)[0] + (name,), content, 0o644 & ~UMASK)
+
+        fd = os.open(self.real(path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self.rollback_now(target, data, held=make_a_file_there)
+        finally:
+            os.close(fd)
+
     @precondition(lambda self: self.files())
     @rule(data=st.data())
     def write_to_a_file_another_process_unlinked(self, data):

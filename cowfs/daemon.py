@@ -158,7 +158,7 @@ class Daemon:
         drift = find_drift(self.root_fd, since, records, visit, ignored=ignored)
         for ino in ignored.keys() - seen:
             catalogue.drop_ignored(ino)     # gone: its number may be another object's now
-        if records is not None:
+        if records is not None and records.crashed:
             self.crashed_turn = records.open_turn
             changes = catalogue.recount(records.open_turn)
             self.startup_note = (f"recovered: the previous daemon stopped without unmounting; its open "
@@ -168,12 +168,13 @@ class Daemon:
         if not count:
             return
         shown = ", ".join(repr(p) for p in examples)
+        what = drift.when()
         if not self.opts.force:
             raise MountError(
-                f"{count} path(s) changed while cowfs was not mounted (e.g. {shown}); "
+                f"{count} path(s) changed {what} (e.g. {shown}); "
                 "snapshots of earlier turns would show them wrongly. "
                 "Mount with --force to accept the tree as it is now")
-        self.drift_note = f"accepted {count} path(s) changed while unmounted (e.g. {shown})"
+        self.drift_note = f"accepted {count} path(s) changed {what} (e.g. {shown})"
         catalogue.set_meta("drift", f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {self.drift_note}")
 
     def _check_store(self) -> None:

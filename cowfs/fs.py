@@ -441,7 +441,12 @@ class CowFS(pyfuse3.Operations):
     async def getattr(self, nodeid, ctx=None):
         if nodeid >= VIRTUAL_BASE:
             return self._snap_getattr(nodeid)
-        return _entry(os.stat(self._node(nodeid).fd), nodeid, LIVE_TIMEOUT)
+        node = self._node(nodeid)
+        if node.write_error:
+            error, node.write_error = node.write_error, 0
+            if node.writers:
+                raise pyfuse3.FUSEError(error)     # see _tell_the_writer
+        return _entry(os.stat(node.fd), nodeid, LIVE_TIMEOUT)
 
     @fuse_op
     async def setattr(self, nodeid, attr, fields, fh, ctx):
@@ -825,6 +830,7 @@ class CowFS(pyfuse3.Operations):
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 self._size_unsure(node)
+                self._tell_the_writer(node, e.errno)
             raise
         os.utime(fh, ns=(st.st_atime_ns, st.st_mtime_ns))
         if written < len(buf):
@@ -838,6 +844,20 @@ class CowFS(pyfuse3.Operations):
     # the inode goes when nothing holds it (the kernel holds it until a release is answered),
     # and a lookup arriving before its FORGET waits for it: answered earlier, the lookup would
     # find the old inode, and its stale size, still cached.
+    def _tell_the_writer(self, node: Node, error: int) -> None:
+        """Make the next write() to a file whose write-back failed fail with *error*.
+
+        With the writeback cache a write() only fills the page cache, and a failed write-back
+        is reported at close or fsync: a writer that does neither (`dd` to a full disk) would
+        run on for ever, every byte past the full disk dropped. But before each write() the
+        kernel brings the file's size up to date, with a GETATTR once its attributes are
+        invalid: so they are dropped here, and getattr answers that GETATTR with the error
+        (once, and only while the file is open for writing), which write() returns."""
+        if node.writers and not node.write_error:
+            node.write_error = error
+            # Attributes only: no page is dropped, so no lock the kernel holds for us is needed.
+            pyfuse3.invalidate_inode(self.inodes.nodeid(node.ino), attr_only=True)
+
     def _size_unsure(self, node: Node) -> None:
         if not node.size_unsure:       # once: a failed write-back fails every run of pages
             node.size_unsure = True
@@ -943,6 +963,8 @@ class CowFS(pyfuse3.Operations):
         if fh in self.writer_fhs:
             self.writer_fhs.discard(fh)
             node.writers -= 1
+            if not node.writers:
+                node.write_error = 0    # its close has reported it
 
     # -- directories ----------------------------------------------------------------------
     @fuse_op

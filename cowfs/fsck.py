@@ -238,6 +238,8 @@ class Fsck:
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(salvage + suffix):
                 os.unlink(salvage + suffix)
+        if unreadable:
+            _judge_drift_since_unmount(new)
         new.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         new.close()
         moved = []
@@ -435,13 +437,13 @@ class Fsck:
 
     # -- the tree against the last session ----------------------------------------------------
     def check_drift(self) -> None:
-        """Changes made while cowfs was not mounted (drift.py): not repaired here, since only
+        """Changes made behind cowfs's back (drift.py): not repaired here, since only
         the user can say the tree is right (`cowfs mount --force` accepts it)."""
         drift = self.drift
         if drift is None or not drift.count:
             return
         shown = ", ".join(repr(p) for p in drift.examples)
-        self.found("drift", f"{drift.count} path(s) changed while cowfs was not mounted (e.g. {shown}): "
+        self.found("drift", f"{drift.count} path(s) changed {drift.when()} (e.g. {shown}): "
                    "snapshots of earlier turns would show them wrongly; `cowfs mount --force` "
                    "accepts the tree as it is (not done by --repair)")
 
@@ -455,6 +457,15 @@ class Fsck:
             self.store.clear_needs_check()
             self.found("marks", "the check the daemon asked for is done: the mark is removed",
                        problem=False)
+
+
+def _judge_drift_since_unmount(catalogue: Catalogue) -> None:
+    """Rows the damage lost can no longer explain the last session's changes (drift.py), and
+    would turn them into drift "beside the mount": what they guarded is reported as damaged
+    already. So after a clean unmount, drift is judged from that unmount on."""
+    unmounted = int(catalogue.get_meta("unmounted_at") or 0)
+    if unmounted and unmounted >= int(catalogue.get_meta("mounted_at") or 0):
+        catalogue.set_meta("mounted_at", str(unmounted))
 
 
 def _pad_to_header(path: str) -> None:

@@ -28,7 +28,7 @@ _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 class Node:
     __slots__ = ("_fd", "ino", "lookups", "writers", "pins", "parent", "name", "table",
-                 "entry", "entry_generation", "size_unsure", "tree_epoch")
+                 "entry", "entry_generation", "size_unsure", "tree_epoch", "write_error")
 
     def __init__(self, fd: int, ino: int, table: "InodeTable"):
         self._fd = fd         # O_PATH | O_NOFOLLOW descriptor, or -1 while closed
@@ -42,6 +42,7 @@ class Node:
         self.entry = None     # the attributes readdir last sent, None once changed since,
         self.entry_generation = -1  # ... valid only in this generation (CowFS.generation)
         self.size_unsure = False    # a write failed: the kernel's size may be more (fs.write)
+        self.write_error = 0        # errno of a failed write-back its writer has not seen yet
         self.tree_epoch = table.tree_epoch  # last seen in the live tree then (CowFS._in_tree)
 
     @property

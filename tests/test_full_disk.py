@@ -149,3 +149,36 @@ def test_a_catalogue_that_cannot_grow_refuses_the_change_with_enospc(tiny_xfs):
     finally:
         problems = ws.cleanup()
         assert not problems, problems
+
+
+def test_a_writer_that_never_closes_gets_enospc_as_natively(tiny_xfs):
+    """`dd` to a full disk stops with "No space left on device" natively. Through the writeback
+    cache its write()s only fill the page cache and the write-back fails out of its sight: once
+    one has failed, its next write() is refused with ENOSPC, so it stops too, having written
+    about what fits rather than running on."""
+    free = os.statvfs(tiny_xfs).f_bavail * os.statvfs(tiny_xfs).f_frsize
+    native = subprocess.run(["dd", "if=/dev/zero", "bs=1M", f"of={tiny_xfs / 'native'}"],
+                            capture_output=True, text=True, timeout=120)
+    assert native.returncode != 0 and "error writing" in native.stderr, native.stderr
+    os.unlink(tiny_xfs / "native")
+    ws = Workspace(tiny_xfs / "ws")
+    (ws.path / "keep").write_bytes(b"keep\n")
+    try:
+        ws.mount()
+        written, chunk = 0, b"\0" * (1 << 20)
+        # A bound on what it may attempt, so that a writer that is never stopped fails the test
+        # instead of filling the page cache for minutes: 10 times what fits.
+        with pytest.raises(OSError) as failed:
+            with open(ws.path / "big", "wb", buffering=0) as f:
+                while written < 10 * free:
+                    written += f.write(chunk)
+        assert failed.value.errno == errno.ENOSPC
+        # A write() failed, near the full disk (what the page cache took ahead of the failed
+        # write-back on top), not the close after the bound.
+        assert written < 3 * free, (written, free)
+        assert ws.cli("checkpoint").returncode == 0
+        assert (ws.path / "keep").read_bytes() == b"keep\n"
+        assert os.stat(ws.path / "big").st_size == os.stat(ws.backing / "big").st_size
+    finally:
+        problems = ws.cleanup()
+        assert not problems, problems

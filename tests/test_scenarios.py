@@ -474,6 +474,66 @@ def test_changes_behind_our_back_are_reported(mounted):
     assert "warning" in ws.cli("status").stdout
 
 
+def test_changes_beside_the_mount_are_reported_at_the_next_mount(workspace):
+    """A process already inside the directory when it was mounted writes to the directory
+    underneath: history changed behind cowfs's back, and the next mount says so, apart from
+    everything that went through the mount (creations, edits, renames, a rollback). (A thing
+    changed both through the mount and beside it in one session is not told apart.)"""
+    p = workspace.path
+    (p / "src").mkdir()
+    write(p / "src" / "app.py", b"v0\n")
+    write(p / "notes", b"notes v0\n")
+    write(p / "other", b"other\n")
+    inside = subprocess.Popen(["sh", "-c", "read go; echo beside >> notes; chmod 600 other"],
+                              cwd=p, stdin=subprocess.PIPE)
+    try:
+        workspace.mount()
+        # Through the mount: all of it recorded, none of it drift.
+        (p / "new").mkdir()
+        write(p / "new" / "file", b"new\n")
+        write(p / "src" / "app.py", b"v1\n")
+        os.rename(p / "src", p / "lib")
+        checkpoint(workspace)
+        rollback(workspace, 0)
+        write(p / "README.md", b"after the rollback\n")
+        inside.communicate(b"go\n", timeout=30)
+        assert inside.returncode == 0
+    finally:
+        inside.kill()
+    workspace.umount()
+    r = workspace.mount(check=False)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "2 path(s) changed beside the mount while it was up" in r.stderr, r.stderr
+    assert "'notes'" in r.stderr and "'other'" in r.stderr, r.stderr
+    workspace.mount("--force")
+    workspace.umount()
+    workspace.mount()       # accepted once: nothing new to say
+
+
+def test_a_clean_session_is_no_drift(workspace):
+    """Everything a session does through the mount is explained by its records, whatever it did."""
+    p = workspace.path
+    (p / "d").mkdir()
+    write(p / "d" / "f", b"0\n")
+    write(p / "linked", b"l\n")
+    workspace.mount()
+    for i in range(3):
+        write(p / "d" / "f", b"%d\n" % i)
+        os.link(p / "linked", p / f"link{i}")
+        (p / f"dir{i}" / "sub").mkdir(parents=True)
+        write(p / f"dir{i}" / "sub" / "x", b"x\n")
+        os.chmod(p / "d", 0o700 + i)
+        os.setxattr(p / "linked", b"user.i", b"%d" % i)
+        checkpoint(workspace)
+    os.rename(p / "dir0", p / "d" / "moved")
+    sh(p, "rm -rf dir1")
+    rollback(workspace, 1)
+    workspace.cli("restore", "2", "dir2")
+    workspace.umount()
+    workspace.mount()
+
+
 def test_snapshots_are_read_only_and_hidden(mounted):
     ws, p = mounted, mounted.path
     checkpoint(ws)

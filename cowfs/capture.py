@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # Content captures above this size run in a worker thread so that one huge
 # copy does not stall every other request of the mount.
 THREADED_CAPTURE_BYTES = 4 << 20
+# Content files listed for the next fsync (durability.py) at most; past it, that fsync
+# syncs the whole backing filesystem instead (a mount where nobody fsyncs stays bounded).
+UNSYNCED_MAX = 100_000
 
 
 def read_xattrs(path: bytes) -> dict[bytes, bytes]:
@@ -51,6 +54,10 @@ class Capture:
         self.turn = self.catalogue.open_turn()
         self.writers = Attribution()      # who changes what in the open turn
         self.ignore = Ignore(self.catalogue, store.root_fd, self.root_prefix, self.turn)
+        # Content files written since the last fsync through the mount made them durable
+        # (durability.py); kept across seals.
+        self.unsynced: list[str] = []
+        self.unsynced_overflow = False
         self._reset_turn_state()
         # A turn left open by a daemon that died: never capture twice in it.
         self.entries_done, self.attrs_done, self.content_done = self.catalogue.captured_in(self.turn)
@@ -101,9 +108,12 @@ class Capture:
         return len(self._in_flight)
 
     def flush_counts(self) -> None:
-        """Persist the open turn's counters (for `cowfs log` of an unsealed turn after a crash)."""
-        self.catalogue.add_counts(self.turn, self.changes, self.bytes)
-        self.changes = self.bytes = 0
+        """Persist the open turn's counters (for `cowfs log` of an unsealed turn after a crash).
+        Nothing new, nothing written: an idle mount's WAL stays as it is, and the next fsync
+        has no row to sync (durability.py)."""
+        if self.changes or self.bytes:
+            self.catalogue.add_counts(self.turn, self.changes, self.bytes)
+            self.changes = self.bytes = 0
 
     # -- entries -----------------------------------------------------------------
     def before_entry_change(self, parent: int, parent_fd: int, name: bytes) -> None:
@@ -270,6 +280,21 @@ class Capture:
         self.catalogue.record_content(ino, self.turn, name)
         self.content_done.add(ino)
         self.bytes += size
+        if len(self.unsynced) < UNSYNCED_MAX:
+            self.unsynced.append(name)
+        else:
+            self.unsynced_overflow = True
+
+    def take_unsynced(self) -> tuple[list[str], bool]:
+        """The content files to make durable now (and whether some were not listed)."""
+        names, overflow = self.unsynced, self.unsynced_overflow
+        self.unsynced, self.unsynced_overflow = [], False
+        return names, overflow
+
+    def give_back_unsynced(self, names: list[str], overflow: bool) -> None:
+        """A sync of what take_unsynced gave failed: the next one tries them again."""
+        self.unsynced[:0] = names
+        self.unsynced_overflow |= overflow
 
     def duplicate(self, src: int, dst: int) -> None:
         """Make *dst* hold *src*'s content: a clone where the filesystem can, else a copy."""

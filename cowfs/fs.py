@@ -25,6 +25,7 @@ from . import libc
 from .capture import Capture
 from .catalogue import disk_full
 from .control import REFRESH_PREFIX
+from .durability import HistorySync
 from .inodes import VIRTUAL_BASE, InodeTable, Node
 from .snapshot import SnapObject, SnapshotNodes, SnapshotView
 from .store import STORE_NAME, ObjectRef, Store, tree_path
@@ -323,6 +324,7 @@ class CowFS(pyfuse3.Operations):
         self.store = store
         self.capture = capture
         self.writers = capture.writers      # attribution: a dict store per change
+        self.history_sync = HistorySync(store, capture)     # what an fsync syncs first
         self.inodes = InodeTable(root_fd, store)
         self.root_fd = root_fd
         self.view = SnapshotView(store, self.inodes.root_ino, ObjectRef(self.inodes.root_ino),
@@ -1091,6 +1093,7 @@ class CowFS(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         if fh >= SNAP_FH_BASE:
             return
+        await self.history_sync.before_sync()      # the pre-images first (durability.py)
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fh)
 
     @fuse_op
@@ -1221,6 +1224,7 @@ class CowFS(pyfuse3.Operations):
             return
         fd = os.open(libc.proc_path(self._node(listing.nodeid).fd), os.O_RDONLY | os.O_CLOEXEC)
         try:
+            await self.history_sync.before_sync()  # entry pre-images, objects kept (durability.py)
             await trio.to_thread.run_sync(os.fsync, fd)
         finally:
             os.close(fd)

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import CommandError, run
+from treeview import tree
 
 COWFS = [sys.executable, "-m", "cowfs"]
 
@@ -257,3 +258,44 @@ def test_restore_keeps_a_surviving_name_and_its_lost_hard_link_one_file(workspac
     workspace.cli("restore", "0", "a", "b")
     assert os.stat(ws / "a").st_ino == os.stat(ws / "b").st_ino and os.stat(ws / "a").st_nlink == 2
     assert (ws / "b").read_text() == "hi\n"
+
+
+def test_restore_of_the_workspace_root_makes_the_whole_tree_that_turn(workspace):
+    """`cowfs restore N .` at the root: every path becomes turn N's, and a top-level name added
+    since goes too (issue 20: no test restored the root; rollback does it another way)."""
+    build(workspace.path)
+    want = tree(workspace.path)
+    workspace.mount()
+    ws = workspace.path
+    (ws / "added.txt").write_text("top-level, after turn 0\n")
+    (ws / "added").mkdir()
+    (ws / "added/deep").write_text("below a new directory\n")
+    (ws / "src/app.py").write_text("changed\n")
+    os.unlink(ws / "one")
+    os.chmod(ws / "script.sh", 0o700)
+    workspace.cli("checkpoint", "-m", "after")
+    (ws / "open-turn.txt").write_text("added in the open turn\n")
+    out = run([*workspace.cowfs_cmd, "restore", "0", "."], cwd=ws).stdout
+    assert out.splitlines() == [".: restored (turn-0)"]
+    assert tree(ws) == want
+    assert name_status(workspace, "0") == set()     # the live tree is turn 0 again
+    workspace.cli("rollback", "1")                  # and the restore undoes
+    assert (ws / "added.txt").read_text() == "top-level, after turn 0\n"
+    assert not (ws / "open-turn.txt").exists() and not (ws / "one").exists()
+
+
+def test_a_file_made_in_one_turn_and_edited_in_the_next_keeps_its_first_content(workspace):
+    """A file born in turn 1 needs no pre-image there; edited in turn 2 it needs one (the set of
+    objects born in the open turn starts empty at every seal): turn 1's snapshot shows the first
+    content, turn 2's the second (issue 20)."""
+    workspace.mount()
+    ws = workspace.path
+    (ws / "f").write_text("first\n")
+    workspace.cli("checkpoint")                     # turn-1
+    with open(ws / "f", "r+") as f:
+        f.write("SECOND\n")                         # in place, same size
+    workspace.cli("checkpoint")                     # turn-2
+    (ws / "f").write_text("third, longer\n")        # and again, in the open turn
+    assert (ws / ".snapshots/turn-1/f").read_text() == "first\n"
+    assert (ws / ".snapshots/turn-2/f").read_text() == "SECOND\n"
+    assert not (ws / ".snapshots/turn-0/f").exists()

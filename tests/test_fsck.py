@@ -121,6 +121,21 @@ def test_orphan_store_files_are_moved_aside(workspace):
     assert (lost / "objects-stray").is_dir()
 
 
+def test_an_object_in_the_store_that_no_row_names_is_an_orphan(workspace):
+    """A real orphan: a file in objects/ under the name of its own inode (as a kept object has),
+    that no row names. Only the orphan check can flag it (issue 20: the other test's orphans
+    are also misnamed)."""
+    ws = workspace
+    two_turns(ws)
+    made = ws.store / "objects" / "new"
+    made.write_bytes(b"kept, but by nobody")
+    ino = os.stat(made).st_ino
+    os.rename(made, ws.store / "objects" / f"i{ino}")
+    out = expect_found(ws, f"objects/i{ino}", "no row names (an orphan)")
+    assert "is not a name" not in out and "is inode" not in out
+    assert (ws.store / "lost+found" / f"objects-i{ino}").read_bytes() == b"kept, but by nobody"
+
+
 def test_a_deleted_objects_name_is_found_and_then_answers_eio(workspace):
     ws = workspace
     _, g_ino, _, _ = two_turns(ws)

@@ -105,6 +105,28 @@ def test_a_change_behind_cowfs_back_after_a_crash_is_still_drift(workspace):
     ws.mount("--force")
 
 
+def test_a_mode_or_xattr_change_while_unmounted_is_drift(workspace):
+    """Drift is judged by ctime, which every change moves: a chmod or a setxattr made while
+    unmounted leaves content and mtime alone, and must be reported all the same (issue 20:
+    every other drift test changes content)."""
+    ws, p = workspace, workspace.path
+    (p / "moded").write_text("m\n")
+    (p / "tagged").write_text("t\n")
+    ws.mount()
+    ws.umount()
+    for name, change in (("moded", lambda f: os.chmod(f, 0o600)),
+                         ("tagged", lambda f: os.setxattr(f, "user.note", b"behind its back"))):
+        time.sleep(0.05)                                 # past unmounted_at, at any clock tick
+        mtime = os.stat(p / name).st_mtime_ns
+        change(p / name)
+        assert os.stat(p / name).st_mtime_ns == mtime    # only ctime says so
+        refused = ws.mount(check=False)
+        assert refused.returncode == 2 and f"'{name}'" in refused.stderr, refused.stderr
+        assert not ws.is_mounted()
+        ws.mount("--force")
+        ws.umount()
+
+
 @pytest.mark.parametrize("backing", ["xfs"], indirect=True)
 def test_random_kills_during_a_workload(workspace):
     """Kill the daemon at a random moment of a workload, recover, check every turn, many rounds."""

@@ -187,6 +187,28 @@ def test_file_open_across_the_rollback_reads_and_appends_restored_state(workspac
     assert_kernel_matches_backing(ws, {"a": (first, 2), "b": (first, 2)})
 
 
+def test_same_size_change_read_through_a_descriptor_held_across_the_rollback(workspace):
+    """The rollback drops the pages the kernel cached of a file it restores in place, not only
+    its size and mtime: a change of the same size (no size refresh can hide a skipped page
+    invalidation), read through a descriptor opened and read before the rollback (issue 20)."""
+    ws, p = workspace, workspace.path
+    first = os.urandom(8192)
+    (p / "f").write_bytes(first)
+    ws.mount()
+    second = os.urandom(8192)
+    with open(p / "f", "r+b") as f:
+        f.write(second)                                 # in place: the same inode, same size
+    _checkpoint(ws)                                     # turn-1
+    fd = os.open(p / "f", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 8192, 0) == second          # the kernel holds turn-1's pages
+        ws.cli("rollback", "0")
+        assert os.pread(fd, 8192, 0) == first, "pages from before the rollback"
+    finally:
+        os.close(fd)
+    assert _read(p / "f") == first == _read(ws.backing / "f")
+
+
 @pytest.mark.parametrize("order", ["b a c", "c a", "a c b"])
 def test_rename_instead_of_unlink(workspace, order):
     """The later turn renames the second name away instead of removing it."""

@@ -215,6 +215,35 @@ class Workspace:
         reply = control.restore(self._mount, _turn_number(turn), [self.relative(p) for p in paths])
         return [tuple(r) for r in reply["restored"]]
 
+    # -- who the agent is (agent.py) -----------------------------------------------------------
+    def begin_harness_session(self, pid: int | None = None):
+        """Record process *pid* (default: this one) as a harness session of this workspace, in its
+        store: what it and its descendants change is the agent's for every later process too."""
+        from . import agent
+        me = agent.Identity.of(os.getpid() if pid is None else pid)
+        return agent.AgentRecord(self._request("agent", action="session", session_pid=me.pid,
+                                               session_started=me.started))
+
+    def record_agent_write(self, path: str | os.PathLike) -> None:
+        """The harness's write tool just wrote *path*: keep its digest and its last writer (this
+        turn's) in the ledger, so a safe restore reverts it while nobody else changed it."""
+        from . import agent
+        rel = self.relative(path)
+        changes = self.diff(None, None, [rel])
+        writer = changes[0].process if changes and changes[0].process else None
+        self._request("agent", action="record", path=rel, sha256=agent.digest(self.path / rel),
+                      writer_pid=writer and writer.pid, writer_started=writer and writer.started)
+
+    def agent_record(self):
+        from . import agent
+        return agent.AgentRecord(self._request("agent", action="read"))
+
+    def safe_restore_plan(self, turn: int, paths: "list[str] | tuple[str, ...]" = ()):
+        """Which changes since sealed turn *turn* (at or below *paths*) are the agent's and which
+        the user's, by the rule of agent.py: an `agent.SafePlan`."""
+        from . import agent
+        return agent.plan(self.agent_record(), self.path, self.diff(turn, None, paths))
+
     def relative(self, path: str | os.PathLike, base: str | None = None) -> str:
         """*path* relative to the workspace root: an absolute path must lie in the mount; a
         relative one is taken from *base* (default: the working directory) when that is inside

@@ -47,7 +47,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from . import api, patch
+from . import agent, api, patch
 from .errors import BadInput, CowfsError, NotMounted
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ LINE_COUNT_LIMIT = 10 << 20     # list_checkpoints counts no lines of a file lar
 _HASH_RE = re.compile(r"[0-9a-fA-F]{4,64}")
 PROJECT_MARKERS = (".git", "pyproject.toml", "package.json", "Cargo.toml", "go.mod", "Makefile",
                    "pom.xml", ".hg", "Gemfile")
-_NOT_RECORDED = object()
 
 
 # -- ids --------------------------------------------------------------------------------------
@@ -70,13 +69,14 @@ def turn_hash(turn: api.Turn) -> str:
 
 
 def check_hash(commit_hash) -> None:
-    """`BadInput` unless *commit_hash* looks like an id harnesses pass (hex, 4-64 digits)."""
+    """`BadInput` unless *commit_hash* looks like an id harnesses pass (hex, 4-64 digits). The
+    wording is the shadow-git manager's, whose callers look for its phrases."""
     if not isinstance(commit_hash, str) or not commit_hash.strip():
-        raise BadInput("empty checkpoint id")
+        raise BadInput("Empty commit hash")
     if commit_hash.startswith("-"):
-        raise BadInput(f"invalid checkpoint id (must not start with '-'): {commit_hash!r}")
+        raise BadInput(f"Invalid commit hash (must not start with '-'): {commit_hash!r}")
     if not _HASH_RE.fullmatch(commit_hash):
-        raise BadInput(f"invalid checkpoint id (expected 4-64 hex digits): {commit_hash!r}")
+        raise BadInput(f"Invalid commit hash (expected 4-64 hex characters): {commit_hash!r}")
 
 
 def find_turn(ws: api.Workspace, commit_hash: str) -> api.Turn:
@@ -85,7 +85,7 @@ def find_turn(ws: api.Workspace, commit_hash: str) -> api.Turn:
     prefix = commit_hash.lower()
     found = [t for t in ws.turns() if t.sealed is not None and turn_hash(t).startswith(prefix)]
     if not found:
-        raise BadInput(f"checkpoint {commit_hash!r} not found in {ws.path} (see list_checkpoints)")
+        raise BadInput(f"Checkpoint '{commit_hash}' not found in {ws.path} (see list_checkpoints)")
     if len(found) > 1:
         raise BadInput(f"checkpoint id {commit_hash!r} is ambiguous: give more digits")
     return found[0]
@@ -130,31 +130,15 @@ def _file_in(abs_dir: Path, file_path: str) -> Path:
     """The absolute path of *file_path*, relative to *abs_dir*; `BadInput` if it is empty,
     absolute, or leaves the directory (by `..` or through a symlink)."""
     if not isinstance(file_path, str) or not file_path.strip():
-        raise BadInput("empty file path")
+        raise BadInput("Empty file path")
     if os.path.isabs(file_path):
-        raise BadInput(f"file path must be relative to the directory, got {file_path!r}")
+        raise BadInput(f"File path must be relative, got absolute path: {file_path!r}")
     joined = Path(os.path.normpath(abs_dir / file_path))
     for candidate in (joined, joined.resolve()):
         if candidate != abs_dir and abs_dir not in candidate.parents:
-            raise BadInput(f"file path escapes the directory {abs_dir}: {file_path!r}")
+            raise BadInput(f"File path escapes the working directory {abs_dir} via traversal: "
+                           f"{file_path!r}")
     return joined
-
-
-def _is_dir_at(root: Path, rel: str) -> bool:
-    """*rel* is a directory below *root*, reached without following a symlink."""
-    here = root
-    for part in (p for p in rel.split("/") if p):
-        here = here / part
-        try:
-            if not stat.S_ISDIR(os.lstat(here).st_mode):
-                return False
-        except OSError:
-            return False
-    return True
-
-
-def _parent(rel: str) -> str:
-    return rel.rpartition("/")[0]
 
 
 class CheckpointManager:
@@ -177,7 +161,7 @@ class CheckpointManager:
         self.max_snapshots = max(1, int(max_snapshots))
         self.max_store = f"{int(max_total_size_mb)}M" if max_total_size_mb else None
         self._checkpointed_dirs: set[Path] = set()
-        self._agent_writes: dict[Path, object] = {}     # path -> its writer when recorded
+        self._sessions: set[tuple[str, int]] = set()    # (mount, pid) recorded as a harness session
 
     # -- turns --------------------------------------------------------------------------------
     def new_turn(self) -> None:
@@ -209,6 +193,7 @@ class CheckpointManager:
         ws = _workspace(abs_dir)
         if ws is None:
             return self._mount(abs_dir, reason)
+        self._begin_session(ws)
         ws.sync()
         status = ws.status()
         if status.pending_changes == 0:
@@ -226,6 +211,7 @@ class CheckpointManager:
             return False
         before = datetime.now().timestamp()
         ws = api.mount(abs_dir, message=reason, max_store=self.max_store)
+        self._begin_session(ws)
         fresh = ws.turns()[0].started >= before
         if not fresh:       # a store from an earlier mount: the state now is a new checkpoint
             ws.checkpoint(reason)
@@ -274,6 +260,21 @@ class CheckpointManager:
         except (CowfsError, OSError) as e:
             return _failure(e)
 
+    def session_diff(self, working_dir: str) -> dict:
+        """What changed in *working_dir* since its oldest listed checkpoint (the state before the
+        agent's first edit), as `diff`, plus `baseline` (that checkpoint's id); with no
+        checkpoint or no change since, a success with `"empty": True`."""
+        checkpoints = self.list_checkpoints(working_dir)
+        if not checkpoints:
+            return {"success": True, "stat": "", "diff": "", "empty": True}
+        baseline = checkpoints[-1]["hash"]
+        result = self.diff(working_dir, baseline)
+        if result.get("success"):
+            result["baseline"] = baseline
+            if not result["diff"]:
+                result["empty"] = True
+        return result
+
     # -- going back ---------------------------------------------------------------------------
     def restore(self, working_dir: str, commit_hash: str, file_path: str | None = None,
                 safe: bool = False) -> dict:
@@ -283,13 +284,16 @@ class CheckpointManager:
         can be undone like any other. The whole directory: exactly the checkpoint's tree (a
         rollback when it is the mount's root; later files are removed). *safe* (whole
         directory only, as in the shadow-git manager): only the agent's changes are reverted,
-        see `_safe_restore`. Success: `success`, `restored_to` (short id), `reason` (the
-        checkpoint's), `directory`, plus `file`, or `restored_files` and `skipped_user_edits`
-        (relative to the directory) for a safe restore. Failure: `success` False and `error`;
-        nothing was touched.
+        by the rule of `cowfs.agent`. Success: `success`, `restored_to` (short id), `reason`
+        (the checkpoint's), `directory`, plus `file`, or `restored_files` and
+        `skipped_user_edits` (relative to the directory) for a safe restore that could tell the
+        agent apart. Failure: `success` False and `error`; nothing was touched.
         """
         try:
+            check_hash(commit_hash)
             abs_dir = _normalize(working_dir)
+            if file_path:
+                _file_in(abs_dir, file_path)
             ws = _mounted_workspace(abs_dir)
             turn = find_turn(ws, commit_hash)
             if file_path:
@@ -306,8 +310,8 @@ class CheckpointManager:
         then = ws.snapshot_path(turn.number)
         if not os.path.lexists(then / rel) and not os.path.lexists(target):
             raise BadInput(f"{file_path} is neither in checkpoint {_short(turn)} nor in {abs_dir}")
-        if not _is_dir_at(then, _parent(rel)):
-            raise BadInput(f"{_parent(rel)}/ did not exist at checkpoint {_short(turn)}: "
+        if not agent.is_dir_at(then, agent.parent(rel)):
+            raise BadInput(f"{agent.parent(rel)}/ did not exist at checkpoint {_short(turn)}: "
                            f"restore the directory instead")
         self._checkpoint_before(ws, turn)
         ws.restore(turn.number, [target])
@@ -315,7 +319,7 @@ class CheckpointManager:
 
     def _restore_tree(self, ws: api.Workspace, turn: api.Turn, abs_dir: Path) -> dict:
         rel = ws.relative(abs_dir)
-        if not _is_dir_at(ws.snapshot_path(turn.number), rel):
+        if not agent.is_dir_at(ws.snapshot_path(turn.number), rel):
             raise BadInput(f"{abs_dir} did not exist at checkpoint {_short(turn)}")
         self._checkpoint_before(ws, turn)
         if rel:
@@ -325,41 +329,48 @@ class CheckpointManager:
         return _restored(turn, abs_dir)
 
     def _safe_restore(self, ws: api.Workspace, turn: api.Turn, abs_dir: Path) -> dict:
-        """Revert the agent's changes since *turn* and keep everyone else's.
-
-        A change is the agent's when the process that made it last is this harness process or
-        was its descendant then, or when `record_agent_write` named the file and no other
-        process changed it since. A file the agent created is removed (and the directories it
-        made for it, once empty), one it deleted comes back, one it renamed goes back to its
-        old name. A file the agent and then the user changed is the user's and is kept.
-        """
+        """Revert the agent's changes since *turn* and keep the user's (`cowfs.agent` decides
+        which is which). A file the agent created is removed (and the directories it made for
+        it, once empty), one it deleted comes back, one it renamed goes back to its old name.
+        With nothing to tell the agent by, a full restore, as the shadow-git manager does."""
         rel = ws.relative(abs_dir)
-        agents, users = set(), set()
-        for change in ws.diff(turn.number, None, _only(ws, rel)):
-            paths = {change.path} | ({change.old_path} if change.old_path else set())
-            (agents if self._by_agent(ws, change) else users).update(paths - (agents | users))
-        result = {**_restored(turn, abs_dir), "restored_files": _relative_to(sorted(agents), rel),
-                  "skipped_user_edits": _relative_to(sorted(users), rel), "skipped_oversize": []}
-        if not agents:
+        self._begin_session(ws)
+        plan = ws.safe_restore_plan(turn.number, _only(ws, rel))
+        if plan.full:
+            return self._restore_tree(ws, turn, abs_dir)
+        result = {**_restored(turn, abs_dir), "restored_files": _relative_to(plan.agent, rel),
+                  "skipped_user_edits": _relative_to(plan.user, rel), "skipped_oversize": []}
+        if not plan.agent:
             return {**result, "reason": "nothing to restore (all changed files were user-edited)"}
         self._checkpoint_before(ws, turn)
         then = ws.snapshot_path(turn.number)
-        orphans = [p for p in agents
-                   if not os.path.lexists(then / p) and not _is_dir_at(then, _parent(p))]
+        orphans = [p for p in plan.agent
+                   if not os.path.lexists(then / p) and not agent.is_dir_at(then, agent.parent(p))]
         for path in sorted(orphans):
-            _remove_with_new_parents(ws.path, then, path, rel)
-        in_place = sorted(agents.difference(orphans))
+            agent.remove_with_new_parents(ws.path, then, path, rel)
+        in_place = sorted(set(plan.agent).difference(orphans))
         if in_place:
             ws.restore(turn.number, [ws.path / p for p in in_place])
         return result
 
-    def _by_agent(self, ws: api.Workspace, change: api.Change) -> bool:
-        if change.process is not None and change.process.descends_from(os.getpid()):
-            return True
-        for path in filter(None, (change.path, change.old_path)):
-            if self._agent_writes.get(ws.path / path, _NOT_RECORDED) == change.process:
-                return True
-        return False
+    def safe_restore_plan(self, working_dir: str, commit_hash: str) -> dict:
+        """What a safe restore to *commit_hash* would do, touching nothing: `{"success": True,
+        "restore": [...], "skipped": [...]}` (relative to *working_dir*), or with
+        `"ledger_empty": True` (and both empty) when nothing tells the agent apart and a safe
+        restore restores everything; `{"success": False, "error": ...}` for a bad id."""
+        try:
+            check_hash(commit_hash)
+            abs_dir = _normalize(working_dir)
+            ws = _mounted_workspace(abs_dir)
+            turn = find_turn(ws, commit_hash)
+            rel = ws.relative(abs_dir)
+            plan = ws.safe_restore_plan(turn.number, _only(ws, rel))
+        except (CowfsError, OSError) as e:
+            return _failure(e)
+        if plan.full:
+            return {"success": True, "restore": [], "skipped": [], "ledger_empty": True}
+        return {"success": True, "restore": _relative_to(plan.agent, rel),
+                "skipped": _relative_to(plan.user, rel)}
 
     def _checkpoint_before(self, ws: api.Workspace, turn: api.Turn) -> None:
         ws.sync()
@@ -367,18 +378,25 @@ class CheckpointManager:
             ws.checkpoint(f"pre-rollback snapshot (restoring to {_short(turn)})")
 
     # -- what the harness knows ---------------------------------------------------------------
+    def _begin_session(self, ws: api.Workspace) -> None:
+        """This process is a harness session of *ws*: recorded in its store once per process."""
+        key = (str(ws.path), os.getpid())
+        if key not in self._sessions:
+            ws.begin_harness_session()
+            self._sessions.add(key)
+
     def record_agent_write(self, file_path: str) -> None:
-        """The harness's tool just wrote *file_path* (through a process cowfs cannot tell is the
-        agent's: a tool server, a sandbox). A safe restore reverts it unless another process
-        changes it afterwards. Call it right after the write, before the next checkpoint.
-        Never raises."""
+        """The harness's write tool just wrote *file_path*: a safe restore reverts it while its
+        content is still this and no other process changed it since. Kept in the workspace's
+        store, so a later harness process knows it too. Call it right after the write. A file
+        not under a cowfs mount is not recorded (no checkpoint could restore it). Never raises."""
         if not self.enabled:
             return
         try:
             path = _normalize(file_path)
             ws = _mounted_workspace(path)
-            changes = ws.diff(None, None, [path])      # the open turn: the write just made
-            self._agent_writes[path] = changes[0].process if changes else None
+            self._begin_session(ws)
+            ws.record_agent_write(path)
         except Exception as e:      # bookkeeping must never break the agent's tool call
             logger.debug("record_agent_write(%s) not recorded: %s", file_path, e)
 
@@ -401,16 +419,22 @@ class CheckpointManager:
 
 
 # -- housekeeping -----------------------------------------------------------------------------
-def store_status(working_dir: str | None = None) -> dict:
+def store_status(checkpoint_base=None, *, working_dir: str | None = None) -> dict:
     """The cowfs stores behind checkpoints: every cowfs mount this process sees (or only the one
     holding *working_dir*), each with its size, checkpoints and oldest checkpoint kept.
 
-        {"store_size_bytes": N, "project_count": N, "projects": [
-            {"workdir", "exists", "store_size_bytes", "turns", "commits", "oldest_turn",
-             "created_at", "last_touch", "capture_mode"} or {"workdir", "error"}, ...]}
+        {"base": None, "store_size_bytes": N, "total_size_bytes": N, "project_count": N,
+         "projects": [{"hash", "workdir", "exists", "store_size_bytes", "turns", "commits",
+                       "oldest_turn", "created_at", "last_touch", "capture_mode"}
+                      or {"hash", "workdir", "error"}, ...],
+         "legacy_size_bytes": 0, "pre_v2_projects": [], "legacy_archives": []}
 
-    `turns` (and `commits`, the shadow-git name) count the checkpoints kept; `created_at` and
-    `last_touch` are the oldest and newest checkpoint's times. Never raises.
+    *checkpoint_base* (the shadow-git store's directory) is accepted and has no meaning here:
+    each workspace's store is its own `.cowfs/`. `turns` (and `commits`, the shadow-git name)
+    count the checkpoints kept; `created_at` and `last_touch` are the oldest and newest
+    checkpoint's times; `hash` names the project as the shadow-git manager does (16 hex digits
+    of its path). The shadow-git layouts' leftovers (`legacy_*`, `pre_v2_projects`) are always
+    empty. Never raises.
     """
     from . import control
     if working_dir is None:
@@ -419,8 +443,10 @@ def store_status(working_dir: str | None = None) -> dict:
         ws = _workspace(_normalize(working_dir))
         roots = [] if ws is None else [str(ws.path)]
     projects = [_project_status(root) for root in roots]
-    return {"store_size_bytes": sum(p.get("store_size_bytes", 0) for p in projects),
-            "project_count": len(projects), "projects": projects}
+    size = sum(p.get("store_size_bytes", 0) for p in projects)
+    return {"base": None, "store_size_bytes": size, "total_size_bytes": size,
+            "project_count": len(projects), "projects": projects, "legacy_size_bytes": 0,
+            "pre_v2_projects": [], "legacy_archives": []}
 
 
 def prune(working_dir: str, keep: int | None = None, older_than: float | str | None = None,
@@ -443,14 +469,89 @@ def prune(working_dir: str, keep: int | None = None, older_than: float | str | N
             "freed_bytes": result.freed_bytes, "dry_run": result.dry_run}
 
 
+def prune_checkpoints(retention_days: int = 7, delete_orphans: bool = True, checkpoint_base=None,
+                      max_total_size_mb: int = 0, orphan_allowlist=None) -> dict:
+    """The shadow-git store's sweep, for cowfs: in every cowfs mount this process sees, prune the
+    checkpoints sealed more than *retention_days* ago (the newest one always stays) and, with
+    *max_total_size_mb*, the oldest until each store fits. A cowfs store lives in its workspace,
+    so there are no orphan projects (`deleted_orphan` is 0; *delete_orphans*, *orphan_allowlist*
+    and *checkpoint_base* have nothing to act on). `deleted_stale` counts the checkpoints
+    pruned. Never raises:
+
+        {"scanned": mounts, "deleted_orphan": 0, "deleted_stale": N, "errors": N, "bytes_freed": N}
+    """
+    from . import control
+    out = {"scanned": 0, "deleted_orphan": 0, "deleted_stale": 0, "errors": 0, "bytes_freed": 0}
+    older = f"{int(retention_days)}d" if retention_days and retention_days > 0 else None
+    store = f"{int(max_total_size_mb)}M" if max_total_size_mb and max_total_size_mb > 0 else None
+    try:
+        mounts = control.cowfs_mounts()
+    except Exception as e:      # maintenance must never break a harness's start
+        logger.debug("cowfs: no mounts to prune: %s", e)
+        return out
+    for m in mounts:
+        out["scanned"] += 1
+        if older is None and store is None:
+            continue
+        result = prune(m.mountpoint, older_than=older, max_store=store)
+        if not result["success"]:
+            out["errors"] += 1
+            continue
+        out["deleted_stale"] += len(result["removed"])
+        out["bytes_freed"] += result["freed_bytes"]
+    return out
+
+
+def maybe_auto_prune_checkpoints(retention_days: int = 7, min_interval_hours: int = 24,
+                                 delete_orphans: bool = True, checkpoint_base=None,
+                                 max_total_size_mb: int = 0) -> dict:
+    """`prune_checkpoints` for a harness's start: `{"skipped": False, "result": ...}`. It is not
+    rate-limited (*min_interval_hours* is accepted): a cowfs prune costs what it frees."""
+    return {"skipped": False, "result": prune_checkpoints(retention_days, delete_orphans,
+                                                          checkpoint_base, max_total_size_mb)}
+
+
+def clear_all(checkpoint_base=None) -> dict:
+    """Drop every checkpoint but the newest of every cowfs mount this process sees (a workspace's
+    files are its newest state: nothing else can be deleted). `{"bytes_freed": N, "deleted": bool}`."""
+    from . import control
+    out = {"bytes_freed": 0, "deleted": False}
+    for m in control.cowfs_mounts():
+        result = prune(m.mountpoint, keep=1)
+        if result["success"] and result["removed"]:
+            out["bytes_freed"] += result["freed_bytes"]
+            out["deleted"] = True
+    return out
+
+
+def clear_legacy(checkpoint_base=None) -> dict:
+    """The shadow-git store's archives of older layouts: cowfs has none. `{"bytes_freed": 0, "deleted": 0}`."""
+    return {"bytes_freed": 0, "deleted": 0}
+
+
+def format_checkpoint_list(checkpoints: list[dict], directory: str) -> str:
+    """The checkpoints `list_checkpoints` returned, numbered for a person to pick one."""
+    if not checkpoints:
+        return f"No checkpoints found for {directory}"
+    lines = [f"Checkpoints of {directory} (newest first):", ""]
+    for i, cp in enumerate(checkpoints, 1):
+        when = cp["timestamp"][:16].replace("T", " ")
+        n = cp.get("files_changed", 0)
+        counts = (f"  ({n} file{'' if n == 1 else 's'}, +{cp.get('insertions', 0)}"
+                  f"/-{cp.get('deletions', 0)})") if n else ""
+        lines.append(f"  {i}. {cp['short_hash']}  {when}  {cp['reason']}{counts}")
+    return "\n".join(lines)
+
+
 def _project_status(root: str) -> dict:
+    ident = hashlib.sha256(root.encode()).hexdigest()[:16]
     try:
         ws = api.Workspace(root)
         status = ws.status()
         sealed = [t for t in ws.turns() if t.sealed is not None]
     except CowfsError as e:
-        return {"workdir": root, "exists": os.path.isdir(root), "error": str(e)}
-    return {"workdir": root, "exists": True, "store_size_bytes": status.store_bytes,
+        return {"hash": ident, "workdir": root, "exists": os.path.isdir(root), "error": str(e)}
+    return {"hash": ident, "workdir": root, "exists": True, "store_size_bytes": status.store_bytes,
             "turns": len(sealed), "commits": len(sealed), "oldest_turn": sealed[0].number,
             "created_at": sealed[0].sealed, "last_touch": sealed[-1].sealed,
             "capture_mode": status.capture_mode}
@@ -500,16 +601,3 @@ def _shortstat(ws: api.Workspace, a: api.Turn, b: api.Turn, rel: str) -> dict:
         patch.file_patch(fd)        # counts its lines
     return {"files_changed": len(diffs), "insertions": sum(fd.insertions for fd in diffs),
             "deletions": sum(fd.deletions for fd in diffs)}
-
-
-def _remove_with_new_parents(root: Path, then: Path, path: str, rel: str) -> None:
-    """Remove *path* (made since the checkpoint, in a directory made since too), then each
-    directory above it that did not exist at the checkpoint, while it is empty."""
-    os.unlink(root / path)
-    parent = _parent(path)
-    while parent and parent != rel and not _is_dir_at(then, parent):
-        try:
-            os.rmdir(root / parent)
-        except OSError:
-            return          # someone else's files are in it: it stays
-        parent = _parent(parent)

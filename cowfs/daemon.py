@@ -446,6 +446,20 @@ class Daemon:
                 "restored": [[os.fsdecode(p), what] for p, what in done],
                 "refresh": self.kernel_refresh_list(result, tid)}
 
+    async def _op_agent(self, req: dict) -> dict:
+        """Who the agent is (agent.py): `session` adds a harness session (pid, start time),
+        `record` a file of the ledger; the reply holds both records whole."""
+        catalogue, action = self.store.catalogue, req.get("action")
+        if action == "session":
+            catalogue.add_harness_session(int(req["session_pid"]), int(req["session_started"]), time.time())
+        elif action == "record":
+            path = os.fsdecode(self._paths({"paths": [req.get("path")]})[0])
+            catalogue.record_agent_write(path, req.get("sha256"), req.get("writer_pid"),
+                                         req.get("writer_started"), time.time())
+        elif action != "read":
+            raise BadInput(f"unknown agent request {action!r}")
+        return {"sessions": catalogue.harness_sessions(), "ledger": catalogue.agent_writes()}
+
     def _refuse_ignored(self, turn: int, path: bytes) -> None:
         """A path the rules ignore now, or that turn *turn*'s snapshot hides, has no history."""
         history = self.capture.ignore.history

@@ -237,7 +237,7 @@ def test_a_store_of_a_newer_format_is_refused_and_left_alone(workspace):
 
 def test_a_format_2_store_is_upgraded_in_place(workspace):
     """A store of the format before link counts were recorded (and before the ignore and
-    writer tables) mounts, keeps its history, and is format 3 afterwards; its old rows show
+    writer tables) mounts, keeps its history, and is of the current format afterwards; its old rows show
     the live link count, new rows the recorded one."""
     import sqlite3
     ws, p = workspace, workspace.path
@@ -263,7 +263,8 @@ def test_a_format_2_store_is_upgraded_in_place(workspace):
     assert os.stat(ws.snapshots / "turn-2" / "f").st_nlink == 1
     ws.umount()
     db = sqlite3.connect(ws.store / "catalogue.db")
-    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == ("3",)
+    from cowfs.catalogue import FORMAT_VERSION
+    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == (FORMAT_VERSION,)
     assert "nlink" in {row[1] for row in db.execute("PRAGMA table_info(attrs)")}
     db.close()
 

@@ -7,6 +7,7 @@ double fork whose middle process exits first, as examples/agent_loop.py
 makes); the "agent" is the test process and the commands it runs.
 """
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -194,15 +195,18 @@ def test_bad_ids_and_paths_fail_with_one_error_and_touch_nothing(workspace, tmp_
     while cp["hash"].startswith(unknown[:8]):
         unknown = unknown[1:] + unknown[0]
     before, sealed = tree(p), turns(p)
-    bad_ids = {"xyz1": "hex", "-abc1": "'-'", "--patch": "'-'", "ab1": "4-64", "": "empty",
-               "a" * 65: "4-64", unknown[:8]: "not found", None: "empty"}
+    # The phrases callers of the shadow-git manager look for in its errors.
+    bad_ids = {"xyz1": "expected 4-64 hex characters", "-abc1": "Invalid commit hash (must not start with '-')",
+               "--patch": "must not start with '-'", "ab1": "Invalid commit hash", "": "Empty commit hash",
+               "a" * 65: "expected 4-64 hex characters", unknown[:8]: "not found", None: "Empty"}
     for bad, says in bad_ids.items():
         for result in (mgr.diff(str(p), bad), mgr.restore(str(p), bad),
                        mgr.restore(str(p), bad, safe=True)):
             assert set(result) == {"success", "error"} and result["success"] is False
             assert says in result["error"] and "\n" not in result["error"], (bad, result)
-    bad_paths = {"/etc/passwd": "relative", str(p / "f"): "relative", "../x": "escapes",
-                 "d/../../x": "escapes", "out/passwd": "escapes", " ": "empty",
+    bad_paths = {"/etc/passwd": "got absolute path", str(p / "f"): "got absolute path",
+                 "../x": "escapes the working directory", "d/../../x": "escapes", "out/passwd": "escapes",
+                 " ": "Empty file path",
                  ".snapshots/turn-0/f": "not in the live tree", "missing": "neither",
                  "nodir/x": "neither"}
     for bad, says in bad_paths.items():
@@ -262,16 +266,24 @@ def test_restore_one_file_or_a_subdirectory(workspace):
 
 
 def test_safe_restore_reverts_the_agents_changes_and_keeps_the_users(workspace):
+    """The rule: the agent's are what the harness recorded (while nobody else changed it and it
+    holds what was recorded) and whatever its descendants did; the rest is the user's, including
+    what the harness process wrote itself without recording it."""
     p = workspace.path
-    names = ("mine", "sed", "gone", "user", "told", "retold", "moved", "both")
+    names = ("mine", "unrecorded", "redone", "sed", "gone", "user", "told", "retold", "moved", "both")
     files = {f"{n}.txt": f"{n} 0\n" for n in names} | {"lib/x.py": "x\n", "lib/y.py": "y\n"}
     mgr = start(workspace, files, "clean")
     cp = mgr.list_checkpoints(str(p))[0]
-    (p / "mine.txt").write_text("the harness wrote this\n")                # this process
+    (p / "mine.txt").write_text("the harness's write tool wrote this\n")   # this process, recorded
+    mgr.record_agent_write(str(p / "mine.txt"))
+    (p / "unrecorded.txt").write_text("the harness process, not recorded\n")   # the user's (Hermes)
+    (p / "redone.txt").write_text("the write tool\n")
+    mgr.record_agent_write(str(p / "redone.txt"))
+    (p / "redone.txt").write_text("then this process again, not recorded\n")
     run(["sed", "-i", "s/0/1/", p / "sed.txt"])                            # a child of it
     run(["sh", "-c", "rm gone.txt && echo made > made.txt && mkdir -p new/deep && echo x > new/deep/x"],
         cwd=p)
-    os.rename(p / "moved.txt", p / "renamed.txt")
+    run(["mv", p / "moved.txt", p / "renamed.txt"])
     run(["rm", "-r", p / "lib"])
     user_writes(p / "both.txt", "the user first\n")
     run(["sed", "-i", "s/first/first, then the agent/", p / "both.txt"])     # the agent's, last
@@ -286,10 +298,13 @@ def test_safe_restore_reverts_the_agents_changes_and_keeps_the_users(workspace):
     after = checkpoint(mgr, p, "after the agent's turn")     # writers are kept with the turn
     before = tree(p)
 
+    plan = mgr.safe_restore_plan(str(p), cp["hash"])
     result = mgr.restore(str(p), cp["short_hash"], safe=True)
     agents = ["both.txt", "gone.txt", "lib/x.py", "lib/y.py", "made.txt", "mine.txt", "moved.txt",
               "new/deep/x", "renamed.txt", "sed.txt", "told.txt"]
-    users = ["new/deep/user-note", "retold.txt", "user.txt", "users-own.txt"]
+    users = ["new/deep/user-note", "redone.txt", "retold.txt", "unrecorded.txt", "user.txt",
+             "users-own.txt"]
+    assert plan == {"success": True, "restore": agents, "skipped": users}
     assert result == {"success": True, "restored_to": cp["short_hash"], "reason": "clean",
                       "directory": str(p), "restored_files": agents, "skipped_user_edits": users,
                       "skipped_oversize": []}
@@ -298,6 +313,8 @@ def test_safe_restore_reverts_the_agents_changes_and_keeps_the_users(workspace):
     assert (p / "lib/x.py").read_text() == "x\n" and (p / "lib/y.py").read_text() == "y\n"
     assert not (p / "made.txt").exists() and not (p / "renamed.txt").exists()
     assert not (p / "new/deep/x").exists()
+    assert (p / "unrecorded.txt").read_text() == "the harness process, not recorded\n"
+    assert (p / "redone.txt").read_text() == "then this process again, not recorded\n"
     assert (p / "user.txt").read_text() == "the user's edit\n"
     assert (p / "users-own.txt").read_text() == "the user's new file\n"
     assert (p / "retold.txt").read_text() == "a tool server wrote this\nand then the user\n"
@@ -306,6 +323,58 @@ def test_safe_restore_reverts_the_agents_changes_and_keeps_the_users(workspace):
     assert mgr.list_checkpoints(str(p))[0] == after
     assert mgr.restore(str(p), after["hash"])["success"]
     assert tree(p) == before
+
+
+@XFS_ONLY
+def test_safe_restore_without_a_ledger_or_descendants_restores_everything(workspace):
+    """Nothing tells the agent apart (no recorded write, no command of the harness): a full
+    restore, without `skipped_user_edits`, as the shadow-git manager does."""
+    p = workspace.path
+    mgr = start(workspace, {"main.py": "print('hello')\n", "README.md": "# p\n"})
+    cp = mgr.list_checkpoints(str(p))[0]
+    (p / "main.py").write_text("changed, nothing recorded\n")
+    user_writes(p / "README.md", "the user\n")
+    assert mgr.safe_restore_plan(str(p), cp["hash"]) == {"success": True, "restore": [],
+                                                         "skipped": [], "ledger_empty": True}
+    result = mgr.restore(str(p), cp["hash"], safe=True)
+    assert result == {"success": True, "restored_to": cp["short_hash"], "reason": "start",
+                      "directory": str(p)}
+    assert (p / "main.py").read_text() == "print('hello')\n" and (p / "README.md").read_text() == "# p\n"
+
+
+@XFS_ONLY
+def test_a_new_harness_process_classifies_an_earlier_sessions_changes_the_same_way(workspace):
+    """Session 1 (a harness process the test did not start) records a write, runs a command and
+    writes a file itself; the daemon is then restarted (unmounted and mounted again) and a new
+    harness process (this one) safe-restores: the ledger and session 1's identity came from
+    the store."""
+    p = workspace.path
+    for name, text in {"src/app.py": "v0\n", "docs/guide.md": "guide\n", "notes.md": "n0\n"}.items():
+        (p / name).parent.mkdir(parents=True, exist_ok=True)
+        (p / name).write_text(text)
+    workspace.mount()
+
+    def session_1():
+        mgr = CheckpointManager()
+        mgr.new_turn()
+        mgr.ensure_checkpoint(str(p), "session 1 starts")      # nothing changed yet: turn 0 is it
+        (p / "src/app.py").write_text("v1, by the write tool\n")
+        mgr.record_agent_write(str(p / "src/app.py"))
+        subprocess.run(["rm", p / "docs/guide.md"], check=True)         # a terminal command
+        (p / "notes.md").write_text("the user's hand edit, through the harness\n")
+    as_unrelated_process(session_1)
+    user_writes(p / "todo", "the user's own file\n")
+    workspace.umount()
+    workspace.mount()
+
+    mgr = CheckpointManager()
+    cp = mgr.list_checkpoints(str(p))[-1]
+    result = mgr.restore(str(p), cp["hash"], safe=True)
+    assert (result["restored_files"], result["skipped_user_edits"]) == (
+        ["docs/guide.md", "src/app.py"], ["notes.md", "todo"])
+    assert (p / "src/app.py").read_text() == "v0\n" and (p / "docs/guide.md").read_text() == "guide\n"
+    assert (p / "notes.md").read_text() == "the user's hand edit, through the harness\n"
+    assert (p / "todo").read_text() == "the user's own file\n"
 
 
 @XFS_ONLY
@@ -322,8 +391,10 @@ def test_safe_restore_removes_the_directories_the_agent_made_once_empty(workspac
 @XFS_ONLY
 def test_safe_restore_with_only_user_edits_touches_nothing(workspace):
     p = workspace.path
-    mgr = start(workspace, {"notes": "n\n"}, "clean")
-    cp = mgr.list_checkpoints(str(p))[0]
+    mgr = start(workspace, {"notes": "n\n"})
+    (p / "tool.txt").write_text("the write tool\n")
+    mgr.record_agent_write(str(p / "tool.txt"))             # a ledger, from an earlier turn
+    cp = checkpoint(mgr, p, "clean")
     user_writes(p / "notes", "the user's notes\n")
     sealed = turns(p)
     result = mgr.restore(str(p), cp["hash"], safe=True)
@@ -339,8 +410,7 @@ def test_safe_restore_of_a_subdirectory_reports_paths_relative_to_it(workspace):
     p = workspace.path
     mgr = start(workspace, {"lib/a": "a\n", "lib/u": "u\n", "top": "t\n"})
     cp = mgr.list_checkpoints(str(p))[0]
-    (p / "lib/a").write_text("agent\n")
-    (p / "top").write_text("agent, outside lib\n")
+    run(["sh", "-c", "echo agent > lib/a && echo agent, outside lib > top"], cwd=p)
     user_writes(p / "lib/u", "user\n")
     result = mgr.restore(str(p / "lib"), cp["hash"], safe=True)
     assert (result["restored_files"], result["skipped_user_edits"]) == (["a"], ["u"])
@@ -358,13 +428,16 @@ def test_get_working_dir_for_path_and_store_status(workspace, tmp_path):
     assert mgr.get_working_dir_for_path(str(project / "pkg/mod.py")) == str(project)
     (p / "src/x.py").write_text("y\n")
     checkpoint(mgr, p, "second")
-    status = store_status(str(p / "src"))
+    status = store_status(working_dir=str(p / "src"))
     [entry] = status["projects"]
     assert status["project_count"] == 1 and status["store_size_bytes"] == entry["store_size_bytes"] > 0
     assert entry["workdir"] == str(p) and entry["turns"] == entry["commits"] == 2
     assert entry["oldest_turn"] == 0 and entry["capture_mode"] in ("reflink", "copy")
     assert entry["created_at"] <= entry["last_touch"]
-    assert store_status(str(tmp_path)) == {"store_size_bytes": 0, "project_count": 0, "projects": []}
+    assert store_status(working_dir=str(tmp_path)) == {
+        "base": None, "store_size_bytes": 0, "total_size_bytes": 0, "project_count": 0, "projects": [],
+        "legacy_size_bytes": 0, "pre_v2_projects": [], "legacy_archives": []}
+    assert entry["hash"] == hashlib.sha256(str(p).encode()).hexdigest()[:16]
 
 
 def test_prune_helper_and_the_managers_store_limit(workspace, tmp_path):

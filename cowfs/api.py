@@ -18,6 +18,7 @@ checkpoint costs well under a millisecond. Errors are the classes of
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,20 +38,42 @@ class Turn:
     checkpoint or an unmount) or "rollback" (its layer holds the state before a
     rollback to `target`). `sealed` is None for the open turn. Times are seconds
     since the epoch.
+
+    `changes` is what the turn changed, counted as `cowfs diff` shows it (the paths
+    the workspace's .gitignore files and noise.DEFAULT_NOISE ignore left out, unless
+    the turns were asked for with `include_ignored`); `ignored` is how many were
+    left out. Both are counted when first read (one diff); the oldest turn kept
+    has nothing before it to compare with, and counts what its layer captured.
+    `captured` is that count: the things whose earlier state the layer holds.
     """
     number: int
     started: float
     sealed: float | None
     message: str
     kind: str
-    changes: int
+    captured: int
     bytes_captured: int
     target: int | None = None
+    counter: "Callable[[], tuple[int, int]] | None" = field(default=None, repr=False, compare=False)
+    _counts: list = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
-    def from_record(cls, record: dict) -> Turn:
+    def from_record(cls, record: dict, counter=None) -> Turn:
         return cls(record["number"], record["started"], record["sealed"], record["message"],
-                   record["kind"], record["changes"], record["bytes"], record.get("target"))
+                   record["kind"], record["changes"], record["bytes"], record.get("target"), counter)
+
+    def _count(self) -> tuple[int, int]:
+        if not self._counts:
+            self._counts.extend(self.counter() if self.counter else (self.captured, 0))
+        return self._counts[0], self._counts[1]
+
+    @property
+    def changes(self) -> int:
+        return self._count()[0]
+
+    @property
+    def ignored(self) -> int:
+        return self._count()[1]
 
     @property
     def name(self) -> str:
@@ -136,7 +159,8 @@ class Workspace:
     def checkpoint(self, message: str = "") -> Turn:
         """End the open turn: the daemon has the kernel write back what it holds of files still
         open, seals, and this returns the sealed turn."""
-        return Turn.from_record(self._request("checkpoint", message=message)["record"])
+        record = self._request("checkpoint", message=message)["record"]
+        return Turn.from_record(record, self._counter(record["number"], True, False))
 
     def sync(self) -> None:
         """Have the kernel write back, and wait for, what it holds of files still open for writing
@@ -144,16 +168,21 @@ class Workspace:
         `status().pending_changes` counts writes still in the page cache."""
         self._request("flush")
 
-    def turns(self) -> list[Turn]:
-        """Every turn still kept, oldest first; the last one is the open turn."""
-        return [Turn.from_record(t) for t in self._request("log")["turns"]]
+    def turns(self, include_ignored: bool = False) -> list[Turn]:
+        """Every turn still kept, oldest first; the last one is the open turn. Their `changes`
+        leave out noise (see `Turn`) unless *include_ignored*."""
+        reply = self._request("log")
+        return [Turn.from_record(t, self._counter(t["number"], t["sealed"] is not None,
+                                                  include_ignored, reply.get("oldest_turn", 0)))
+                for t in reply["turns"]]
 
-    def turn(self, number: int) -> Turn:
+    def turn(self, number: int, include_ignored: bool = False) -> Turn:
         """Turn *number*; `UnknownTurn` if it does not exist (`PrunedTurn` if it was pruned)."""
         reply = self._request("log")
         for t in reply["turns"]:
             if t["number"] == number:
-                return Turn.from_record(t)
+                return Turn.from_record(t, self._counter(number, t["sealed"] is not None,
+                                                         include_ignored, reply.get("oldest_turn", 0)))
         self._refuse_pruned(number, reply)
         raise UnknownTurn(f"turn {number} does not exist (see `cowfs log`)")
 
@@ -162,6 +191,17 @@ class Workspace:
         oldest = (log or self._request("log")).get("oldest_turn", 0)
         if 0 <= number < oldest:
             raise PrunedTurn(pruned_message(number, oldest))
+
+    def _counter(self, number: int, sealed: bool, include_ignored: bool, oldest: int = 0):
+        """What counts turn *number*'s changes when they are first asked for (None: the oldest
+        turn kept, with no turn before it to compare with)."""
+        if number <= oldest:
+            return None
+        def count() -> tuple[int, int]:
+            shown = self.shown_diff(number - 1, number if sealed else None,
+                                    include_ignored=include_ignored)
+            return len(shown.changes), shown.ignored
+        return count
 
     def rollback(self, turn: int) -> Turn:
         """Make the live tree exactly sealed turn *turn*. Pending changes are sealed first as their
@@ -182,14 +222,28 @@ class Workspace:
         reply = self._request("diff", a=a, b=b, paths=[self.relative(p) for p in paths])
         return [Change.from_record(r) for r in reply["changes"]]
 
+    def shown_diff(self, a: int | None = None, b: int | None = None,
+                   paths: "list[str] | tuple[str, ...]" = (), include_ignored: bool = False):
+        """`diff` as the views show it: a `noise.Shown` (`changes`, and how many were `ignored`:
+        paths the .gitignore files of turn *b*'s tree, or of the live tree, ignore, and
+        noise.DEFAULT_NOISE). *include_ignored*: all of them."""
+        from . import noise
+        b = None if b is None else _turn_number(b)
+        changes = self.diff(a, b, paths)
+        if include_ignored or not changes:
+            return noise.Shown(changes, 0)
+        return noise.split(changes, self.path if b is None else self.snapshot_path(b))
+
     def file_diffs(self, a: int | None = None, b: int | None = None,
-                   paths: "list[str] | tuple[str, ...]" = (), max_size: int | None = None):
-        """The changes of `diff` with their contents (patch.FileDiff), read through the mount.
-        A change with a side larger than *max_size* bytes is left without contents (the patch
-        names it, as one whose contents cannot be read; it counts no lines)."""
+                   paths: "list[str] | tuple[str, ...]" = (), max_size: int | None = None,
+                   changes: "list[Change] | None" = None):
+        """The changes of `diff` (or *changes*, some of them) with their contents
+        (patch.FileDiff), read through the mount. A change with a side larger than *max_size*
+        bytes is left without contents (the patch names it, as one whose contents cannot be
+        read; it counts no lines)."""
         from . import patch
         a = self._last_sealed() if a is None else _turn_number(a)
-        changes = self.diff(a, b, paths)
+        changes = self.diff(a, b, paths) if changes is None else changes
         old_root = self.snapshot_path(a)
         new_root = self.path if b is None else self.snapshot_path(b)
         return [patch.FileDiff(c.kind, c.path, c.old_path, c.old_mode, c.new_mode,
@@ -264,7 +318,7 @@ class Workspace:
         return rel
 
     def _last_sealed(self) -> int:
-        return max(t.number for t in self.turns() if t.sealed is not None)
+        return max(t["number"] for t in self._request("log")["turns"] if t["sealed"] is not None)
 
     def snapshot_path(self, turn: int) -> Path:
         """The read-only directory that holds sealed turn *turn*."""

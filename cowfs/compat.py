@@ -47,7 +47,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from . import agent, api, patch
+from . import agent, api, noise, patch
 from .errors import BadInput, CowfsError, NotMounted
 
 logger = logging.getLogger(__name__)
@@ -201,8 +201,8 @@ class CheckpointManager:
                          status.last_turn)
             return False
         turn = ws.checkpoint(reason)
-        logger.info("cowfs: checkpoint %s of %s (turn %d, %d changes): %s", _short(turn), abs_dir,
-                    turn.number, turn.changes, reason)
+        logger.info("cowfs: checkpoint %s of %s (turn %d): %s", _short(turn), abs_dir,
+                    turn.number, reason)
         return True
 
     def _mount(self, abs_dir: Path, reason: str) -> bool:
@@ -220,11 +220,13 @@ class CheckpointManager:
         return True
 
     # -- looking back -------------------------------------------------------------------------
-    def list_checkpoints(self, working_dir: str) -> list[dict]:
+    def list_checkpoints(self, working_dir: str, all: bool = False) -> list[dict]:
         """The checkpoints of *working_dir*, newest first, at most `max_snapshots`: `hash`,
         `short_hash`, `timestamp` (ISO 8601), `reason`, and what the checkpoint changed since
         the one before it (`files_changed`, `insertions`, `deletions`, as git's --shortstat;
-        the lines of a file over LINE_COUNT_LIMIT are not counted, as a binary file's).
+        the lines of a file over LINE_COUNT_LIMIT are not counted, as a binary file's), leaving
+        out the changes in ignored paths (.gitignore, virtualenvs, node_modules, caches, build
+        output: see cowfs.noise), counted in `ignored`; *all* counts them too.
         [] when there are none."""
         try:
             abs_dir = _normalize(working_dir)
@@ -239,36 +241,47 @@ class CheckpointManager:
             turn = sealed[i]
             entry = {"hash": turn_hash(turn), "short_hash": _short(turn),
                      "timestamp": timestamp(turn.sealed), "reason": reason_of(turn),
-                     "files_changed": 0, "insertions": 0, "deletions": 0}
+                     "files_changed": 0, "insertions": 0, "deletions": 0, "ignored": 0}
             if i > 0:
-                entry.update(_shortstat(ws, sealed[i - 1], turn, rel))
+                entry.update(_shortstat(ws, sealed[i - 1], turn, rel, all))
             out.append(entry)
         return out
 
-    def diff(self, working_dir: str, commit_hash: str) -> dict:
+    def diff(self, working_dir: str, commit_hash: str, all: bool = False) -> dict:
         """What changed from checkpoint *commit_hash* to the live tree of *working_dir*:
-        `{"success": True, "stat": git's --stat, "diff": a git-style patch}`, paths relative to
-        the directory, or `{"success": False, "error": ...}`."""
+        `{"success": True, "stat": git's --stat, "diff": a git-style patch, "ignored": N}`,
+        paths relative to the directory, or `{"success": False, "error": ...}`. Changes in
+        ignored paths (see `list_checkpoints`) are left out, the stat's last line says how many
+        (`ignored`); *all* shows them."""
         try:
+            check_hash(commit_hash)
             abs_dir = _normalize(working_dir)
             ws = _mounted_workspace(abs_dir)
             turn = find_turn(ws, commit_hash)
             rel = ws.relative(abs_dir)
-            diffs = _rebase(ws.file_diffs(turn.number, None, _only(ws, rel)), rel)
-            text = patch.patch(diffs)
-            return {"success": True, "stat": patch.diffstat(diffs), "diff": text}
+            shown = ws.shown_diff(turn.number, None, _only(ws, rel), include_ignored=all)
+            diffs = _rebase(ws.file_diffs(turn.number, None, changes=shown.changes), rel)
+            stat = patch.diffstat(diffs)
+            note = noise.left_out(shown.ignored, "all=True")
+            if note:
+                stat += f" {note}\n"
+            return {"success": True, "stat": stat, "diff": patch.patch(diffs), "ignored": shown.ignored}
         except (CowfsError, OSError) as e:
             return _failure(e)
 
-    def session_diff(self, working_dir: str) -> dict:
+    def session_diff(self, working_dir: str, all: bool = False) -> dict:
         """What changed in *working_dir* since its oldest listed checkpoint (the state before the
         agent's first edit), as `diff`, plus `baseline` (that checkpoint's id); with no
         checkpoint or no change since, a success with `"empty": True`."""
-        checkpoints = self.list_checkpoints(working_dir)
-        if not checkpoints:
+        try:
+            ws = _mounted_workspace(_normalize(working_dir))
+            sealed = [t for t in ws.turns() if t.sealed is not None][-self.max_snapshots:]
+        except CowfsError:
+            sealed = []
+        if not sealed:
             return {"success": True, "stat": "", "diff": "", "empty": True}
-        baseline = checkpoints[-1]["hash"]
-        result = self.diff(working_dir, baseline)
+        baseline = turn_hash(sealed[0])
+        result = self.diff(working_dir, baseline, all=all)
         if result.get("success"):
             result["baseline"] = baseline
             if not result["diff"]:
@@ -589,15 +602,17 @@ def _rebase(diffs: list[patch.FileDiff], rel: str) -> list[patch.FileDiff]:
             for fd in diffs]
 
 
-def _shortstat(ws: api.Workspace, a: api.Turn, b: api.Turn, rel: str) -> dict:
-    """What turn *b* changed since turn *a* below *rel*, as git's --shortstat counts it (no
-    counts if that cannot be told: a turn pruned meanwhile, say)."""
+def _shortstat(ws: api.Workspace, a: api.Turn, b: api.Turn, rel: str, everything: bool) -> dict:
+    """What turn *b* changed since turn *a* below *rel*, as git's --shortstat counts it, and
+    how many changes in ignored paths were left out (no counts if that cannot be told: a turn
+    pruned meanwhile, say)."""
     try:
-        diffs = ws.file_diffs(a.number, b.number, _only(ws, rel), max_size=LINE_COUNT_LIMIT)
+        shown = ws.shown_diff(a.number, b.number, _only(ws, rel), include_ignored=everything)
+        diffs = ws.file_diffs(a.number, b.number, max_size=LINE_COUNT_LIMIT, changes=shown.changes)
     except (CowfsError, OSError) as e:
         logger.debug("no counts for checkpoint %s: %s", _short(b), e)
         return {}
     for fd in diffs:
         patch.file_patch(fd)        # counts its lines
     return {"files_changed": len(diffs), "insertions": sum(fd.insertions for fd in diffs),
-            "deletions": sum(fd.deletions for fd in diffs)}
+            "deletions": sum(fd.deletions for fd in diffs), "ignored": shown.ignored}

@@ -27,7 +27,8 @@ from conftest import REPO, TEST_USER, Workspace, as_user, chown_tree, run
 from treeview import tree
 
 XFS_ONLY = pytest.mark.parametrize("backing", ["xfs"], indirect=True)
-ENTRY_KEYS = {"hash", "short_hash", "timestamp", "reason", "files_changed", "insertions", "deletions"}
+ENTRY_KEYS = {"hash", "short_hash", "timestamp", "reason", "files_changed", "insertions", "deletions",
+              "ignored"}
 
 
 def _example():
@@ -173,7 +174,7 @@ def test_diff_is_a_git_patch_of_the_checkpoint_against_the_live_tree(workspace, 
     (p / "old.txt").unlink()
     (p / "new.txt").write_text("new\nfile\n")
     by_short = mgr.diff(str(p), cp["short_hash"])
-    assert set(by_short) == {"success", "stat", "diff"} and by_short["success"] is True
+    assert set(by_short) == {"success", "stat", "diff", "ignored"} and by_short["success"] is True
     assert mgr.diff(str(p), cp["hash"]) == by_short == mgr.diff(str(p), cp["hash"].upper())
     assert by_short["stat"].rstrip().endswith("3 files changed, 3 insertions(+), 2 deletions(-)")
     assert "-    return 1\n+    return 2\n" in by_short["diff"]

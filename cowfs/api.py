@@ -353,12 +353,15 @@ def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hid
           force: bool = False, export_git_on_checkpoint: bool = False, owner: str | None = None,
           allow_other: bool = False, message: str = "",
           auto_checkpoint: float | None = None, keep: int | None = None,
-          older_than: float | str | None = None, max_store: int | str | None = None) -> Workspace:
+          older_than: float | str | None = None, max_store: int | str | None = None,
+          idle_umount: float | str | None = None) -> Workspace:
     """Mount cowfs over *path* (or at *at*) and return the mounted Workspace.
 
     The first mount of a directory makes its tree turn 0 (named *message*, if
     given). *keep*, *older_than*, *max_store*: prune limits applied after
-    each checkpoint, in the background (see `Workspace.prune`). If this process's working directory is inside the mount, it is
+    each checkpoint, in the background (see `Workspace.prune`). *idle_umount*
+    (seconds, or "10m"): the mount ends by itself once idle that long (no open
+    file, no process inside, no request), sealing pending changes. If this process's working directory is inside the mount, it is
     entered again, so that relative paths from now on go through the mount
     (a process that was already inside still sees the directory underneath).
     Raises BadInput (not a directory, already mounted, changed while unmounted:
@@ -369,7 +372,7 @@ def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hid
     from . import mounting
     req = mounting.MountRequest(os.fspath(path), at, snapdir, force, False, export_git_on_checkpoint,
                                 owner, allow_other, message, auto_checkpoint, keep=keep,
-                                older_than=older_than, max_store=max_store)
+                                older_than=older_than, max_store=max_store, idle_umount=idle_umount)
     mounted_ = mounting.mount(req)
     _reenter_cwd(mounted_.mountpoint)
     return Workspace(mounted_.mountpoint)

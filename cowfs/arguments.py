@@ -105,6 +105,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--auto-checkpoint", type=float, metavar="SECONDS",
                    help="seal the open turn after SECONDS without changes following a change "
                         "(a watcher process does it, as `cowfs checkpoint` would)")
+    p.add_argument("--idle-umount", metavar="DURATION",
+                   help="unmount by itself (sealing pending changes, as `cowfs umount`) once idle "
+                        "for DURATION (e.g. 90s, 10m): no open file, no process working inside, "
+                        "no request; mounting again finds the history intact")
     _add_limits(p, "after each checkpoint, in the background, prune ")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 

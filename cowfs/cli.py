@@ -23,7 +23,8 @@ def cmd_mount(args) -> int:
     req = mounting.MountRequest(args.workspace, args.at, args.snapdir, args.force, args.debug,
                                 args.export_git_on_checkpoint, args.owner, args.allow_other,
                                 args.initial_message, args.auto_checkpoint, keep=args.keep,
-                                older_than=args.older_than, max_store=args.max_store)
+                                older_than=args.older_than, max_store=args.max_store,
+                                idle_umount=args.idle_umount)
     if args.foreground:
         from .daemon import run
         return run(mounting.options(req), args.ready_fd)

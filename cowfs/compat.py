@@ -38,6 +38,7 @@ the mounts this manager makes (`cowfs mount --max-store`).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -56,6 +57,8 @@ HASH_LENGTH = 40
 SHORT_LENGTH = 8
 LINE_COUNT_LIMIT = 10 << 20     # list_checkpoints counts no lines of a file larger than this
 _HASH_RE = re.compile(r"[0-9a-fA-F]{4,64}")
+STORE_DIR = ".cowfs"
+IDLE_UMOUNT = "10m"     # a mount the manager made ends once idle this long (and when we exit)
 PROJECT_MARKERS = (".git", "pyproject.toml", "package.json", "Cargo.toml", "go.mod", "Makefile",
                    "pom.xml", ".hg", "Gemfile")
 
@@ -119,11 +122,72 @@ def _workspace(path: Path) -> api.Workspace | None:
         return None
 
 
-def _mounted_workspace(abs_dir: Path) -> api.Workspace:
-    ws = _workspace(abs_dir)
-    if ws is None:
-        raise NotMounted(f"no checkpoints exist for {abs_dir} (it is not under a cowfs mount)")
-    return ws
+def _history_root(abs_dir: Path) -> Path | None:
+    """The outermost directory at or above *abs_dir* (below `/` and the home directory) that
+    holds a cowfs store: the history *abs_dir* belongs to, mounted or not."""
+    found = None
+    for candidate in (abs_dir, *abs_dir.parents):
+        if _too_broad(candidate):
+            break
+        if (candidate / STORE_DIR).is_dir():
+            found = candidate
+    return found
+
+
+def _mounts_below(abs_dir: Path) -> list[str]:
+    from . import control
+    inside = str(abs_dir).rstrip("/") + "/"
+    return sorted(m.mountpoint for m in control.cowfs_mounts() if m.mountpoint.startswith(inside))
+
+
+def _stores_below(root: Path) -> list[str]:
+    """The cowfs stores below *root* (not at it), found by a walk that skips what
+    noise.DEFAULT_NOISE names (virtualenvs, node_modules, .git: no project keeps a history
+    there) and does not follow symlinks. Asked once, before a directory's history starts."""
+    skip = {p.rstrip("/") for p in noise.DEFAULT_NOISE if p.endswith("/") and "*" not in p}
+    found, todo = [], [root]
+    while todo:
+        here = todo.pop()
+        try:
+            entries = list(os.scandir(here))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name in skip or not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.name == STORE_DIR:
+                if here != root:
+                    found.append(str(here))
+                continue
+            todo.append(Path(entry.path))
+    return sorted(found)
+
+
+_MADE: dict[int, str] = {}      # daemon pid -> mountpoint of the mounts this process made
+
+
+def _unmount_made() -> None:
+    """At exit: end the mounts this process made, wherever they are now (a busy one ends when
+    idle, by its watcher)."""
+    from . import control
+    if not _MADE:
+        return
+    try:
+        os.chdir("/")           # our own working directory would keep a mount busy
+    except OSError:
+        pass
+    for pid, path in sorted(_MADE.items()):
+        try:
+            mount = control.mount_of_daemon(pid)
+            if mount is None:
+                continue        # ended already (idle)
+            try:
+                api.umount(mount.mountpoint)
+            except CowfsError:  # busy: by files this very process still holds, as it exits?
+                api.umount(mount.mountpoint, lazy=True)     # its daemon ends when they close
+        except Exception as e:
+            logger.warning("cowfs: %s stays mounted until idle: %s", path, e)
+    _MADE.clear()
 
 
 def _file_in(abs_dir: Path, file_path: str) -> Path:
@@ -156,10 +220,12 @@ class CheckpointManager:
     """
 
     def __init__(self, enabled: bool = True, max_snapshots: int = 50,
-                 max_total_size_mb: int | None = None, max_file_size_mb: int | None = None):
+                 max_total_size_mb: int | None = None, max_file_size_mb: int | None = None,
+                 idle_umount: float | str | None = IDLE_UMOUNT):
         self.enabled = enabled
         self.max_snapshots = max(1, int(max_snapshots))
         self.max_store = f"{int(max_total_size_mb)}M" if max_total_size_mb else None
+        self.idle_umount = idle_umount
         self._checkpointed_dirs: set[Path] = set()
         self._sessions: set[tuple[str, int]] = set()    # (mount, pid) recorded as a harness session
 
@@ -192,7 +258,16 @@ class CheckpointManager:
     def _take(self, abs_dir: Path, reason: str) -> bool:
         ws = _workspace(abs_dir)
         if ws is None:
-            return self._mount(abs_dir, reason)
+            if not abs_dir.is_dir():
+                logger.debug("checkpoint skipped: %s is not a directory", abs_dir)
+                return False
+            root = _history_root(abs_dir)
+            inner = _mounts_below(abs_dir) or ([] if root else _stores_below(abs_dir))
+            if inner:
+                return self._refuse_around(abs_dir, inner, reason)
+            ws, fresh = self._mount(root or abs_dir, reason)
+            if fresh:
+                return True
         self._begin_session(ws)
         ws.sync()
         status = ws.status()
@@ -205,19 +280,51 @@ class CheckpointManager:
                     turn.number, reason)
         return True
 
-    def _mount(self, abs_dir: Path, reason: str) -> bool:
-        if not abs_dir.is_dir():
-            logger.debug("checkpoint skipped: %s is not a directory", abs_dir)
-            return False
+    def _mount(self, root: Path, reason: str) -> tuple[api.Workspace, bool]:
+        """Mount cowfs over *root* (which ends by itself once idle, or when this process exits);
+        True with it when this started its history (then turn 0, named *reason*, is the
+        checkpoint). A tree changed while unmounted is accepted, with a warning: the earlier
+        checkpoints show those paths as they are now."""
         before = datetime.now().timestamp()
-        ws = api.mount(abs_dir, message=reason, max_store=self.max_store)
+        options = {"message": reason, "max_store": self.max_store, "idle_umount": self.idle_umount}
+        try:
+            ws = api.mount(root, **options)
+        except BadInput as e:
+            if "changed while cowfs was not mounted" not in str(e):
+                raise
+            logger.warning("cowfs: %s: %s; accepted (the earlier checkpoints show those paths as "
+                           "they are now)", root, e)
+            ws = api.mount(root, force=True, **options)
+        if not _MADE:
+            atexit.register(_unmount_made)
+        _MADE[ws.status().daemon_pid] = str(ws.path)
         self._begin_session(ws)
         fresh = ws.turns()[0].started >= before
-        if not fresh:       # a store from an earlier mount: the state now is a new checkpoint
-            ws.checkpoint(reason)
-        logger.info("cowfs: mounted %s to keep its checkpoints; %s is checkpoint %s", abs_dir,
-                    "its tree" if fresh else "the state now", _short(ws.turns()[-2]))
-        return True
+        logger.info("cowfs: mounted %s to keep its checkpoints%s", root,
+                    f"; its tree is checkpoint {_short(ws.turns()[0])}" if fresh else "")
+        return ws, fresh
+
+    def _open(self, abs_dir: Path) -> api.Workspace:
+        """The mounted history *abs_dir* belongs to, mounted again if it ended (idle)."""
+        ws = _workspace(abs_dir)
+        if ws is not None:
+            return ws
+        root = _history_root(abs_dir)
+        if root is None or _mounts_below(abs_dir):
+            raise NotMounted(f"no checkpoints exist for {abs_dir} (it is not under a cowfs mount)")
+        return self._mount(root, "")[0]
+
+    def _refuse_around(self, abs_dir: Path, inner: list[str], reason: str) -> bool:
+        """*abs_dir* holds histories of its own directories (mounted or not): one history per
+        directory tree, so it is not mounted around them (that would hide them and make their
+        checkpoints unreachable); theirs are checkpointed instead."""
+        for path in inner:
+            self._take(Path(path), reason)
+        logger.warning("cowfs: no checkpoint of %s as a whole: the cowfs histories of %s are "
+                       "inside it, and were checkpointed instead (one history per directory "
+                       "tree: checkpoint the project's root from the start to keep one of it "
+                       "all)", abs_dir, ", ".join(inner))
+        return False
 
     # -- looking back -------------------------------------------------------------------------
     def list_checkpoints(self, working_dir: str, all: bool = False) -> list[dict]:
@@ -230,7 +337,7 @@ class CheckpointManager:
         [] when there are none."""
         try:
             abs_dir = _normalize(working_dir)
-            ws = _mounted_workspace(abs_dir)
+            ws = self._open(abs_dir)
             sealed = [t for t in ws.turns() if t.sealed is not None]
             rel = ws.relative(abs_dir)
         except CowfsError as e:
@@ -256,7 +363,7 @@ class CheckpointManager:
         try:
             check_hash(commit_hash)
             abs_dir = _normalize(working_dir)
-            ws = _mounted_workspace(abs_dir)
+            ws = self._open(abs_dir)
             turn = find_turn(ws, commit_hash)
             rel = ws.relative(abs_dir)
             shown = ws.shown_diff(turn.number, None, _only(ws, rel), include_ignored=all)
@@ -274,7 +381,7 @@ class CheckpointManager:
         agent's first edit), as `diff`, plus `baseline` (that checkpoint's id); with no
         checkpoint or no change since, a success with `"empty": True`."""
         try:
-            ws = _mounted_workspace(_normalize(working_dir))
+            ws = self._open(_normalize(working_dir))
             sealed = [t for t in ws.turns() if t.sealed is not None][-self.max_snapshots:]
         except CowfsError:
             sealed = []
@@ -307,7 +414,7 @@ class CheckpointManager:
             abs_dir = _normalize(working_dir)
             if file_path:
                 _file_in(abs_dir, file_path)
-            ws = _mounted_workspace(abs_dir)
+            ws = self._open(abs_dir)
             turn = find_turn(ws, commit_hash)
             if file_path:
                 return self._restore_file(ws, turn, abs_dir, file_path)
@@ -374,7 +481,7 @@ class CheckpointManager:
         try:
             check_hash(commit_hash)
             abs_dir = _normalize(working_dir)
-            ws = _mounted_workspace(abs_dir)
+            ws = self._open(abs_dir)
             turn = find_turn(ws, commit_hash)
             rel = ws.relative(abs_dir)
             plan = ws.safe_restore_plan(turn.number, _only(ws, rel))
@@ -407,7 +514,7 @@ class CheckpointManager:
             return
         try:
             path = _normalize(file_path)
-            ws = _mounted_workspace(path)
+            ws = self._open(path)
             self._begin_session(ws)
             ws.record_agent_write(path)
         except Exception as e:      # bookkeeping must never break the agent's tool call

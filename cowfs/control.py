@@ -13,7 +13,7 @@ json is imported where it is used: checkpoint_in_one_shot, the path of a plain
 
 import os
 
-from .errors import DaemonUnreachable, NotMounted, OperationFailed, from_reply
+from .errors import CowfsError, DaemonUnreachable, NotMounted, OperationFailed, from_reply
 
 FSTYPE = "fuse.cowfs"
 CONTROL_XATTR = "user.cowfs.control"
@@ -32,10 +32,12 @@ class Mount:
 
     A plain class, not a NamedTuple: importing typing would add ~2 ms to every command.
     """
-    __slots__ = ("mountpoint", "source")
+    __slots__ = ("mountpoint", "source", "socket")
 
     def __init__(self, mountpoint: str, source: str):
         self.mountpoint, self.source = mountpoint, source
+        self.socket: bytes | None = None    # the control socket's path once known (a watcher
+                                            # polls without making requests of the mount)
 
     def __repr__(self):
         return f"Mount({self.mountpoint!r}, {self.source!r})"
@@ -84,7 +86,21 @@ def find_mount(path: str) -> Mount:
     return best
 
 
+def mount_of_daemon(daemon_pid: int) -> Mount | None:
+    """The mount daemon *daemon_pid* serves, wherever it is now (a mount moves with its parent
+    directory: `mv` of a directory above it); None if it serves none."""
+    for m in cowfs_mounts():
+        try:
+            if request(m, "activity", timeout=10)["daemon_pid"] == daemon_pid:
+                return m
+        except (CowfsError, OSError):
+            continue        # another user's, or a dead mount
+    return None
+
+
 def socket_path(mount: Mount) -> bytes:
+    if mount.socket is not None:
+        return mount.socket
     try:
         return os.getxattr(mount.mountpoint, CONTROL_XATTR)
     except OSError as e:

@@ -368,6 +368,15 @@ class Daemon:
                            if self.opts.prune_limits else None),
         }
 
+    async def _op_activity(self, req: dict) -> dict:
+        """What the watcher (autocheckpoint.py) asks every second or so: cheap, no store walk.
+        `requests` counts what processes asked the mount (not the kernel's forgets)."""
+        requests = self.fs.requests
+        return {"daemon_pid": os.getpid(), "open_files": len(self.fs.open_files),
+                "requests": sum(requests.values()) - requests.get("forget", 0),
+                "pending_changes": self.capture.changes + self._persisted_changes(),
+                "quiet_seconds": time.monotonic() - self.fs.last_change}
+
     def _persisted_changes(self) -> int:
         row = self.store.catalogue.db.execute("SELECT changes FROM turns WHERE turn=?",
                                               (self.capture.turn,)).fetchone()

@@ -39,6 +39,7 @@ class MountRequest:
     keep: int | str | None = None         # prune limits after each checkpoint (retention.Limits)
     older_than: float | str | None = None
     max_store: int | str | None = None
+    idle_umount: float | str | None = None  # unmount after this long idle (seconds, or "10m")
 
 
 @dataclass
@@ -70,6 +71,7 @@ def options(req: MountRequest):
         raise BadInput(f"{req.at} is not a directory")
     if req.auto_checkpoint is not None and not req.auto_checkpoint > 0:
         raise BadInput(f"--auto-checkpoint {req.auto_checkpoint}: expected a number of seconds > 0")
+    idle_seconds(req)
     if req.snapdir not in ("hidden", "visible"):
         raise BadInput(f"--snapdir {req.snapdir}: expected hidden or visible")
     limits = Limits.parse(req.keep, req.older_than, req.max_store)
@@ -116,10 +118,11 @@ def mount(req: MountRequest) -> Mounted:
     notes = []
     for path in {opts.workspace, opts.mountpoint}:
         notes += refuse_mounted(path)
+        refuse_around(path)
     pid, note = _spawn_daemon(req, opts)
     notes += [note] if note else []
-    if req.auto_checkpoint:
-        _spawn_watcher(opts.mountpoint, req.auto_checkpoint, pid)
+    if req.auto_checkpoint or req.idle_umount:
+        _spawn_watcher(opts.mountpoint, req.auto_checkpoint or 0, pid, idle_seconds(req))
     return Mounted(opts.workspace, opts.mountpoint, pid, notes, processes_with_cwd_in(opts.mountpoint, pid))
 
 
@@ -135,6 +138,16 @@ def refuse_mounted(path: str) -> list[str]:
         if path.startswith(m.mountpoint.rstrip("/") + "/"):
             raise BadInput(f"{path} is inside the cowfs mount {m.mountpoint}")
     return notes
+
+
+def refuse_around(path: str) -> None:
+    """Raise if a cowfs mount lies below *path*: a mount around it would make every file below
+    it unreadable (one history per directory tree)."""
+    inside = path.rstrip("/") + "/"
+    for m in control.cowfs_mounts():
+        if m.mountpoint.startswith(inside):
+            raise BadInput(f"{m.mountpoint} is a cowfs mount inside {path}: unmount it first "
+                           "(a mount around it would hide it; one history per directory tree)")
 
 
 def _spawn_daemon(req: MountRequest, opts) -> tuple[int, str]:
@@ -163,11 +176,24 @@ def _spawn_daemon(req: MountRequest, opts) -> tuple[int, str]:
                           f"see {opts.workspace}/.cowfs/daemon.log")
 
 
-def _spawn_watcher(mountpoint: str, quiet: float, daemon_pid: int) -> None:
-    """The auto-checkpoint watcher (autocheckpoint.py), outside the mount so it never keeps it busy."""
-    subprocess.Popen([sys.executable, "-m", "cowfs.autocheckpoint", mountpoint, str(quiet),
-                      str(daemon_pid)], cwd="/", start_new_session=True, stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def idle_seconds(req: MountRequest) -> float | None:
+    """--idle-umount in seconds (None: never); BadInput unless a duration > 0."""
+    from .retention import parse_duration
+    idle = req.idle_umount
+    if idle is None:
+        return None
+    seconds = parse_duration(idle) if isinstance(idle, str) else float(idle)
+    if not seconds > 0:
+        raise BadInput(f"--idle-umount {idle}: expected a duration > 0 (e.g. 90s, 10m)")
+    return seconds
+
+
+def _spawn_watcher(mountpoint: str, quiet: float, daemon_pid: int, idle: float | None) -> None:
+    """The watcher of --auto-checkpoint and --idle-umount (autocheckpoint.py), outside the mount
+    so it never keeps it busy."""
+    argv = [sys.executable, "-m", "cowfs.autocheckpoint", mountpoint, str(quiet), str(daemon_pid)]
+    subprocess.Popen(argv + ([str(idle)] if idle else []), cwd="/", start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _read_ready(fd: int, proc) -> str:

@@ -149,7 +149,10 @@ def test_mount_refuses_what_it_cannot_mount(workspace, tmp_path):
     (tmp_path / "file").write_text("x")
     assert "is not a directory" in one_line_error(cowfs("mount", tmp_path / "file"), 2)
     assert "is not a directory" in one_line_error(cowfs("mount", tmp_path / "missing"), 2)
+    assert "not a duration: 'soon'" in one_line_error(cowfs("mount", tmp_path, "--idle-umount", "soon"), 2)
     workspace.mount()
+    around = one_line_error(cowfs("mount", workspace.path.parent), 2)      # would hide it
+    assert f"{workspace.path} is a cowfs mount inside {workspace.path.parent}" in around
     assert "already mounted" in one_line_error(cowfs("mount", workspace.path), 2)
     (workspace.path / "inner").mkdir()
     assert "inside the cowfs mount" in one_line_error(cowfs("mount", workspace.path / "inner"), 2)

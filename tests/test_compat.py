@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import pytest
 
 import cowfs
 from cowfs.compat import CheckpointManager, prune, store_status
-from conftest import REPO, TEST_USER, Workspace, as_user, chown_tree, run
+from conftest import REPO, TEST_USER, Workspace, as_user, chown_tree, is_fuse_mounted, run
 from treeview import tree
 
 XFS_ONLY = pytest.mark.parametrize("backing", ["xfs"], indirect=True)
@@ -116,21 +117,30 @@ def test_ensure_checkpoint_says_false_and_never_raises(workspace, monkeypatch, c
     assert mgr.ensure_checkpoint(str(tmp_path / "missing"), "missing") is False
     assert mgr.ensure_checkpoint(None, "nonsense") is False
     assert turns(p) == [0, 1]          # nothing was sealed: turn 1 is still open
-    # A directory changed behind cowfs's back while unmounted: the mount is refused, logged.
+    # A directory changed behind cowfs's back while unmounted (after an idle unmount, say): the
+    # manager mounts it again and says, as a warning, that earlier checkpoints show it as it is.
     workspace.umount()
     (p / "f").write_text("behind its back\n")
     with caplog.at_level(logging.WARNING, logger="cowfs.compat"):
-        assert CheckpointManager().ensure_checkpoint(str(p), "drifted") is False
-    assert not workspace.is_mounted()
-    assert any("changed" in r.getMessage() and "cowfs" in r.getMessage() for r in caplog.records)
+        assert CheckpointManager().ensure_checkpoint(str(p), "drifted") is False   # nothing new
+    assert workspace.is_mounted()
+    assert any(r.levelno == logging.WARNING and "changed while cowfs was not mounted" in r.getMessage()
+               and "accepted" in r.getMessage() for r in caplog.records)
 
 
 @XFS_ONLY
-def test_a_remounted_store_lists_the_first_call_as_a_new_checkpoint(workspace):
+def test_a_remounted_store_checkpoints_only_what_changed_since(workspace):
+    """After an unmount (an idle one, a restart), the history is mounted again as it was: a
+    checkpoint only if something changed since the last one, as in a running mount."""
     p = workspace.path
     start(workspace, {"f": "f\n"}, "first session")
     workspace.umount()
     mgr = CheckpointManager()
+    assert [c["reason"] for c in mgr.list_checkpoints(str(p))] == ["first session"]   # mounts again
+    assert workspace.is_mounted()
+    assert mgr.ensure_checkpoint(str(p), "second session") is False
+    (p / "f").write_text("g\n")
+    mgr.new_turn()
     assert mgr.ensure_checkpoint(str(p), "second session") is True
     assert [c["reason"] for c in mgr.list_checkpoints(str(p))] == ["second session", "first session"]
 
@@ -461,18 +471,22 @@ def test_prune_helper_and_the_managers_store_limit(workspace, tmp_path):
 
 def test_the_example_agent_loop_runs(workspace):
     p = workspace.path
-    cp = run([sys.executable, REPO / "examples/agent_loop.py", p, "--keep-mounted"])
-    assert "FAILED" not in cp.stdout and cp.stdout.count("  ok: ") == 9, cp.stdout
+    cp = run([sys.executable, REPO / "examples/agent_loop.py", p])
+    assert "FAILED" not in cp.stdout and cp.stdout.count("  ok: ") == 10, cp.stdout
+    assert not workspace.is_mounted()           # the harness's mount ended with it
+    workspace.mount()
     assert (p / "src/greet.py").read_text() == 'def greet(name):\n    return f"goodbye, {name}"\n'
     assert (p / "notes.md").read_text() == "# notes\n- remember to add tests\n"
-    assert sorted(os.listdir(p)) == ["notes.md", "out.txt", "src"]
+    assert sorted(os.listdir(p)) == [".venv", "notes.md", "out.txt", "src"]
     log = json.loads(workspace.cli("log", "--json").stdout)
     messages = [t["message"] for t in log if t["sealed"]]
     assert messages[:3] == ["before turn 1: scaffold", "before turn 2: say goodbye",
                             "before turn 3: clean up"]
     assert re.fullmatch(r"pre-rollback snapshot \(restoring to [0-9a-f]{8}\)", messages[3])
     assert messages[4] == "rollback to turn-2" and messages[5].startswith("pre-rollback snapshot")
-    assert len(messages) == 6           # "before turn 4" found nothing changed since the rollback
+    # "before turn 4" found nothing changed since the rollback; the unmount at the harness's
+    # exit sealed what the safe restore changed
+    assert len(messages) == 7
 
 
 @XFS_ONLY
@@ -482,8 +496,8 @@ def test_the_example_runs_without_privilege(backing, test_users):
     try:
         chown_tree(ws.path, TEST_USER)
         cp = run([*as_user(TEST_USER), sys.executable, REPO / "examples/agent_loop.py", ws.path])
-        assert "FAILED" not in cp.stdout and cp.stdout.count("  ok: ") == 9, cp.stdout
-        assert not ws.is_mounted()           # the example unmounts at the end
+        assert "FAILED" not in cp.stdout and cp.stdout.count("  ok: ") == 10, cp.stdout
+        assert not ws.is_mounted()           # the harness's mount ended with it
         assert (ws.path / "notes.md").read_text() == "# notes\n- remember to add tests\n"
         assert {f.owner() for f in ws.path.rglob("*")} == {TEST_USER}
     finally:
@@ -510,3 +524,82 @@ def test_the_claude_code_hook_recipe_of_docs_harness_md(workspace, tmp_path):
     assert [t["message"] for t in log[1:3]] == [f"before: {prompt[:200]}", "agent turn"]
     assert (workspace.snapshots / "turn-2/parser.py").read_text() == "fixed\n"
     assert not (workspace.snapshots / "turn-1/parser.py").exists()
+
+
+@XFS_ONLY
+def test_nested_directories_keep_one_history_each_and_never_fail(workspace):
+    """In a directory without project markers the first checkpoint of proj/src/app.py mounts
+    proj/src; a checkpoint of proj later must not mount around it (every file below would
+    fail with EIO, and src's checkpoints could no longer be listed): src's history is
+    checkpointed instead, mounted or not, and `cowfs mount proj` is refused in one line."""
+    p = workspace.path
+    src = p / "src"
+    src.mkdir()
+    (src / "app.py").write_text("v0\n")
+    mgr = CheckpointManager()
+    mgr.new_turn()
+    assert mgr.get_working_dir_for_path(str(src / "app.py")) == str(src)
+    assert mgr.ensure_checkpoint(mgr.get_working_dir_for_path(str(src / "app.py")), "src") is True
+    try:
+        (src / "app.py").write_text("v1\n")
+        mgr.new_turn()
+        assert mgr.ensure_checkpoint(str(p), "proj") is False      # logged: src's was taken
+        assert not workspace.is_mounted()
+        assert (src / "app.py").read_text() == "v1\n" and os.listdir(src) == ["app.py"]
+        assert [c["reason"] for c in mgr.list_checkpoints(str(src))] == ["proj", "src"]
+        result = run([sys.executable, "-m", "cowfs", "mount", p], check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1
+        assert f"{src} is a cowfs mount inside {p}" in result.stderr
+        cowfs.umount(src)                                  # as an idle unmount would
+        (src / "app.py").write_text("v2\n")
+        mgr.new_turn()
+        assert mgr.ensure_checkpoint(str(p), "proj again") is False    # src is mounted again
+        assert not workspace.is_mounted()
+        first = mgr.list_checkpoints(str(src))[-1]
+        assert first["reason"] == "src" and mgr.restore(str(src), first["hash"])["success"]
+        assert (src / "app.py").read_text() == "v0\n"
+    finally:
+        if is_fuse_mounted(src):
+            cowfs.umount(src)
+
+
+@XFS_ONLY
+def test_an_idle_mount_ends_by_itself_and_mounts_again_with_its_history(workspace):
+    p = workspace.path
+    (p / "f").write_text("v0\n")
+    mgr = CheckpointManager(idle_umount=1.5)
+    mgr.new_turn()
+    assert mgr.ensure_checkpoint(str(p), "start") is True
+    holder = subprocess.Popen(["sleep", "60"], cwd=p)       # working inside: not idle
+    try:
+        time.sleep(4)
+        assert workspace.is_mounted()
+    finally:
+        holder.kill()
+        holder.wait()
+    (p / "f").write_text("v1\n")                            # pending: sealed by the unmount
+    deadline = time.monotonic() + 30
+    while workspace.is_mounted() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not workspace.is_mounted()
+    assert not [pid for pid in _pids_of("cowfs") if str(p) in _cmdline(pid)]   # daemon, watcher
+    assert [c["reason"] for c in mgr.list_checkpoints(str(p))] == ["unmount", "start"]  # mounts again
+    assert workspace.is_mounted()
+    assert (workspace.snapshots / "turn-0/f").read_text() == "v0\n"
+    mgr.new_turn()
+    (p / "f").write_text("v2\n")
+    assert mgr.ensure_checkpoint(str(p), "after the remount") is True
+    assert mgr.restore(str(p), mgr.list_checkpoints(str(p))[-1]["hash"])["success"]
+    assert (p / "f").read_text() == "v0\n"
+
+
+def _pids_of(word: str) -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and word in _cmdline(int(d))]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

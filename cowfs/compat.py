@@ -44,12 +44,12 @@ import logging
 import os
 import re
 import stat
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 from . import agent, api, noise, patch
-from .errors import BadInput, CowfsError, NotMounted
+from .errors import BadInput, CowfsError, NotMounted, OperationFailed
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +285,10 @@ class CheckpointManager:
         True with it when this started its history (then turn 0, named *reason*, is the
         checkpoint). A tree changed while unmounted is accepted, with a warning: the earlier
         checkpoints show those paths as they are now."""
+        from . import mounting
+        why_not = mounting.fuse_unavailable_reason(root)
+        if why_not:
+            raise OperationFailed(f"cowfs cannot serve {root} here: {why_not}")
         before = datetime.now().timestamp()
         options = {"message": reason, "max_store": self.max_store, "idle_umount": self.idle_umount}
         try:
@@ -536,6 +540,33 @@ class CheckpointManager:
             if any((candidate / marker).exists() for marker in PROJECT_MARKERS):
                 return str(candidate)
         return str(start)
+
+
+# -- can cowfs serve here ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Availability:
+    """Whether cowfs can keep checkpoints of a directory here; if not, `reason` says why in one
+    line. True as a bool when it can."""
+    ok: bool
+    reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def available(path) -> Availability:
+    """Can cowfs keep checkpoints of directory *path* on this machine? Not without /dev/fuse (a
+    container started without it), without fusermount3 (without root), over another FUSE
+    filesystem, or for what is not a directory. A harness keeps its shadow-git manager as the
+    fallback:
+
+        from cowfs import compat
+        if os.environ.get("HERMES_CHECKPOINT_BACKEND") == "cow" and compat.available(cwd):
+            CheckpointManager = compat.CheckpointManager
+    """
+    from . import mounting
+    reason = mounting.fuse_unavailable_reason(path)
+    return Availability(reason is None, reason)
 
 
 # -- housekeeping -----------------------------------------------------------------------------

@@ -327,3 +327,57 @@ def wait_exit(pid: int) -> None:
         except OSError:
             return
         time.sleep(0.02)
+
+
+# -- can FUSE work here at all -----------------------------------------------------------------
+def fuse_unavailable_reason(path) -> str | None:
+    """Why cowfs cannot mount over directory *path* on this machine, in one line; None when
+    nothing stands in the way that can be told without mounting (or *path* is in a cowfs
+    mount already). Looks at the directory, /dev/fuse, fusermount3 (needed without root) and
+    the filesystem holding *path* (another FUSE filesystem cannot be stacked on)."""
+    path = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    if not os.path.isdir(path):
+        return f"{path} is not a directory"
+    fstype = _fstype_of(path)
+    if fstype == "fuse.cowfs":
+        return None
+    hint = (" (inside a container: start it with --device /dev/fuse --cap-add SYS_ADMIN)"
+            if _in_container() else "")
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
+    except FileNotFoundError:
+        return "no /dev/fuse: the fuse kernel module is not loaded or not reachable" + hint
+    except OSError as e:
+        return f"cannot open /dev/fuse: {e.strerror}" + hint
+    if os.geteuid() != 0 and not _on_path("fusermount3"):
+        return "no fusermount3 on PATH (install fuse3): a mount without root needs it"
+    if fstype and (fstype == "fuse" or fstype.startswith(("fuse.", "fuseblk"))):
+        return f"{path} is on a {fstype} filesystem: cowfs does not mount over another FUSE filesystem"
+    return None
+
+
+def _fstype_of(path: str) -> str | None:
+    """The type of the filesystem *path* is on (the deepest mount holding it), per mountinfo."""
+    best, fstype = "", None
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                point = fields[4].decode(errors="surrogateescape")
+                point = point.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, fstype = point, fields[fields.index(b"-") + 1].decode()
+    except (OSError, ValueError, IndexError):
+        return None
+    return fstype
+
+
+def _in_container() -> bool:
+    return any(os.path.exists(p) for p in ("/.dockerenv", "/run/.containerenv")) or \
+        os.environ.get("container") is not None
+
+
+def _on_path(program: str) -> bool:
+    return any(os.access(os.path.join(d, program), os.X_OK)
+               for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import cowfs
-from cowfs.compat import CheckpointManager, prune, store_status
+from cowfs.compat import CheckpointManager, available, prune, store_status
 from conftest import REPO, TEST_USER, Workspace, as_user, chown_tree, is_fuse_mounted, run
 from treeview import tree
 
@@ -603,3 +603,28 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@XFS_ONLY
+def test_available_says_why_cowfs_cannot_serve_a_directory(workspace, tmp_path, test_users):
+    """The fallback a harness needs: `available` is true where cowfs can mount, and names the
+    reason where it cannot; `ensure_checkpoint` logs the same reason and returns False."""
+    assert available(workspace.path) and available(workspace.path).reason is None
+    missing = available(tmp_path / "missing")
+    assert not missing and missing.reason == f"{tmp_path / 'missing'} is not a directory"
+    start(workspace, {"f": "f\n"})
+    (workspace.path / "sub").mkdir()
+    assert available(workspace.path / "sub")          # inside a cowfs mount: served already
+    # Without root, a mount needs fusermount3: an ordinary user whose PATH lacks it.
+    home = workspace.path.parent / "user-proj"
+    home.mkdir()
+    chown_tree(home, TEST_USER)
+    script = ("import logging, sys\n"
+              "from cowfs.compat import CheckpointManager, available\n"
+              "logging.basicConfig(level=logging.WARNING)\n"
+              "print(available(sys.argv[1]).reason)\n"
+              "print(CheckpointManager().ensure_checkpoint(sys.argv[1], 'first'))\n")
+    cp = run([*as_user(TEST_USER), "env", "PATH=/nonexistent", sys.executable, "-c", script, home])
+    reason = "no fusermount3 on PATH (install fuse3): a mount without root needs it"
+    assert cp.stdout.splitlines() == [reason, "False"]
+    assert f"cowfs: no checkpoint of {home}: cowfs cannot serve {home} here: {reason}" in cp.stderr

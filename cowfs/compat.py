@@ -1,23 +1,25 @@
 """A drop-in for the shadow-git checkpoint manager that agent harnesses call, backed by cowfs.
 
 Owns the translation between the checkpoint-manager interface of agent
-harnesses (the Hermes agent's `CheckpointManager`: `new_turn`,
-`ensure_checkpoint`, `list_checkpoints`, `diff`, `restore`,
-`record_agent_write`, `get_working_dir_for_path`) and cowfs turns. Every
-operation is one of `cowfs.api`; this module only translates arguments, ids
-and return shapes:
+harnesses (the Hermes agent's `CheckpointManager` and its module's functions,
+with their arguments, return shapes and error phrases) and cowfs turns, and
+which mount serves a directory. Every operation is one of `cowfs.api`; the
+decisions are the API's modules' (who the agent is: `cowfs.agent`; what a view
+leaves out: `cowfs.noise`); this module translates arguments, ids and shapes:
 
 - a checkpoint is a sealed turn, its reason the turn's message (first line);
 - its id (`hash`) is a hex digest of the turn's number and start time, stable
   across remounts; any prefix of 4 or more digits that names one turn is
   accepted, `short_hash` is the first 8;
 - `ensure_checkpoint` seals the open turn (nothing is copied: the pre-images
-  were kept as the files changed), and mounts cowfs over the directory first
-  if it is not under a mount yet, so a harness only swaps the class;
-- `restore(safe=True)` knows who wrote what: cowfs records the process behind
-  every change, so the agent's changes (the harness process and everything it
-  started, `sed -i` and `npm install` included) are reverted and the user's
-  own edits are kept.
+  were kept as the files changed), and mounts cowfs first where needed, over
+  the directory whose history the path belongs to (never around another
+  history), with an idle unmount; the mounts a process made end when it exits
+  and are mounted again on demand;
+- `restore(safe=True)` reverts the agent's changes by the shadow-git
+  manager's rule (its ledger: `record_agent_write`), extended by what cowfs
+  records (changes by the harness's descendants), kept in the store so that
+  a restarted harness decides the same.
 
     from cowfs.compat import CheckpointManager      # the one line a harness changes
 
@@ -31,9 +33,11 @@ and return shapes:
 
 `ensure_checkpoint` never raises (it returns False and logs); `diff` and
 `restore` return `{"success": False, "error": ...}` for anything cowfs
-refuses, having touched nothing. Housekeeping: `store_status()` and `prune()`
-(delegating to `cowfs prune`); `max_total_size_mb` becomes the store limit of
-the mounts this manager makes (`cowfs mount --max-store`).
+refuses, having touched nothing. `available(path)` says whether cowfs can
+serve a directory here, and why not. Housekeeping: `store_status()`,
+`prune()` and the shadow-git module's functions, with the nearest cowfs
+meaning (docs/harness.md); `max_total_size_mb` becomes the store limit of the
+mounts this manager makes (`cowfs mount --max-store`).
 """
 
 from __future__ import annotations
@@ -216,7 +220,8 @@ class CheckpointManager:
     store limit (`--max-store`) of the mounts this manager makes, applied after
     each checkpoint. `max_file_size_mb` is accepted for compatibility and
     ignored: cowfs keeps a changed file's old version as a reflink (a copy on
-    ext4), so large files cost what changed.
+    ext4), so large files cost what changed. `idle_umount` (seconds, or "10m";
+    None: never) ends the mounts this manager makes once idle that long.
     """
 
     def __init__(self, enabled: bool = True, max_snapshots: int = 50,

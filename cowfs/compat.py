@@ -61,6 +61,9 @@ HASH_LENGTH = 40
 SHORT_LENGTH = 8
 LINE_COUNT_LIMIT = 10 << 20     # list_checkpoints counts no lines of a file larger than this
 _HASH_RE = re.compile(r"[0-9a-fA-F]{4,64}")
+# The shadow-git manager's exclude list is what its checkpoints lose; here nothing is excluded
+# from the history, and this is what the views leave out (and count): cowfs.noise.
+DEFAULT_EXCLUDES = list(noise.DEFAULT_NOISE)
 STORE_DIR = ".cowfs"
 IDLE_UMOUNT = "10m"     # a mount the manager made ends once idle this long (and when we exit)
 PROJECT_MARKERS = (".git", "pyproject.toml", "package.json", "Cargo.toml", "go.mod", "Makefile",

@@ -272,6 +272,33 @@ def test_a_format_2_store_is_upgraded_in_place(workspace):
     db.close()
 
 
+def test_a_format_3_store_is_upgraded_in_place(workspace):
+    """A store from before process start times and the agent's record: its writers keep their
+    rows (start time unknown, 0) and the harness tables are made."""
+    import sqlite3
+    from cowfs.catalogue import FORMAT_VERSION
+    ws, p = workspace, workspace.path
+    ws.mount()
+    run(["sh", "-c", "echo a > f"], cwd=p)
+    ws.cli("checkpoint")
+    ws.umount()
+    db = sqlite3.connect(ws.store / "catalogue.db")
+    with db:
+        db.execute("UPDATE meta SET value='3' WHERE key='format'")
+        db.execute("ALTER TABLE processes DROP COLUMN started")
+        for table in ("harness_sessions", "agent_writes"):
+            db.execute(f"DROP TABLE {table}")
+    db.close()
+    ws.mount()
+    [change] = json.loads(ws.cli("diff", "0", "1", "--json").stdout)
+    assert change["path"] == "f" and change["process"]["comm"] == "sh" and change["process"]["started"] == 0
+    ws.umount()
+    db = sqlite3.connect(ws.store / "catalogue.db")
+    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == (FORMAT_VERSION,)
+    assert db.execute("SELECT count(*) FROM harness_sessions").fetchone() == (0,)
+    db.close()
+
+
 def test_debug_logs_each_request_without_its_data(workspace):
     """`mount --debug` logs every request; a write shows its size and a glimpse of its data
     (a 1 MiB write logged whole made the log grow by megabytes per write)."""

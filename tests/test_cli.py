@@ -250,13 +250,8 @@ def test_a_format_2_store_is_upgraded_in_place(workspace):
     (p / "f").write_text("b\n")
     ws.cli("checkpoint")
     ws.umount()
-    db = sqlite3.connect(ws.store / "catalogue.db")
-    with db:
-        db.execute("UPDATE meta SET value='2' WHERE key='format'")
-        db.execute("ALTER TABLE attrs DROP COLUMN nlink")
-        for table in ("processes", "entry_writers", "object_writers", "ignore_rules", "ignored"):
-            db.execute(f"DROP TABLE {table}")
-    db.close()
+    as_older_format(ws, "2", ("attrs", "nlink"),
+                    ("processes", "entry_writers", "object_writers", "ignore_rules", "ignored"))
     ws.mount()
     assert (ws.snapshots / "turn-0" / "f").read_text() == "a\n"
     assert (ws.snapshots / "turn-1" / "g").read_text() == "b\n"
@@ -272,6 +267,19 @@ def test_a_format_2_store_is_upgraded_in_place(workspace):
     db.close()
 
 
+def as_older_format(ws, version: str, column: tuple[str, str], tables: tuple[str, ...]) -> None:
+    """Make the unmounted store of *ws* what format *version* wrote: without *column* (table,
+    column) and *tables*."""
+    import sqlite3
+    db = sqlite3.connect(ws.store / "catalogue.db")
+    with db:
+        db.execute("UPDATE meta SET value=? WHERE key='format'", (version,))
+        db.execute(f"ALTER TABLE {column[0]} DROP COLUMN {column[1]}")
+        for table in tables:
+            db.execute(f"DROP TABLE {table}")
+    db.close()
+
+
 def test_a_format_3_store_is_upgraded_in_place(workspace):
     """A store from before process start times and the agent's record: its writers keep their
     rows (start time unknown, 0) and the harness tables are made."""
@@ -282,13 +290,7 @@ def test_a_format_3_store_is_upgraded_in_place(workspace):
     run(["sh", "-c", "echo a > f"], cwd=p)
     ws.cli("checkpoint")
     ws.umount()
-    db = sqlite3.connect(ws.store / "catalogue.db")
-    with db:
-        db.execute("UPDATE meta SET value='3' WHERE key='format'")
-        db.execute("ALTER TABLE processes DROP COLUMN started")
-        for table in ("harness_sessions", "agent_writes"):
-            db.execute(f"DROP TABLE {table}")
-    db.close()
+    as_older_format(ws, "3", ("processes", "started"), ("harness_sessions", "agent_writes"))
     ws.mount()
     [change] = json.loads(ws.cli("diff", "0", "1", "--json").stdout)
     assert change["path"] == "f" and change["process"]["comm"] == "sh" and change["process"]["started"] == 0

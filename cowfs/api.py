@@ -361,7 +361,8 @@ def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hid
     given). *keep*, *older_than*, *max_store*: prune limits applied after
     each checkpoint, in the background (see `Workspace.prune`). *idle_umount*
     (seconds, or "10m"): the mount ends by itself once idle that long (no open
-    file, no process inside, no request), sealing pending changes. If this process's working directory is inside the mount, it is
+    file, no process inside, no request), sealing pending changes.
+    If this process's working directory is inside the mount, it is
     entered again, so that relative paths from now on go through the mount
     (a process that was already inside still sees the directory underneath).
     Raises BadInput (not a directory, already mounted, changed while unmounted:

@@ -684,7 +684,8 @@ def clear_all(checkpoint_base=None) -> dict:
 
 
 def clear_legacy(checkpoint_base=None) -> dict:
-    """The shadow-git store's archives of older layouts: cowfs has none. `{"bytes_freed": 0, "deleted": 0}`."""
+    """The shadow-git store's archives of older layouts: cowfs has none.
+    `{"bytes_freed": 0, "deleted": 0}`."""
     return {"bytes_freed": 0, "deleted": 0}
 
 

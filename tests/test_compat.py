@@ -207,8 +207,8 @@ def test_bad_ids_and_paths_fail_with_one_error_and_touch_nothing(workspace, tmp_
         unknown = unknown[1:] + unknown[0]
     before, sealed = tree(p), turns(p)
     # The phrases callers of the shadow-git manager look for in its errors.
-    bad_ids = {"xyz1": "expected 4-64 hex characters", "-abc1": "Invalid commit hash (must not start with '-')",
-               "--patch": "must not start with '-'", "ab1": "Invalid commit hash", "": "Empty commit hash",
+    bad_ids = {"xyz1": "expected 4-64 hex characters",
+               "-abc1": "Invalid commit hash (must not start with '-')", "--patch": "must not start with '-'", "ab1": "Invalid commit hash", "": "Empty commit hash",
                "a" * 65: "expected 4-64 hex characters", unknown[:8]: "not found", None: "Empty"}
     for bad, says in bad_ids.items():
         for result in (mgr.diff(str(p), bad), mgr.restore(str(p), bad),

@@ -7,7 +7,6 @@ it left out, `--all` shows them all, and all views count the same way. The filte
 """
 
 import json
-import os
 import subprocess
 
 import pytest

@@ -8,9 +8,9 @@ activity) and a look at /proc:
 
 - auto-checkpoint: when the last change is QUIET seconds old or more and
   something is pending, seal like `cowfs checkpoint`;
-- idle unmount: when for IDLE seconds no file was open, no process had its
-  working directory (or a descriptor) inside, and no request reached the
-  mount, unmount like `cowfs umount` (pending changes become a turn); the
+- idle unmount: when for IDLE seconds no file was open through the mount, no
+  process had its working directory in it, and no request reached it,
+  unmount like `cowfs umount` (pending changes become a turn); the
   next mount finds the history as it was. A busy unmount is retried later.
 
 It exits when the mount's daemon goes away.
@@ -52,8 +52,7 @@ class Watch:
     def _unmounted_when_idle(self, activity: dict) -> bool:
         from . import mounting
         now = time.monotonic()
-        if (activity["requests"] != self.requests or activity["open_files"]
-                or mounting.processes_inside(self.mountpoint, {self.daemon_pid, os.getpid()})):
+        if activity["requests"] != self.requests or activity["open_files"] or self._working_inside():
             self.requests, self.busy_at = activity["requests"], now
             return False
         if now - self.busy_at < self.idle:
@@ -64,6 +63,25 @@ class Watch:
         except CowfsError:
             self.busy_at = now      # someone came in meanwhile: idle again from now
             return False
+
+
+    def _working_inside(self) -> bool:
+        """A process has its working (or root) directory in the mount. Files open through it the
+        daemon counts itself. By device: a process still in the directory underneath (there
+        before the mount) has the same path, and does not keep the mount busy."""
+        inside = self.mountpoint.rstrip("/") + "/"
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) in (self.daemon_pid, os.getpid()):
+                continue
+            for link in (f"/proc/{pid}/cwd", f"/proc/{pid}/root"):
+                try:
+                    target = os.readlink(link)
+                    if ((target == self.mountpoint or target.startswith(inside))
+                            and os.stat(link).st_dev == self.mount.dev):
+                        return True
+                except OSError:
+                    continue        # gone, or another user's
+        return False
 
 
 def watch(mountpoint: str, quiet: float, daemon_pid: int, idle: float | None = None) -> int:

@@ -32,10 +32,10 @@ class Mount:
 
     A plain class, not a NamedTuple: importing typing would add ~2 ms to every command.
     """
-    __slots__ = ("mountpoint", "source", "socket")
+    __slots__ = ("mountpoint", "source", "socket", "dev")
 
-    def __init__(self, mountpoint: str, source: str):
-        self.mountpoint, self.source = mountpoint, source
+    def __init__(self, mountpoint: str, source: str, dev: int = 0):
+        self.mountpoint, self.source, self.dev = mountpoint, source, dev   # dev: as st_dev
         self.socket: bytes | None = None    # the control socket's path once known (a watcher
                                             # polls without making requests of the mount)
 
@@ -63,7 +63,9 @@ def cowfs_mounts() -> list[Mount]:
             left, _, right = line.partition(" - ")
             fields, rfields = left.split(), right.split()
             if rfields and rfields[0] == FSTYPE:
-                mounts.append(Mount(_unescape(fields[4]), _unescape(rfields[1])))
+                major, _, minor = fields[2].partition(":")
+                mounts.append(Mount(_unescape(fields[4]), _unescape(rfields[1]),
+                                    os.makedev(int(major), int(minor))))
     return mounts
 
 

@@ -302,7 +302,7 @@ class CheckpointManager:
         try:
             ws = api.mount(root, **options)
         except BadInput as e:
-            if "changed while cowfs was not mounted" not in str(e):
+            if "--force to accept" not in str(e):      # changed while unmounted (drift)
                 raise
             logger.warning("cowfs: %s: %s; accepted (the earlier checkpoints show those paths as "
                            "they are now)", root, e)

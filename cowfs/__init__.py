@@ -10,6 +10,8 @@ Layers, from the disk up (see docs/architecture.md):
   daemon, control          one mount's life, the control channel
   api, errors, patch, cli  the Python API (typed results, errors that know their exit code),
                            git-style patches, the CLI on it
+  agent, noise, compat     who the agent is (safe restore); what views leave out; the
+                           shadow-git manager's interface
 """
 
 __version__ = "0.1.0"

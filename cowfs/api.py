@@ -18,6 +18,7 @@ checkpoint costs well under a millisecond. Errors are the classes of
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,20 +38,42 @@ class Turn:
     checkpoint or an unmount) or "rollback" (its layer holds the state before a
     rollback to `target`). `sealed` is None for the open turn. Times are seconds
     since the epoch.
+
+    `changes` is what the turn changed, counted as `cowfs diff` shows it (the paths
+    the workspace's .gitignore files and noise.DEFAULT_NOISE ignore left out, unless
+    the turns were asked for with `include_ignored`); `ignored` is how many were
+    left out. Both are counted when first read (one diff); the oldest turn kept
+    has nothing before it to compare with, and counts what its layer captured.
+    `captured` is that count: the things whose earlier state the layer holds.
     """
     number: int
     started: float
     sealed: float | None
     message: str
     kind: str
-    changes: int
+    captured: int
     bytes_captured: int
     target: int | None = None
+    counter: "Callable[[], tuple[int, int]] | None" = field(default=None, repr=False, compare=False)
+    _counts: list = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
-    def from_record(cls, record: dict) -> Turn:
+    def from_record(cls, record: dict, counter=None) -> Turn:
         return cls(record["number"], record["started"], record["sealed"], record["message"],
-                   record["kind"], record["changes"], record["bytes"], record.get("target"))
+                   record["kind"], record["changes"], record["bytes"], record.get("target"), counter)
+
+    def _count(self) -> tuple[int, int]:
+        if not self._counts:
+            self._counts.extend(self.counter() if self.counter else (self.captured, 0))
+        return self._counts[0], self._counts[1]
+
+    @property
+    def changes(self) -> int:
+        return self._count()[0]
+
+    @property
+    def ignored(self) -> int:
+        return self._count()[1]
 
     @property
     def name(self) -> str:
@@ -136,7 +159,8 @@ class Workspace:
     def checkpoint(self, message: str = "") -> Turn:
         """End the open turn: the daemon has the kernel write back what it holds of files still
         open, seals, and this returns the sealed turn."""
-        return Turn.from_record(self._request("checkpoint", message=message)["record"])
+        record = self._request("checkpoint", message=message)["record"]
+        return Turn.from_record(record, self._counter(record["number"], True, False))
 
     def sync(self) -> None:
         """Have the kernel write back, and wait for, what it holds of files still open for writing
@@ -144,16 +168,21 @@ class Workspace:
         `status().pending_changes` counts writes still in the page cache."""
         self._request("flush")
 
-    def turns(self) -> list[Turn]:
-        """Every turn still kept, oldest first; the last one is the open turn."""
-        return [Turn.from_record(t) for t in self._request("log")["turns"]]
+    def turns(self, include_ignored: bool = False) -> list[Turn]:
+        """Every turn still kept, oldest first; the last one is the open turn. Their `changes`
+        leave out noise (see `Turn`) unless *include_ignored*."""
+        reply = self._request("log")
+        return [Turn.from_record(t, self._counter(t["number"], t["sealed"] is not None,
+                                                  include_ignored, reply.get("oldest_turn", 0)))
+                for t in reply["turns"]]
 
-    def turn(self, number: int) -> Turn:
+    def turn(self, number: int, include_ignored: bool = False) -> Turn:
         """Turn *number*; `UnknownTurn` if it does not exist (`PrunedTurn` if it was pruned)."""
         reply = self._request("log")
         for t in reply["turns"]:
             if t["number"] == number:
-                return Turn.from_record(t)
+                return Turn.from_record(t, self._counter(number, t["sealed"] is not None,
+                                                         include_ignored, reply.get("oldest_turn", 0)))
         self._refuse_pruned(number, reply)
         raise UnknownTurn(f"turn {number} does not exist (see `cowfs log`)")
 
@@ -162,6 +191,17 @@ class Workspace:
         oldest = (log or self._request("log")).get("oldest_turn", 0)
         if 0 <= number < oldest:
             raise PrunedTurn(pruned_message(number, oldest))
+
+    def _counter(self, number: int, sealed: bool, include_ignored: bool, oldest: int = 0):
+        """What counts turn *number*'s changes when they are first asked for (None: the oldest
+        turn kept, with no turn before it to compare with)."""
+        if number <= oldest:
+            return None
+        def count() -> tuple[int, int]:
+            shown = self.shown_diff(number - 1, number if sealed else None,
+                                    include_ignored=include_ignored)
+            return len(shown.changes), shown.ignored
+        return count
 
     def rollback(self, turn: int) -> Turn:
         """Make the live tree exactly sealed turn *turn*. Pending changes are sealed first as their
@@ -182,14 +222,28 @@ class Workspace:
         reply = self._request("diff", a=a, b=b, paths=[self.relative(p) for p in paths])
         return [Change.from_record(r) for r in reply["changes"]]
 
+    def shown_diff(self, a: int | None = None, b: int | None = None,
+                   paths: "list[str] | tuple[str, ...]" = (), include_ignored: bool = False):
+        """`diff` as the views show it: a `noise.Shown` (`changes`, and how many were `ignored`:
+        paths the .gitignore files of turn *b*'s tree, or of the live tree, ignore, and
+        noise.DEFAULT_NOISE). *include_ignored*: all of them."""
+        from . import noise
+        b = None if b is None else _turn_number(b)
+        changes = self.diff(a, b, paths)
+        if include_ignored or not changes:
+            return noise.Shown(changes, 0)
+        return noise.split(changes, self.path if b is None else self.snapshot_path(b))
+
     def file_diffs(self, a: int | None = None, b: int | None = None,
-                   paths: "list[str] | tuple[str, ...]" = (), max_size: int | None = None):
-        """The changes of `diff` with their contents (patch.FileDiff), read through the mount.
-        A change with a side larger than *max_size* bytes is left without contents (the patch
-        names it, as one whose contents cannot be read; it counts no lines)."""
+                   paths: "list[str] | tuple[str, ...]" = (), max_size: int | None = None,
+                   changes: "list[Change] | None" = None):
+        """The changes of `diff` (or *changes*, some of them) with their contents
+        (patch.FileDiff), read through the mount. A change with a side larger than *max_size*
+        bytes is left without contents (the patch names it, as one whose contents cannot be
+        read; it counts no lines)."""
         from . import patch
         a = self._last_sealed() if a is None else _turn_number(a)
-        changes = self.diff(a, b, paths)
+        changes = self.diff(a, b, paths) if changes is None else changes
         old_root = self.snapshot_path(a)
         new_root = self.path if b is None else self.snapshot_path(b)
         return [patch.FileDiff(c.kind, c.path, c.old_path, c.old_mode, c.new_mode,
@@ -215,6 +269,35 @@ class Workspace:
         reply = control.restore(self._mount, _turn_number(turn), [self.relative(p) for p in paths])
         return [tuple(r) for r in reply["restored"]]
 
+    # -- who the agent is (agent.py) -----------------------------------------------------------
+    def begin_harness_session(self, pid: int | None = None):
+        """Record process *pid* (default: this one) as a harness session of this workspace, in its
+        store: what it and its descendants change is the agent's for every later process too."""
+        from . import agent
+        me = agent.Identity.of(os.getpid() if pid is None else pid)
+        return agent.AgentRecord(self._request("agent", action="session", session_pid=me.pid,
+                                               session_started=me.started))
+
+    def record_agent_write(self, path: str | os.PathLike) -> None:
+        """The harness's write tool just wrote *path*: keep its digest and its last writer (this
+        turn's) in the ledger, so a safe restore reverts it while nobody else changed it."""
+        from . import agent
+        rel = self.relative(path)
+        changes = self.diff(None, None, [rel])
+        writer = changes[0].process if changes and changes[0].process else None
+        self._request("agent", action="record", path=rel, sha256=agent.digest(self.path / rel),
+                      writer_pid=writer and writer.pid, writer_started=writer and writer.started)
+
+    def agent_record(self):
+        from . import agent
+        return agent.AgentRecord(self._request("agent", action="read"))
+
+    def safe_restore_plan(self, turn: int, paths: "list[str] | tuple[str, ...]" = ()):
+        """Which changes since sealed turn *turn* (at or below *paths*) are the agent's and which
+        the user's, by the rule of agent.py: an `agent.SafePlan`."""
+        from . import agent
+        return agent.plan(self.agent_record(), self.path, self.diff(turn, None, paths))
+
     def relative(self, path: str | os.PathLike, base: str | None = None) -> str:
         """*path* relative to the workspace root: an absolute path must lie in the mount; a
         relative one is taken from *base* (default: the working directory) when that is inside
@@ -235,7 +318,7 @@ class Workspace:
         return rel
 
     def _last_sealed(self) -> int:
-        return max(t.number for t in self.turns() if t.sealed is not None)
+        return max(t["number"] for t in self._request("log")["turns"] if t["sealed"] is not None)
 
     def snapshot_path(self, turn: int) -> Path:
         """The read-only directory that holds sealed turn *turn*."""
@@ -271,13 +354,16 @@ def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hid
           allow_other: bool = False, message: str = "",
           auto_checkpoint: float | None = None, keep: int | None = None,
           older_than: float | str | None = None, max_store: int | str | None = None,
-          options: str = "") -> Workspace:
+          options: str = "", idle_umount: float | str | None = None) -> Workspace:
     """Mount cowfs over *path* (or at *at*) and return the mounted Workspace.
 
     The first mount of a directory makes its tree turn 0 (named *message*, if
     given). *keep*, *older_than*, *max_store*: prune limits applied after
     each checkpoint, in the background (see `Workspace.prune`). *options*: as `cowfs mount -o`
-    ("noatime", "relatime", "strictatime", "nodiratime", comma-separated). If this process's working directory is inside the mount, it is
+    ("noatime", "relatime", "strictatime", "nodiratime", comma-separated). *idle_umount*
+    (seconds, or "10m"): the mount ends by itself once idle that long (no open
+    file, no process inside, no request), sealing pending changes.
+    If this process's working directory is inside the mount, it is
     entered again, so that relative paths from now on go through the mount
     (a process that was already inside still sees the directory underneath).
     Raises BadInput (not a directory, already mounted, changed while unmounted:
@@ -288,7 +374,8 @@ def mount(path: str | os.PathLike, *, at: str | None = None, snapdir: str = "hid
     from . import mounting
     req = mounting.MountRequest(os.fspath(path), at, snapdir, force, False, export_git_on_checkpoint,
                                 owner, allow_other, message, auto_checkpoint, keep=keep,
-                                older_than=older_than, max_store=max_store, options=options)
+                                older_than=older_than, max_store=max_store, options=options,
+                                idle_umount=idle_umount)
     mounted_ = mounting.mount(req)
     _reenter_cwd(mounted_.mountpoint)
     return Workspace(mounted_.mountpoint)

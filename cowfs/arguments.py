@@ -109,6 +109,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--auto-checkpoint", type=float, metavar="SECONDS",
                    help="seal the open turn after SECONDS without changes following a change "
                         "(a watcher process does it, as `cowfs checkpoint` would)")
+    p.add_argument("--idle-umount", metavar="DURATION",
+                   help="unmount by itself (sealing pending changes, as `cowfs umount`) once idle "
+                        "for DURATION (e.g. 90s, 10m): no open file, no process working inside, "
+                        "no request; mounting again finds the history intact")
     _add_limits(p, "after each checkpoint, in the background, prune ")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
@@ -142,14 +146,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="list each turn's changes with the process that made each")
     p.add_argument("-n", type=int, metavar="N", help="only the last N turns")
+    p.add_argument("--all", action="store_true",
+                   help="count (and with -v list) changes in ignored paths too (.gitignore, "
+                        ".venv/, node_modules/, caches, build output)")
 
     p = sub.add_parser(
         "diff", help="what changed between two turns (default: the open turn so far)",
         description="What changed from turn A to turn B. No turn: from the last sealed turn to the "
                     "live tree (what the open turn did so far); A alone: from A to the live tree. "
                     "Paths after -- limit the diff to those files and directories. Renames are the "
-                    "ones the filesystem saw, never guessed. On a terminal the output goes through "
-                    "a pager ($COWFS_PAGER, $PAGER, else less -FRX).",
+                    "ones the filesystem saw, never guessed. Paths the workspace's .gitignore files "
+                    "ignore, virtualenvs, node_modules, caches and build output are left out and "
+                    "counted (--all shows them; they are in the history all the same). On a "
+                    "terminal the output goes through a pager ($COWFS_PAGER, $PAGER, else less -FRX).",
         epilog="examples:\n  cowfs diff                   # the open turn so far, as a patch\n"
                "  cowfs diff 3 5 --stat        # turn-3 to turn-5\n"
                "  cowfs diff 2 --name-status -- src",
@@ -162,6 +171,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     shown.add_argument("--json", action="store_true",
                        help="one object a change: kind, path, old_path, sizes, modes, process")
     p.add_argument("--no-pager", action="store_true", help="never page the output")
+    p.add_argument("--all", action="store_true",
+                   help="show changes in ignored paths too (.gitignore, .venv/, node_modules/, ...)")
 
     p = sub.add_parser(
         "restore", help="make some paths exactly what they were at a turn",

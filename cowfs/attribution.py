@@ -21,17 +21,19 @@ UNKNOWN = "?"
 class Process:
     """A process as seen when it changed something: thread-group id, parent, uid, command, and
     its ancestors then (parent first, up to init), so "made by X or a descendant of X" can be
-    told after every one of them has exited."""
+    told after every one of them has exited. `started` is its start time (clock ticks after
+    boot, 0 if unknown): with the pid, an identity that a later process reusing the pid lacks."""
     pid: int
     ppid: int
     uid: int
     comm: str
     cmdline: str
     ancestors: tuple[int, ...] = ()
+    started: int = 0
 
     def as_dict(self) -> dict:
         return {"pid": self.pid, "ppid": self.ppid, "uid": self.uid, "comm": self.comm,
-                "cmdline": self.cmdline, "ancestors": list(self.ancestors)}
+                "cmdline": self.cmdline, "ancestors": list(self.ancestors), "started": self.started}
 
     def descends_from(self, pid: int) -> bool:
         """This process is *pid* or was its descendant when it made the change."""
@@ -50,6 +52,16 @@ def _status(tid: int) -> dict[bytes, str]:
     return fields
 
 
+def start_ticks(pid: int) -> int:
+    """When process *pid* started, in clock ticks after boot (/proc/PID/stat field 22); 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])   # the command may hold ") "
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def read_process(tid: int, uid: int, parents: dict[int, int] | None = None) -> Process:
     """What /proc says of the process of thread *tid* (gone already: what little is known).
     *parents* caches pid -> parent pid for the walk up its ancestors."""
@@ -63,7 +75,7 @@ def read_process(tid: int, uid: int, parents: dict[int, int] | None = None) -> P
         return Process(tid, 0, uid, UNKNOWN, "")
     ppid = int(fields.get(b"PPid", 0))
     return Process(pid, ppid, uid, fields.get(b"Name", UNKNOWN), cmdline,
-                   tuple(_ancestors(ppid, parents)))
+                   tuple(_ancestors(ppid, parents)), start_ticks(pid))
 
 
 def _ancestors(pid: int, parents: dict[int, int]) -> list[int]:

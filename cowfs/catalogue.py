@@ -16,11 +16,12 @@ import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-FORMAT_VERSION = "3"
+FORMAT_VERSION = "4"
 # Format 1 reached objects by file handle (its rows are read by inode number now); format 2
 # had no link counts in attribute pre-images (ignore rules and writers came as new tables,
-# which a format 2 cowfs would not honour: a store using them must not be read by it).
-UPGRADABLE_FORMATS = ("1", "2")
+# which a format 2 cowfs would not honour: a store using them must not be read by it);
+# format 3 had no process start times and no record of the agent (harness sessions, ledger).
+UPGRADABLE_FORMATS = ("1", "2", "3")
 
 # Who made each turn's changes (attribution.py): kept when the turn is sealed. Stores made
 # before attribution get the tables when they are opened; older cowfs ignore them.
@@ -28,6 +29,7 @@ _WRITERS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS processes (
     turn INTEGER NOT NULL, pid INTEGER NOT NULL, ppid INTEGER NOT NULL, uid INTEGER NOT NULL,
     comm TEXT NOT NULL, cmdline TEXT NOT NULL, ancestors TEXT NOT NULL DEFAULT '',
+    started INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (turn, pid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS entry_writers (
     turn INTEGER NOT NULL, parent INTEGER NOT NULL, name BLOB NOT NULL, pid INTEGER NOT NULL,
@@ -52,6 +54,17 @@ CREATE TABLE IF NOT EXISTS git_exports (
 _IGNORE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS ignore_rules (turn INTEGER PRIMARY KEY, rules TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ignored (ino INTEGER PRIMARY KEY, since INTEGER NOT NULL);
+"""
+
+# Who the agent is (agent.py): every harness session that used the workspace (its process
+# identity: pid and start time in clock ticks) and the ledger of the files its write tools
+# recorded (path relative to the root, content digest, the process that had written it last).
+_AGENT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS harness_sessions (
+    pid INTEGER NOT NULL, started INTEGER NOT NULL, seen REAL NOT NULL,
+    PRIMARY KEY (pid, started)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS agent_writes (
+    path TEXT PRIMARY KEY, sha256 TEXT, pid INTEGER, started INTEGER, recorded REAL NOT NULL);
 """
 
 _SCHEMA = """
@@ -88,7 +101,7 @@ CREATE INDEX attrs_by_turn ON attrs (turn);
 CREATE TABLE xattrs (
     ino INTEGER NOT NULL, turn INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (ino, turn, name)) WITHOUT ROWID;
-""" + _GIT_EXPORTS_SCHEMA + _WRITERS_SCHEMA + _IGNORE_SCHEMA
+""" + _GIT_EXPORTS_SCHEMA + _WRITERS_SCHEMA + _IGNORE_SCHEMA + _AGENT_SCHEMA
 
 # What `cowfs fsck --repair` found lost and accepted (a pre-image file or a recorded object
 # gone): snapshots that need it answer EIO, and the next check reports it as known.
@@ -101,7 +114,8 @@ CREATE TABLE IF NOT EXISTS lost (
 
 # The tables whose rows a damaged catalogue's recovery copies (all but the schema's own).
 TABLES = ("meta", "turns", "objects", "entries", "attrs", "xattrs", "git_exports", "lost",
-          "processes", "entry_writers", "object_writers", "ignore_rules", "ignored")
+          "processes", "entry_writers", "object_writers", "ignore_rules", "ignored",
+          "harness_sessions", "agent_writes")
 
 
 @dataclass(frozen=True)
@@ -211,14 +225,16 @@ class Catalogue:
             raise FormatError(version)
 
     def _upgrade(self) -> None:
-        """Bring a format 1 or 2 store to the current format, in place and all at once."""
+        """Bring a format 1, 2 or 3 store to the current format, in place and all at once."""
         with self.transaction():
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(attrs)")}
             if "nlink" not in columns:
                 self.db.execute("ALTER TABLE attrs ADD COLUMN nlink INTEGER")
-            for script in (_WRITERS_SCHEMA, _IGNORE_SCHEMA):
+            for script in (_WRITERS_SCHEMA, _IGNORE_SCHEMA, _AGENT_SCHEMA):
                 for statement in filter(str.strip, script.split(";")):
                     self.db.execute(statement)
+            if "started" not in {row[1] for row in self.db.execute("PRAGMA table_info(processes)")}:
+                self.db.execute("ALTER TABLE processes ADD COLUMN started INTEGER NOT NULL DEFAULT 0")
             self.set_meta("format", FORMAT_VERSION)
 
     def _create(self) -> None:
@@ -537,28 +553,44 @@ class Catalogue:
     # -- attribution (attribution.py) ---------------------------------------------------
     def record_writers(self, turn: int, processes, entries: dict, objects: dict) -> None:
         """Who made turn *turn*'s changes: Process records, (parent, name) -> pid, ino -> pid."""
-        self.db.executemany("INSERT OR REPLACE INTO processes VALUES (?, ?, ?, ?, ?, ?, ?)",
+        self.db.executemany("INSERT OR REPLACE INTO processes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             [(turn, p.pid, p.ppid, p.uid, p.comm, p.cmdline,
-                              " ".join(map(str, p.ancestors))) for p in processes])
+                              " ".join(map(str, p.ancestors)), p.started) for p in processes])
         self.db.executemany("INSERT OR REPLACE INTO entry_writers VALUES (?, ?, ?, ?)",
                             [(turn, parent, name, pid) for (parent, name), pid in entries.items()])
         self.db.executemany("INSERT OR REPLACE INTO object_writers VALUES (?, ?, ?)",
                             [(turn, ino, pid) for ino, pid in objects.items()])
 
     def entry_writer(self, parent: int, name: bytes, after: int, upto: int) -> tuple | None:
-        """(pid, ppid, uid, comm, cmdline, ancestors) of the last process to change entry (parent, name)
+        """(pid, ppid, uid, comm, cmdline, started, ancestors) of the last process to change entry (parent, name)
         in turns after *after* up to *upto*; None if none is recorded."""
         return self.db.execute(
-            "SELECT p.pid, p.ppid, p.uid, p.comm, p.cmdline, p.ancestors FROM entry_writers w JOIN processes p "
+            "SELECT p.pid, p.ppid, p.uid, p.comm, p.cmdline, p.started, p.ancestors FROM entry_writers w JOIN processes p "
             "ON p.turn = w.turn AND p.pid = w.pid WHERE w.parent=? AND w.name=? AND w.turn>? "
             "AND w.turn<=? ORDER BY w.turn DESC LIMIT 1", (parent, name, after, upto)).fetchone()
 
     def object_writer(self, ino: int, after: int, upto: int) -> tuple | None:
         """As entry_writer, for changes of object *ino* in place."""
         return self.db.execute(
-            "SELECT p.pid, p.ppid, p.uid, p.comm, p.cmdline, p.ancestors FROM object_writers w JOIN processes p "
+            "SELECT p.pid, p.ppid, p.uid, p.comm, p.cmdline, p.started, p.ancestors FROM object_writers w JOIN processes p "
             "ON p.turn = w.turn AND p.pid = w.pid WHERE w.ino=? AND w.turn>? AND w.turn<=? "
             "ORDER BY w.turn DESC LIMIT 1", (ino, after, upto)).fetchone()
+
+    # -- the agent (agent.py) --------------------------------------------------------------
+    def add_harness_session(self, pid: int, started: int, seen: float) -> None:
+        self.db.execute("INSERT OR REPLACE INTO harness_sessions VALUES (?, ?, ?)", (pid, started, seen))
+
+    def harness_sessions(self) -> list[tuple[int, int]]:
+        return list(self.db.execute("SELECT pid, started FROM harness_sessions ORDER BY started"))
+
+    def record_agent_write(self, path: str, sha256: str | None, pid: int | None, started: int | None,
+                           recorded: float) -> None:
+        self.db.execute("INSERT OR REPLACE INTO agent_writes VALUES (?, ?, ?, ?, ?)",
+                        (path, sha256, pid, started, recorded))
+
+    def agent_writes(self) -> list[tuple]:
+        """(path, sha256, pid, started, recorded) of every file the harness recorded."""
+        return list(self.db.execute("SELECT path, sha256, pid, started, recorded FROM agent_writes"))
 
     # -- ignore rules (ignore.py) -----------------------------------------------------------
     def rules_rows(self) -> list[tuple[int, str]]:

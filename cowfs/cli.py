@@ -24,7 +24,8 @@ def cmd_mount(args) -> int:
                                 args.export_git_on_checkpoint, args.owner, args.allow_other,
                                 args.initial_message, args.auto_checkpoint, keep=args.keep,
                                 older_than=args.older_than, max_store=args.max_store,
-                                options=",".join(args.options or ()))
+                                options=",".join(args.options or ()),
+                                idle_umount=args.idle_umount)
     if args.foreground:
         from .daemon import run
         return run(mounting.options(req), args.ready_fd)
@@ -92,44 +93,51 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_log(args) -> int:
+    from . import noise
     from .api import Workspace
     ws = Workspace(args.cwd)
-    reply = ws._request("log")
-    turns = reply["turns"]
+    if args.n is not None and args.n < 0:
+        raise BadInput("-n needs a count of 0 or more")
+    turns = ws.turns(include_ignored=args.all)
+    oldest = turns[0].number        # the oldest kept (0 unless pruned)
     if args.n is not None:
-        if args.n < 0:
-            raise BadInput("-n needs a count of 0 or more")
         turns = turns[len(turns) - args.n:] if args.n else []
+    records = [{"number": t.number, "started": t.started, "sealed": t.sealed, "message": t.message,
+                "kind": t.kind, "target": t.target, "changes": t.changes, "ignored": t.ignored,
+                "captured": t.captured, "bytes": t.bytes_captured} for t in turns]
     if args.verbose:
-        for t in turns:
+        for t in records:
             # The oldest turn kept has no predecessor left to compare with (pruned).
-            t["changes_list"] = ([] if t["number"] <= reply.get("oldest_turn", 0)
-                                 else _turn_changes(ws, t, turns))
+            t["changes_list"] = ([] if t["number"] <= oldest else _turn_changes(ws, t, args.all))
     if args.json:
         import json
-        print(json.dumps(turns, indent=2))
+        print(json.dumps(records, indent=2))
         return 0
-    if reply.get("oldest_turn"):
-        print(f"(turns before turn-{reply['oldest_turn']} were pruned)")
-    for t in turns:
+    if oldest:
+        print(f"(turns before turn-{oldest} were pruned)")
+    for t in records:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["sealed"] or t["started"]))
         state = "" if t["sealed"] else " (open)"
         message = t["message"]
         if t["kind"] == "rollback":
             message = message or f"rollback to turn-{t['target']}"
-        print(f"turn-{t['number']:<5} {when}  {t['changes']:>6} changed  {_size(t['bytes']):>9} captured"
-              f"  {message}{state}")
+        ignored = f" (+{t['ignored']:,} ignored)" if t["ignored"] else ""
+        print(f"turn-{t['number']:<5} {when}  {t['changes']:>6} changed{ignored}  "
+              f"{_size(t['bytes']):>9} captured  {message}{state}")
         for c in t.get("changes_list", ()):
             print(f"    {_change_line(c)}{_by(c)}")
+        if t.get("changes_list") is not None and t["ignored"]:
+            print(f"    {noise.left_out(t['ignored'])}")
     return 0
 
 
-def _turn_changes(ws, turn: dict, turns: list[dict]) -> list[dict]:
+def _turn_changes(ws, turn: dict, include_ignored: bool) -> list[dict]:
     """A turn's changes (against the turn before it; the open turn's against the live tree)."""
     if turn["number"] == 0:
         return []
     b = turn["number"] if turn["sealed"] else None
-    return [c.as_dict() for c in ws.diff(turn["number"] - 1, b)]
+    return [c.as_dict() for c in ws.shown_diff(turn["number"] - 1, b,
+                                               include_ignored=include_ignored).changes]
 
 
 def _change_line(c: dict) -> str:
@@ -144,22 +152,29 @@ def _by(c: dict) -> str:
 
 def cmd_diff(args) -> int:
     import json
-    from . import patch
+    from . import noise, patch
     from .api import Workspace
     if len(args.turns) > 2:
         raise BadInput("diff takes at most two turns: A [B]")
     ws = Workspace(args.cwd)
     a, b = (args.turns + [None, None])[:2]
     paths = [_absolute(ws, p, args.base) for p in args.after_dashes]
+    shown = ws.shown_diff(a, b, paths, include_ignored=args.all)
+    changes = shown.changes
+    note = noise.left_out(shown.ignored)
     if args.json or args.name_status:
-        changes = ws.diff(a, b, paths)
         text = (json.dumps([c.as_dict() for c in changes], indent=2) + "\n" if args.json else
                 "".join(f"{c.kind}\t{c.old_path}\t{c.path}\n" if c.kind == "R" else f"{c.kind}\t{c.path}\n"
                         for c in changes))
     else:
-        diffs = ws.file_diffs(a, b, paths)
+        diffs = ws.file_diffs(a, b, paths, changes=changes)
         text = patch.diffstat(diffs) if args.stat else patch.patch(diffs)
+    if note and args.stat:
+        text += f" {note}\n"           # a summary: the note is part of it
+        note = ""
     _page(text, args.no_pager)
+    if note:                            # a patch or a list stays what tools read: the note aside
+        print(note, file=sys.stderr)
     return 0
 
 

@@ -1,23 +1,25 @@
 """A drop-in for the shadow-git checkpoint manager that agent harnesses call, backed by cowfs.
 
 Owns the translation between the checkpoint-manager interface of agent
-harnesses (the Hermes agent's `CheckpointManager`: `new_turn`,
-`ensure_checkpoint`, `list_checkpoints`, `diff`, `restore`,
-`record_agent_write`, `get_working_dir_for_path`) and cowfs turns. Every
-operation is one of `cowfs.api`; this module only translates arguments, ids
-and return shapes:
+harnesses (the Hermes agent's `CheckpointManager` and its module's functions,
+with their arguments, return shapes and error phrases) and cowfs turns, and
+which mount serves a directory. Every operation is one of `cowfs.api`; the
+decisions are the API's modules' (who the agent is: `cowfs.agent`; what a view
+leaves out: `cowfs.noise`); this module translates arguments, ids and shapes:
 
 - a checkpoint is a sealed turn, its reason the turn's message (first line);
 - its id (`hash`) is a hex digest of the turn's number and start time, stable
   across remounts; any prefix of 4 or more digits that names one turn is
   accepted, `short_hash` is the first 8;
 - `ensure_checkpoint` seals the open turn (nothing is copied: the pre-images
-  were kept as the files changed), and mounts cowfs over the directory first
-  if it is not under a mount yet, so a harness only swaps the class;
-- `restore(safe=True)` knows who wrote what: cowfs records the process behind
-  every change, so the agent's changes (the harness process and everything it
-  started, `sed -i` and `npm install` included) are reverted and the user's
-  own edits are kept.
+  were kept as the files changed), and mounts cowfs first where needed, over
+  the directory whose history the path belongs to (never around another
+  history), with an idle unmount; the mounts a process made end when it exits
+  and are mounted again on demand;
+- `restore(safe=True)` reverts the agent's changes by the shadow-git
+  manager's rule (its ledger: `record_agent_write`), extended by what cowfs
+  records (changes by the harness's descendants), kept in the store so that
+  a restarted harness decides the same.
 
     from cowfs.compat import CheckpointManager      # the one line a harness changes
 
@@ -31,24 +33,27 @@ and return shapes:
 
 `ensure_checkpoint` never raises (it returns False and logs); `diff` and
 `restore` return `{"success": False, "error": ...}` for anything cowfs
-refuses, having touched nothing. Housekeeping: `store_status()` and `prune()`
-(delegating to `cowfs prune`); `max_total_size_mb` becomes the store limit of
-the mounts this manager makes (`cowfs mount --max-store`).
+refuses, having touched nothing. `available(path)` says whether cowfs can
+serve a directory here, and why not. Housekeeping: `store_status()`,
+`prune()` and the shadow-git module's functions, with the nearest cowfs
+meaning (docs/harness.md); `max_total_size_mb` becomes the store limit of the
+mounts this manager makes (`cowfs mount --max-store`).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
 import re
 import stat
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from . import api, patch
-from .errors import BadInput, CowfsError, NotMounted
+from . import agent, api, noise, patch
+from .errors import BadInput, CowfsError, NotMounted, OperationFailed
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +61,13 @@ HASH_LENGTH = 40
 SHORT_LENGTH = 8
 LINE_COUNT_LIMIT = 10 << 20     # list_checkpoints counts no lines of a file larger than this
 _HASH_RE = re.compile(r"[0-9a-fA-F]{4,64}")
+# The shadow-git manager's exclude list is what its checkpoints lose; here nothing is excluded
+# from the history, and this is what the views leave out (and count): cowfs.noise.
+DEFAULT_EXCLUDES = list(noise.DEFAULT_NOISE)
+STORE_DIR = ".cowfs"
+IDLE_UMOUNT = "10m"     # a mount the manager made ends once idle this long (and when we exit)
 PROJECT_MARKERS = (".git", "pyproject.toml", "package.json", "Cargo.toml", "go.mod", "Makefile",
                    "pom.xml", ".hg", "Gemfile")
-_NOT_RECORDED = object()
 
 
 # -- ids --------------------------------------------------------------------------------------
@@ -70,13 +79,14 @@ def turn_hash(turn: api.Turn) -> str:
 
 
 def check_hash(commit_hash) -> None:
-    """`BadInput` unless *commit_hash* looks like an id harnesses pass (hex, 4-64 digits)."""
+    """`BadInput` unless *commit_hash* looks like an id harnesses pass (hex, 4-64 digits). The
+    wording is the shadow-git manager's, whose callers look for its phrases."""
     if not isinstance(commit_hash, str) or not commit_hash.strip():
-        raise BadInput("empty checkpoint id")
+        raise BadInput("Empty commit hash")
     if commit_hash.startswith("-"):
-        raise BadInput(f"invalid checkpoint id (must not start with '-'): {commit_hash!r}")
+        raise BadInput(f"Invalid commit hash (must not start with '-'): {commit_hash!r}")
     if not _HASH_RE.fullmatch(commit_hash):
-        raise BadInput(f"invalid checkpoint id (expected 4-64 hex digits): {commit_hash!r}")
+        raise BadInput(f"Invalid commit hash (expected 4-64 hex characters): {commit_hash!r}")
 
 
 def find_turn(ws: api.Workspace, commit_hash: str) -> api.Turn:
@@ -85,7 +95,7 @@ def find_turn(ws: api.Workspace, commit_hash: str) -> api.Turn:
     prefix = commit_hash.lower()
     found = [t for t in ws.turns() if t.sealed is not None and turn_hash(t).startswith(prefix)]
     if not found:
-        raise BadInput(f"checkpoint {commit_hash!r} not found in {ws.path} (see list_checkpoints)")
+        raise BadInput(f"Checkpoint '{commit_hash}' not found in {ws.path} (see list_checkpoints)")
     if len(found) > 1:
         raise BadInput(f"checkpoint id {commit_hash!r} is ambiguous: give more digits")
     return found[0]
@@ -119,42 +129,87 @@ def _workspace(path: Path) -> api.Workspace | None:
         return None
 
 
-def _mounted_workspace(abs_dir: Path) -> api.Workspace:
-    ws = _workspace(abs_dir)
-    if ws is None:
-        raise NotMounted(f"no checkpoints exist for {abs_dir} (it is not under a cowfs mount)")
-    return ws
+def _history_root(abs_dir: Path) -> Path | None:
+    """The outermost directory at or above *abs_dir* (below `/` and the home directory) that
+    holds a cowfs store: the history *abs_dir* belongs to, mounted or not."""
+    found = None
+    for candidate in (abs_dir, *abs_dir.parents):
+        if _too_broad(candidate):
+            break
+        if (candidate / STORE_DIR).is_dir():
+            found = candidate
+    return found
+
+
+def _mounts_below(abs_dir: Path) -> list[str]:
+    from . import control
+    inside = str(abs_dir).rstrip("/") + "/"
+    return sorted(m.mountpoint for m in control.cowfs_mounts() if m.mountpoint.startswith(inside))
+
+
+def _stores_below(root: Path) -> list[str]:
+    """The cowfs stores below *root* (not at it), found by a walk that skips what
+    noise.DEFAULT_NOISE names (virtualenvs, node_modules, .git: no project keeps a history
+    there) and does not follow symlinks. Asked once, before a directory's history starts."""
+    skip = {p.rstrip("/") for p in noise.DEFAULT_NOISE if p.endswith("/") and "*" not in p}
+    found, todo = [], [root]
+    while todo:
+        here = todo.pop()
+        try:
+            entries = list(os.scandir(here))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name in skip or not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.name == STORE_DIR:
+                if here != root:
+                    found.append(str(here))
+                continue
+            todo.append(Path(entry.path))
+    return sorted(found)
+
+
+_MADE: dict[int, str] = {}      # daemon pid -> mountpoint of the mounts this process made
+
+
+def _unmount_made() -> None:
+    """At exit: end the mounts this process made, wherever they are now (a busy one ends when
+    idle, by its watcher)."""
+    from . import control
+    if not _MADE:
+        return
+    try:
+        os.chdir("/")           # our own working directory would keep a mount busy
+    except OSError:
+        pass
+    for pid, path in sorted(_MADE.items()):
+        try:
+            mount = control.mount_of_daemon(pid)
+            if mount is None:
+                continue        # ended already (idle)
+            try:
+                api.umount(mount.mountpoint)
+            except CowfsError:  # busy: by files this very process still holds, as it exits?
+                api.umount(mount.mountpoint, lazy=True)     # its daemon ends when they close
+        except Exception as e:
+            logger.warning("cowfs: %s stays mounted until idle: %s", path, e)
+    _MADE.clear()
 
 
 def _file_in(abs_dir: Path, file_path: str) -> Path:
     """The absolute path of *file_path*, relative to *abs_dir*; `BadInput` if it is empty,
     absolute, or leaves the directory (by `..` or through a symlink)."""
     if not isinstance(file_path, str) or not file_path.strip():
-        raise BadInput("empty file path")
+        raise BadInput("Empty file path")
     if os.path.isabs(file_path):
-        raise BadInput(f"file path must be relative to the directory, got {file_path!r}")
+        raise BadInput(f"File path must be relative, got absolute path: {file_path!r}")
     joined = Path(os.path.normpath(abs_dir / file_path))
     for candidate in (joined, joined.resolve()):
         if candidate != abs_dir and abs_dir not in candidate.parents:
-            raise BadInput(f"file path escapes the directory {abs_dir}: {file_path!r}")
+            raise BadInput(f"File path escapes the working directory {abs_dir} via traversal: "
+                           f"{file_path!r}")
     return joined
-
-
-def _is_dir_at(root: Path, rel: str) -> bool:
-    """*rel* is a directory below *root*, reached without following a symlink."""
-    here = root
-    for part in (p for p in rel.split("/") if p):
-        here = here / part
-        try:
-            if not stat.S_ISDIR(os.lstat(here).st_mode):
-                return False
-        except OSError:
-            return False
-    return True
-
-
-def _parent(rel: str) -> str:
-    return rel.rpartition("/")[0]
 
 
 class CheckpointManager:
@@ -168,16 +223,19 @@ class CheckpointManager:
     store limit (`--max-store`) of the mounts this manager makes, applied after
     each checkpoint. `max_file_size_mb` is accepted for compatibility and
     ignored: cowfs keeps a changed file's old version as a reflink (a copy on
-    ext4), so large files cost what changed.
+    ext4), so large files cost what changed. `idle_umount` (seconds, or "10m";
+    None: never) ends the mounts this manager makes once idle that long.
     """
 
     def __init__(self, enabled: bool = True, max_snapshots: int = 50,
-                 max_total_size_mb: int | None = None, max_file_size_mb: int | None = None):
+                 max_total_size_mb: int | None = None, max_file_size_mb: int | None = None,
+                 idle_umount: float | str | None = IDLE_UMOUNT):
         self.enabled = enabled
         self.max_snapshots = max(1, int(max_snapshots))
         self.max_store = f"{int(max_total_size_mb)}M" if max_total_size_mb else None
+        self.idle_umount = idle_umount
         self._checkpointed_dirs: set[Path] = set()
-        self._agent_writes: dict[Path, object] = {}     # path -> its writer when recorded
+        self._sessions: set[tuple[str, int]] = set()    # (mount, pid) recorded as a harness session
 
     # -- turns --------------------------------------------------------------------------------
     def new_turn(self) -> None:
@@ -208,7 +266,17 @@ class CheckpointManager:
     def _take(self, abs_dir: Path, reason: str) -> bool:
         ws = _workspace(abs_dir)
         if ws is None:
-            return self._mount(abs_dir, reason)
+            if not abs_dir.is_dir():
+                logger.debug("checkpoint skipped: %s is not a directory", abs_dir)
+                return False
+            root = _history_root(abs_dir)
+            inner = _mounts_below(abs_dir) or ([] if root else _stores_below(abs_dir))
+            if inner:
+                return self._refuse_around(abs_dir, inner, reason)
+            ws, fresh = self._mount(root or abs_dir, reason)
+            if fresh:
+                return True
+        self._begin_session(ws)
         ws.sync()
         status = ws.status()
         if status.pending_changes == 0:
@@ -216,33 +284,72 @@ class CheckpointManager:
                          status.last_turn)
             return False
         turn = ws.checkpoint(reason)
-        logger.info("cowfs: checkpoint %s of %s (turn %d, %d changes): %s", _short(turn), abs_dir,
-                    turn.number, turn.changes, reason)
+        logger.info("cowfs: checkpoint %s of %s (turn %d): %s", _short(turn), abs_dir,
+                    turn.number, reason)
         return True
 
-    def _mount(self, abs_dir: Path, reason: str) -> bool:
-        if not abs_dir.is_dir():
-            logger.debug("checkpoint skipped: %s is not a directory", abs_dir)
-            return False
+    def _mount(self, root: Path, reason: str) -> tuple[api.Workspace, bool]:
+        """Mount cowfs over *root* (which ends by itself once idle, or when this process exits);
+        True with it when this started its history (then turn 0, named *reason*, is the
+        checkpoint). A tree changed while unmounted is accepted, with a warning: the earlier
+        checkpoints show those paths as they are now."""
+        from . import mounting
+        why_not = mounting.fuse_unavailable_reason(root)
+        if why_not:
+            raise OperationFailed(f"cowfs cannot serve {root} here: {why_not}")
         before = datetime.now().timestamp()
-        ws = api.mount(abs_dir, message=reason, max_store=self.max_store)
+        options = {"message": reason, "max_store": self.max_store, "idle_umount": self.idle_umount}
+        try:
+            ws = api.mount(root, **options)
+        except BadInput as e:
+            if "--force to accept" not in str(e):      # changed while unmounted (drift)
+                raise
+            logger.warning("cowfs: %s: %s; accepted (the earlier checkpoints show those paths as "
+                           "they are now)", root, e)
+            ws = api.mount(root, force=True, **options)
+        if not _MADE:
+            atexit.register(_unmount_made)
+        _MADE[ws.status().daemon_pid] = str(ws.path)
+        self._begin_session(ws)
         fresh = ws.turns()[0].started >= before
-        if not fresh:       # a store from an earlier mount: the state now is a new checkpoint
-            ws.checkpoint(reason)
-        logger.info("cowfs: mounted %s to keep its checkpoints; %s is checkpoint %s", abs_dir,
-                    "its tree" if fresh else "the state now", _short(ws.turns()[-2]))
-        return True
+        logger.info("cowfs: mounted %s to keep its checkpoints%s", root,
+                    f"; its tree is checkpoint {_short(ws.turns()[0])}" if fresh else "")
+        return ws, fresh
+
+    def _open(self, abs_dir: Path) -> api.Workspace:
+        """The mounted history *abs_dir* belongs to, mounted again if it ended (idle)."""
+        ws = _workspace(abs_dir)
+        if ws is not None:
+            return ws
+        root = _history_root(abs_dir)
+        if root is None or _mounts_below(abs_dir):
+            raise NotMounted(f"no checkpoints exist for {abs_dir} (it is not under a cowfs mount)")
+        return self._mount(root, "")[0]
+
+    def _refuse_around(self, abs_dir: Path, inner: list[str], reason: str) -> bool:
+        """*abs_dir* holds histories of its own directories (mounted or not): one history per
+        directory tree, so it is not mounted around them (that would hide them and make their
+        checkpoints unreachable); theirs are checkpointed instead."""
+        for path in inner:
+            self._take(Path(path), reason)
+        logger.warning("cowfs: no checkpoint of %s as a whole: the cowfs histories of %s are "
+                       "inside it, and were checkpointed instead (one history per directory "
+                       "tree: checkpoint the project's root from the start to keep one of it "
+                       "all)", abs_dir, ", ".join(inner))
+        return False
 
     # -- looking back -------------------------------------------------------------------------
-    def list_checkpoints(self, working_dir: str) -> list[dict]:
+    def list_checkpoints(self, working_dir: str, all: bool = False) -> list[dict]:
         """The checkpoints of *working_dir*, newest first, at most `max_snapshots`: `hash`,
         `short_hash`, `timestamp` (ISO 8601), `reason`, and what the checkpoint changed since
         the one before it (`files_changed`, `insertions`, `deletions`, as git's --shortstat;
-        the lines of a file over LINE_COUNT_LIMIT are not counted, as a binary file's).
+        the lines of a file over LINE_COUNT_LIMIT are not counted, as a binary file's), leaving
+        out the changes in ignored paths (.gitignore, virtualenvs, node_modules, caches, build
+        output: see cowfs.noise), counted in `ignored`; *all* counts them too.
         [] when there are none."""
         try:
             abs_dir = _normalize(working_dir)
-            ws = _mounted_workspace(abs_dir)
+            ws = self._open(abs_dir)
             sealed = [t for t in ws.turns() if t.sealed is not None]
             rel = ws.relative(abs_dir)
         except CowfsError as e:
@@ -253,26 +360,52 @@ class CheckpointManager:
             turn = sealed[i]
             entry = {"hash": turn_hash(turn), "short_hash": _short(turn),
                      "timestamp": timestamp(turn.sealed), "reason": reason_of(turn),
-                     "files_changed": 0, "insertions": 0, "deletions": 0}
+                     "files_changed": 0, "insertions": 0, "deletions": 0, "ignored": 0}
             if i > 0:
-                entry.update(_shortstat(ws, sealed[i - 1], turn, rel))
+                entry.update(_shortstat(ws, sealed[i - 1], turn, rel, all))
             out.append(entry)
         return out
 
-    def diff(self, working_dir: str, commit_hash: str) -> dict:
+    def diff(self, working_dir: str, commit_hash: str, all: bool = False) -> dict:
         """What changed from checkpoint *commit_hash* to the live tree of *working_dir*:
-        `{"success": True, "stat": git's --stat, "diff": a git-style patch}`, paths relative to
-        the directory, or `{"success": False, "error": ...}`."""
+        `{"success": True, "stat": git's --stat, "diff": a git-style patch, "ignored": N}`,
+        paths relative to the directory, or `{"success": False, "error": ...}`. Changes in
+        ignored paths (see `list_checkpoints`) are left out, the stat's last line says how many
+        (`ignored`); *all* shows them."""
         try:
+            check_hash(commit_hash)
             abs_dir = _normalize(working_dir)
-            ws = _mounted_workspace(abs_dir)
+            ws = self._open(abs_dir)
             turn = find_turn(ws, commit_hash)
             rel = ws.relative(abs_dir)
-            diffs = _rebase(ws.file_diffs(turn.number, None, _only(ws, rel)), rel)
-            text = patch.patch(diffs)
-            return {"success": True, "stat": patch.diffstat(diffs), "diff": text}
+            shown = ws.shown_diff(turn.number, None, _only(ws, rel), include_ignored=all)
+            diffs = _rebase(ws.file_diffs(turn.number, None, changes=shown.changes), rel)
+            stat = patch.diffstat(diffs)
+            note = noise.left_out(shown.ignored, "all=True")
+            if note:
+                stat += f" {note}\n"
+            return {"success": True, "stat": stat, "diff": patch.patch(diffs), "ignored": shown.ignored}
         except (CowfsError, OSError) as e:
             return _failure(e)
+
+    def session_diff(self, working_dir: str, all: bool = False) -> dict:
+        """What changed in *working_dir* since its oldest listed checkpoint (the state before the
+        agent's first edit), as `diff`, plus `baseline` (that checkpoint's id); with no
+        checkpoint or no change since, a success with `"empty": True`."""
+        try:
+            ws = self._open(_normalize(working_dir))
+            sealed = [t for t in ws.turns() if t.sealed is not None][-self.max_snapshots:]
+        except CowfsError:
+            sealed = []
+        if not sealed:
+            return {"success": True, "stat": "", "diff": "", "empty": True}
+        baseline = turn_hash(sealed[0])
+        result = self.diff(working_dir, baseline, all=all)
+        if result.get("success"):
+            result["baseline"] = baseline
+            if not result["diff"]:
+                result["empty"] = True
+        return result
 
     # -- going back ---------------------------------------------------------------------------
     def restore(self, working_dir: str, commit_hash: str, file_path: str | None = None,
@@ -283,14 +416,17 @@ class CheckpointManager:
         can be undone like any other. The whole directory: exactly the checkpoint's tree (a
         rollback when it is the mount's root; later files are removed). *safe* (whole
         directory only, as in the shadow-git manager): only the agent's changes are reverted,
-        see `_safe_restore`. Success: `success`, `restored_to` (short id), `reason` (the
-        checkpoint's), `directory`, plus `file`, or `restored_files` and `skipped_user_edits`
-        (relative to the directory) for a safe restore. Failure: `success` False and `error`;
-        nothing was touched.
+        by the rule of `cowfs.agent`. Success: `success`, `restored_to` (short id), `reason`
+        (the checkpoint's), `directory`, plus `file`, or `restored_files` and
+        `skipped_user_edits` (relative to the directory) for a safe restore that could tell the
+        agent apart. Failure: `success` False and `error`; nothing was touched.
         """
         try:
+            check_hash(commit_hash)
             abs_dir = _normalize(working_dir)
-            ws = _mounted_workspace(abs_dir)
+            if file_path:
+                _file_in(abs_dir, file_path)
+            ws = self._open(abs_dir)
             turn = find_turn(ws, commit_hash)
             if file_path:
                 return self._restore_file(ws, turn, abs_dir, file_path)
@@ -306,8 +442,8 @@ class CheckpointManager:
         then = ws.snapshot_path(turn.number)
         if not os.path.lexists(then / rel) and not os.path.lexists(target):
             raise BadInput(f"{file_path} is neither in checkpoint {_short(turn)} nor in {abs_dir}")
-        if not _is_dir_at(then, _parent(rel)):
-            raise BadInput(f"{_parent(rel)}/ did not exist at checkpoint {_short(turn)}: "
+        if not agent.is_dir_at(then, agent.parent(rel)):
+            raise BadInput(f"{agent.parent(rel)}/ did not exist at checkpoint {_short(turn)}: "
                            f"restore the directory instead")
         self._checkpoint_before(ws, turn)
         ws.restore(turn.number, [target])
@@ -315,7 +451,7 @@ class CheckpointManager:
 
     def _restore_tree(self, ws: api.Workspace, turn: api.Turn, abs_dir: Path) -> dict:
         rel = ws.relative(abs_dir)
-        if not _is_dir_at(ws.snapshot_path(turn.number), rel):
+        if not agent.is_dir_at(ws.snapshot_path(turn.number), rel):
             raise BadInput(f"{abs_dir} did not exist at checkpoint {_short(turn)}")
         self._checkpoint_before(ws, turn)
         if rel:
@@ -325,41 +461,48 @@ class CheckpointManager:
         return _restored(turn, abs_dir)
 
     def _safe_restore(self, ws: api.Workspace, turn: api.Turn, abs_dir: Path) -> dict:
-        """Revert the agent's changes since *turn* and keep everyone else's.
-
-        A change is the agent's when the process that made it last is this harness process or
-        was its descendant then, or when `record_agent_write` named the file and no other
-        process changed it since. A file the agent created is removed (and the directories it
-        made for it, once empty), one it deleted comes back, one it renamed goes back to its
-        old name. A file the agent and then the user changed is the user's and is kept.
-        """
+        """Revert the agent's changes since *turn* and keep the user's (`cowfs.agent` decides
+        which is which). A file the agent created is removed (and the directories it made for
+        it, once empty), one it deleted comes back, one it renamed goes back to its old name.
+        With nothing to tell the agent by, a full restore, as the shadow-git manager does."""
         rel = ws.relative(abs_dir)
-        agents, users = set(), set()
-        for change in ws.diff(turn.number, None, _only(ws, rel)):
-            paths = {change.path} | ({change.old_path} if change.old_path else set())
-            (agents if self._by_agent(ws, change) else users).update(paths - (agents | users))
-        result = {**_restored(turn, abs_dir), "restored_files": _relative_to(sorted(agents), rel),
-                  "skipped_user_edits": _relative_to(sorted(users), rel), "skipped_oversize": []}
-        if not agents:
+        self._begin_session(ws)
+        plan = ws.safe_restore_plan(turn.number, _only(ws, rel))
+        if plan.full:
+            return self._restore_tree(ws, turn, abs_dir)
+        result = {**_restored(turn, abs_dir), "restored_files": _relative_to(plan.agent, rel),
+                  "skipped_user_edits": _relative_to(plan.user, rel), "skipped_oversize": []}
+        if not plan.agent:
             return {**result, "reason": "nothing to restore (all changed files were user-edited)"}
         self._checkpoint_before(ws, turn)
         then = ws.snapshot_path(turn.number)
-        orphans = [p for p in agents
-                   if not os.path.lexists(then / p) and not _is_dir_at(then, _parent(p))]
+        orphans = [p for p in plan.agent
+                   if not os.path.lexists(then / p) and not agent.is_dir_at(then, agent.parent(p))]
         for path in sorted(orphans):
-            _remove_with_new_parents(ws.path, then, path, rel)
-        in_place = sorted(agents.difference(orphans))
+            agent.remove_with_new_parents(ws.path, then, path, rel)
+        in_place = sorted(set(plan.agent).difference(orphans))
         if in_place:
             ws.restore(turn.number, [ws.path / p for p in in_place])
         return result
 
-    def _by_agent(self, ws: api.Workspace, change: api.Change) -> bool:
-        if change.process is not None and change.process.descends_from(os.getpid()):
-            return True
-        for path in filter(None, (change.path, change.old_path)):
-            if self._agent_writes.get(ws.path / path, _NOT_RECORDED) == change.process:
-                return True
-        return False
+    def safe_restore_plan(self, working_dir: str, commit_hash: str) -> dict:
+        """What a safe restore to *commit_hash* would do, touching nothing: `{"success": True,
+        "restore": [...], "skipped": [...]}` (relative to *working_dir*), or with
+        `"ledger_empty": True` (and both empty) when nothing tells the agent apart and a safe
+        restore restores everything; `{"success": False, "error": ...}` for a bad id."""
+        try:
+            check_hash(commit_hash)
+            abs_dir = _normalize(working_dir)
+            ws = self._open(abs_dir)
+            turn = find_turn(ws, commit_hash)
+            rel = ws.relative(abs_dir)
+            plan = ws.safe_restore_plan(turn.number, _only(ws, rel))
+        except (CowfsError, OSError) as e:
+            return _failure(e)
+        if plan.full:
+            return {"success": True, "restore": [], "skipped": [], "ledger_empty": True}
+        return {"success": True, "restore": _relative_to(plan.agent, rel),
+                "skipped": _relative_to(plan.user, rel)}
 
     def _checkpoint_before(self, ws: api.Workspace, turn: api.Turn) -> None:
         ws.sync()
@@ -367,18 +510,25 @@ class CheckpointManager:
             ws.checkpoint(f"pre-rollback snapshot (restoring to {_short(turn)})")
 
     # -- what the harness knows ---------------------------------------------------------------
+    def _begin_session(self, ws: api.Workspace) -> None:
+        """This process is a harness session of *ws*: recorded in its store once per process."""
+        key = (str(ws.path), os.getpid())
+        if key not in self._sessions:
+            ws.begin_harness_session()
+            self._sessions.add(key)
+
     def record_agent_write(self, file_path: str) -> None:
-        """The harness's tool just wrote *file_path* (through a process cowfs cannot tell is the
-        agent's: a tool server, a sandbox). A safe restore reverts it unless another process
-        changes it afterwards. Call it right after the write, before the next checkpoint.
-        Never raises."""
+        """The harness's write tool just wrote *file_path*: a safe restore reverts it while its
+        content is still this and no other process changed it since. Kept in the workspace's
+        store, so a later harness process knows it too. Call it right after the write. A file
+        not under a cowfs mount is not recorded (no checkpoint could restore it). Never raises."""
         if not self.enabled:
             return
         try:
             path = _normalize(file_path)
-            ws = _mounted_workspace(path)
-            changes = ws.diff(None, None, [path])      # the open turn: the write just made
-            self._agent_writes[path] = changes[0].process if changes else None
+            ws = self._open(path)
+            self._begin_session(ws)
+            ws.record_agent_write(path)
         except Exception as e:      # bookkeeping must never break the agent's tool call
             logger.debug("record_agent_write(%s) not recorded: %s", file_path, e)
 
@@ -400,17 +550,50 @@ class CheckpointManager:
         return str(start)
 
 
+# -- can cowfs serve here ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Availability:
+    """Whether cowfs can keep checkpoints of a directory here; if not, `reason` says why in one
+    line. True as a bool when it can."""
+    ok: bool
+    reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def available(path) -> Availability:
+    """Can cowfs keep checkpoints of directory *path* on this machine? Not without /dev/fuse (a
+    container started without it), without fusermount3 (without root), over another FUSE
+    filesystem, or for what is not a directory. A harness keeps its shadow-git manager as the
+    fallback:
+
+        from cowfs import compat
+        if os.environ.get("HERMES_CHECKPOINT_BACKEND") == "cow" and compat.available(cwd):
+            CheckpointManager = compat.CheckpointManager
+    """
+    from . import mounting
+    reason = mounting.fuse_unavailable_reason(path)
+    return Availability(reason is None, reason)
+
+
 # -- housekeeping -----------------------------------------------------------------------------
-def store_status(working_dir: str | None = None) -> dict:
+def store_status(checkpoint_base=None, *, working_dir: str | None = None) -> dict:
     """The cowfs stores behind checkpoints: every cowfs mount this process sees (or only the one
     holding *working_dir*), each with its size, checkpoints and oldest checkpoint kept.
 
-        {"store_size_bytes": N, "project_count": N, "projects": [
-            {"workdir", "exists", "store_size_bytes", "turns", "commits", "oldest_turn",
-             "created_at", "last_touch", "capture_mode"} or {"workdir", "error"}, ...]}
+        {"base": None, "store_size_bytes": N, "total_size_bytes": N, "project_count": N,
+         "projects": [{"hash", "workdir", "exists", "store_size_bytes", "turns", "commits",
+                       "oldest_turn", "created_at", "last_touch", "capture_mode"}
+                      or {"hash", "workdir", "error"}, ...],
+         "legacy_size_bytes": 0, "pre_v2_projects": [], "legacy_archives": []}
 
-    `turns` (and `commits`, the shadow-git name) count the checkpoints kept; `created_at` and
-    `last_touch` are the oldest and newest checkpoint's times. Never raises.
+    *checkpoint_base* (the shadow-git store's directory) is accepted and has no meaning here:
+    each workspace's store is its own `.cowfs/`. `turns` (and `commits`, the shadow-git name)
+    count the checkpoints kept; `created_at` and `last_touch` are the oldest and newest
+    checkpoint's times; `hash` names the project as the shadow-git manager does (16 hex digits
+    of its path). The shadow-git layouts' leftovers (`legacy_*`, `pre_v2_projects`) are always
+    empty. Never raises.
     """
     from . import control
     if working_dir is None:
@@ -419,8 +602,10 @@ def store_status(working_dir: str | None = None) -> dict:
         ws = _workspace(_normalize(working_dir))
         roots = [] if ws is None else [str(ws.path)]
     projects = [_project_status(root) for root in roots]
-    return {"store_size_bytes": sum(p.get("store_size_bytes", 0) for p in projects),
-            "project_count": len(projects), "projects": projects}
+    size = sum(p.get("store_size_bytes", 0) for p in projects)
+    return {"base": None, "store_size_bytes": size, "total_size_bytes": size,
+            "project_count": len(projects), "projects": projects, "legacy_size_bytes": 0,
+            "pre_v2_projects": [], "legacy_archives": []}
 
 
 def prune(working_dir: str, keep: int | None = None, older_than: float | str | None = None,
@@ -443,14 +628,90 @@ def prune(working_dir: str, keep: int | None = None, older_than: float | str | N
             "freed_bytes": result.freed_bytes, "dry_run": result.dry_run}
 
 
+def prune_checkpoints(retention_days: int = 7, delete_orphans: bool = True, checkpoint_base=None,
+                      max_total_size_mb: int = 0, orphan_allowlist=None) -> dict:
+    """The shadow-git store's sweep, for cowfs: in every cowfs mount this process sees, prune the
+    checkpoints sealed more than *retention_days* ago (the newest one always stays) and, with
+    *max_total_size_mb*, the oldest until each store fits. A cowfs store lives in its workspace,
+    so there are no orphan projects (`deleted_orphan` is 0; *delete_orphans*, *orphan_allowlist*
+    and *checkpoint_base* have nothing to act on). `deleted_stale` counts the checkpoints
+    pruned. Never raises:
+
+        {"scanned": mounts, "deleted_orphan": 0, "deleted_stale": N, "errors": N, "bytes_freed": N}
+    """
+    from . import control
+    out = {"scanned": 0, "deleted_orphan": 0, "deleted_stale": 0, "errors": 0, "bytes_freed": 0}
+    older = f"{int(retention_days)}d" if retention_days and retention_days > 0 else None
+    store = f"{int(max_total_size_mb)}M" if max_total_size_mb and max_total_size_mb > 0 else None
+    try:
+        mounts = control.cowfs_mounts()
+    except Exception as e:      # maintenance must never break a harness's start
+        logger.debug("cowfs: no mounts to prune: %s", e)
+        return out
+    for m in mounts:
+        out["scanned"] += 1
+        if older is None and store is None:
+            continue
+        result = prune(m.mountpoint, older_than=older, max_store=store)
+        if not result["success"]:
+            out["errors"] += 1
+            continue
+        out["deleted_stale"] += len(result["removed"])
+        out["bytes_freed"] += result["freed_bytes"]
+    return out
+
+
+def maybe_auto_prune_checkpoints(retention_days: int = 7, min_interval_hours: int = 24,
+                                 delete_orphans: bool = True, checkpoint_base=None,
+                                 max_total_size_mb: int = 0) -> dict:
+    """`prune_checkpoints` for a harness's start: `{"skipped": False, "result": ...}`. It is not
+    rate-limited (*min_interval_hours* is accepted): a cowfs prune costs what it frees."""
+    return {"skipped": False, "result": prune_checkpoints(retention_days, delete_orphans,
+                                                          checkpoint_base, max_total_size_mb)}
+
+
+def clear_all(checkpoint_base=None) -> dict:
+    """Drop every checkpoint but the newest of every cowfs mount this process sees (a workspace's
+    files are its newest state: nothing else can be deleted). `{"bytes_freed": N, "deleted": bool}`."""
+    from . import control
+    out = {"bytes_freed": 0, "deleted": False}
+    for m in control.cowfs_mounts():
+        result = prune(m.mountpoint, keep=1)
+        if result["success"] and result["removed"]:
+            out["bytes_freed"] += result["freed_bytes"]
+            out["deleted"] = True
+    return out
+
+
+def clear_legacy(checkpoint_base=None) -> dict:
+    """The shadow-git store's archives of older layouts: cowfs has none.
+    `{"bytes_freed": 0, "deleted": 0}`."""
+    return {"bytes_freed": 0, "deleted": 0}
+
+
+def format_checkpoint_list(checkpoints: list[dict], directory: str) -> str:
+    """The checkpoints `list_checkpoints` returned, numbered for a person to pick one."""
+    if not checkpoints:
+        return f"No checkpoints found for {directory}"
+    lines = [f"Checkpoints of {directory} (newest first):", ""]
+    for i, cp in enumerate(checkpoints, 1):
+        when = cp["timestamp"][:16].replace("T", " ")
+        n = cp.get("files_changed", 0)
+        counts = (f"  ({n} file{'' if n == 1 else 's'}, +{cp.get('insertions', 0)}"
+                  f"/-{cp.get('deletions', 0)})") if n else ""
+        lines.append(f"  {i}. {cp['short_hash']}  {when}  {cp['reason']}{counts}")
+    return "\n".join(lines)
+
+
 def _project_status(root: str) -> dict:
+    ident = hashlib.sha256(root.encode()).hexdigest()[:16]
     try:
         ws = api.Workspace(root)
         status = ws.status()
         sealed = [t for t in ws.turns() if t.sealed is not None]
     except CowfsError as e:
-        return {"workdir": root, "exists": os.path.isdir(root), "error": str(e)}
-    return {"workdir": root, "exists": True, "store_size_bytes": status.store_bytes,
+        return {"hash": ident, "workdir": root, "exists": os.path.isdir(root), "error": str(e)}
+    return {"hash": ident, "workdir": root, "exists": True, "store_size_bytes": status.store_bytes,
             "turns": len(sealed), "commits": len(sealed), "oldest_turn": sealed[0].number,
             "created_at": sealed[0].sealed, "last_touch": sealed[-1].sealed,
             "capture_mode": status.capture_mode}
@@ -488,28 +749,17 @@ def _rebase(diffs: list[patch.FileDiff], rel: str) -> list[patch.FileDiff]:
             for fd in diffs]
 
 
-def _shortstat(ws: api.Workspace, a: api.Turn, b: api.Turn, rel: str) -> dict:
-    """What turn *b* changed since turn *a* below *rel*, as git's --shortstat counts it (no
-    counts if that cannot be told: a turn pruned meanwhile, say)."""
+def _shortstat(ws: api.Workspace, a: api.Turn, b: api.Turn, rel: str, everything: bool) -> dict:
+    """What turn *b* changed since turn *a* below *rel*, as git's --shortstat counts it, and
+    how many changes in ignored paths were left out (no counts if that cannot be told: a turn
+    pruned meanwhile, say)."""
     try:
-        diffs = ws.file_diffs(a.number, b.number, _only(ws, rel), max_size=LINE_COUNT_LIMIT)
+        shown = ws.shown_diff(a.number, b.number, _only(ws, rel), include_ignored=everything)
+        diffs = ws.file_diffs(a.number, b.number, max_size=LINE_COUNT_LIMIT, changes=shown.changes)
     except (CowfsError, OSError) as e:
         logger.debug("no counts for checkpoint %s: %s", _short(b), e)
         return {}
     for fd in diffs:
         patch.file_patch(fd)        # counts its lines
     return {"files_changed": len(diffs), "insertions": sum(fd.insertions for fd in diffs),
-            "deletions": sum(fd.deletions for fd in diffs)}
-
-
-def _remove_with_new_parents(root: Path, then: Path, path: str, rel: str) -> None:
-    """Remove *path* (made since the checkpoint, in a directory made since too), then each
-    directory above it that did not exist at the checkpoint, while it is empty."""
-    os.unlink(root / path)
-    parent = _parent(path)
-    while parent and parent != rel and not _is_dir_at(then, parent):
-        try:
-            os.rmdir(root / parent)
-        except OSError:
-            return          # someone else's files are in it: it stays
-        parent = _parent(parent)
+            "deletions": sum(fd.deletions for fd in diffs), "ignored": shown.ignored}

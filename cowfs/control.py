@@ -32,10 +32,12 @@ class Mount:
 
     A plain class, not a NamedTuple: importing typing would add ~2 ms to every command.
     """
-    __slots__ = ("mountpoint", "source")
+    __slots__ = ("mountpoint", "source", "socket", "dev")
 
-    def __init__(self, mountpoint: str, source: str):
-        self.mountpoint, self.source = mountpoint, source
+    def __init__(self, mountpoint: str, source: str, dev: int = 0):
+        self.mountpoint, self.source, self.dev = mountpoint, source, dev   # dev: as st_dev
+        self.socket: bytes | None = None    # the control socket's path once known (a watcher
+                                            # polls without making requests of the mount)
 
     def __repr__(self):
         return f"Mount({self.mountpoint!r}, {self.source!r})"
@@ -61,7 +63,9 @@ def cowfs_mounts() -> list[Mount]:
             left, _, right = line.partition(" - ")
             fields, rfields = left.split(), right.split()
             if rfields and rfields[0] == FSTYPE:
-                mounts.append(Mount(_unescape(fields[4]), _unescape(rfields[1])))
+                major, _, minor = fields[2].partition(":")
+                mounts.append(Mount(_unescape(fields[4]), _unescape(rfields[1]),
+                                    os.makedev(int(major), int(minor))))
     return mounts
 
 
@@ -93,7 +97,21 @@ def mounts_in_words() -> str:
     return f"cowfs mounts: {', '.join(names[:5])}{more} (-C PATH names one)"
 
 
+def mount_of_daemon(daemon_pid: int) -> Mount | None:
+    """The mount daemon *daemon_pid* serves, wherever it is now (a mount moves with its parent
+    directory: `mv` of a directory above it); None if it serves none."""
+    for m in cowfs_mounts():
+        try:
+            if request(m, "activity", timeout=10)["daemon_pid"] == daemon_pid:
+                return m
+        except (CowfsError, OSError):
+            continue        # another user's, or a dead mount
+    return None
+
+
 def socket_path(mount: Mount) -> bytes:
+    if mount.socket is not None:
+        return mount.socket
     try:
         return os.getxattr(mount.mountpoint, CONTROL_XATTR)
     except OSError as e:

@@ -385,6 +385,15 @@ class Daemon:
             self._store_size = (key, usage.total)
         return self._store_size[1]
 
+    async def _op_activity(self, req: dict) -> dict:
+        """What the watcher (autocheckpoint.py) asks every second or so: cheap, no store walk.
+        `requests` counts what processes asked the mount (not the kernel's forgets)."""
+        requests = self.fs.requests
+        return {"daemon_pid": os.getpid(), "open_files": len(self.fs.open_files),
+                "requests": sum(requests.values()) - requests.get("forget", 0),
+                "pending_changes": self.capture.changes + self._persisted_changes(),
+                "quiet_seconds": time.monotonic() - self.fs.last_change}
+
     def _persisted_changes(self) -> int:
         row = self.store.catalogue.db.execute("SELECT changes FROM turns WHERE turn=?",
                                               (self.capture.turn,)).fetchone()
@@ -454,6 +463,20 @@ class Daemon:
             restore.run_paths(turn, paths)
         return {"turn": turn, "open_turn": self.capture.turn,
                 "restored": [[os.fsdecode(p), what] for p, what in restore.done], **reply}
+
+    async def _op_agent(self, req: dict) -> dict:
+        """Who the agent is (agent.py): `session` adds a harness session (pid, start time),
+        `record` a file of the ledger; the reply holds both records whole."""
+        catalogue, action = self.store.catalogue, req.get("action")
+        if action == "session":
+            catalogue.add_harness_session(int(req["session_pid"]), int(req["session_started"]), time.time())
+        elif action == "record":
+            path = os.fsdecode(self._paths({"paths": [req.get("path")]})[0])
+            catalogue.record_agent_write(path, req.get("sha256"), req.get("writer_pid"),
+                                         req.get("writer_started"), time.time())
+        elif action != "read":
+            raise BadInput(f"unknown agent request {action!r}")
+        return {"sessions": catalogue.harness_sessions(), "ledger": catalogue.agent_writes()}
 
     def _refuse_ignored(self, turn: int, path: bytes) -> None:
         """A path the rules ignore now, or that turn *turn*'s snapshot hides, has no history."""

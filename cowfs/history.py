@@ -436,8 +436,8 @@ def writer_of(change: PathChange, catalogue: Catalogue, low: int, high: int,
         row = (catalogue.entry_writer(*key, low, high) if kind == "entry"
                else catalogue.object_writer(key, low, high))
         if row is not None:
-            *fields, ancestors = row
-            return Process(*fields, tuple(int(p) for p in ancestors.split()))
+            *fields, started, ancestors = row
+            return Process(*fields, tuple(int(p) for p in ancestors.split()), started or 0)
     return None
 
 

@@ -40,6 +40,7 @@ class MountRequest:
     older_than: float | str | None = None
     max_store: int | str | None = None
     options: str = ""           # -o: comma-separated mount options (ATIME_OPTIONS)
+    idle_umount: float | str | None = None  # unmount after this long idle (seconds, or "10m")
 
 
 @dataclass
@@ -71,6 +72,7 @@ def options(req: MountRequest):
         raise BadInput(f"{req.at} is not a directory")
     if req.auto_checkpoint is not None and not req.auto_checkpoint > 0:
         raise BadInput(f"--auto-checkpoint {req.auto_checkpoint}: expected a number of seconds > 0")
+    idle_seconds(req)
     if req.snapdir not in ("hidden", "visible"):
         raise BadInput(f"--snapdir {req.snapdir}: expected hidden or visible")
     reason = fuse_unavailable_reason(workspace)
@@ -145,10 +147,11 @@ def mount(req: MountRequest) -> Mounted:
     notes = []
     for path in {opts.workspace, opts.mountpoint}:
         notes += refuse_mounted(path)
+        refuse_around(path)
     pid, note = _spawn_daemon(req, opts)
     notes += [note] if note else []
-    if req.auto_checkpoint:
-        _spawn_watcher(opts.mountpoint, req.auto_checkpoint, pid)
+    if req.auto_checkpoint or req.idle_umount:
+        _spawn_watcher(opts.mountpoint, req.auto_checkpoint or 0, pid, idle_seconds(req))
     return Mounted(opts.workspace, opts.mountpoint, pid, notes, processes_with_cwd_in(opts.mountpoint, pid))
 
 
@@ -170,6 +173,16 @@ def refuse_mounted(path: str) -> list[str]:
 # `cowfs/` directory in the caller's working directory (PYTHONPATH, the editable install's .pth
 # and a rootless user's site still count), from "/", which holds no mount the child would keep busy.
 CHILD = (sys.executable, "-P")
+
+
+def refuse_around(path: str) -> None:
+    """Raise if a cowfs mount lies below *path*: a mount around it would make every file below
+    it unreadable (one history per directory tree)."""
+    inside = path.rstrip("/") + "/"
+    for m in control.cowfs_mounts():
+        if m.mountpoint.startswith(inside):
+            raise BadInput(f"{m.mountpoint} is a cowfs mount inside {path}: unmount it first "
+                           "(a mount around it would hide it; one history per directory tree)")
 
 
 def _spawn_daemon(req: MountRequest, opts) -> tuple[int, str]:
@@ -217,11 +230,24 @@ def _last_line(path: str) -> str:
     return f": {lines[-1]}" if lines else ""
 
 
-def _spawn_watcher(mountpoint: str, quiet: float, daemon_pid: int) -> None:
-    """The auto-checkpoint watcher (autocheckpoint.py), outside the mount so it never keeps it busy."""
-    subprocess.Popen([*CHILD, "-m", "cowfs.autocheckpoint", mountpoint, str(quiet),
-                      str(daemon_pid)], cwd="/", start_new_session=True, stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def idle_seconds(req: MountRequest) -> float | None:
+    """--idle-umount in seconds (None: never); BadInput unless a duration > 0."""
+    from .retention import parse_duration
+    idle = req.idle_umount
+    if idle is None:
+        return None
+    seconds = parse_duration(idle) if isinstance(idle, str) else float(idle)
+    if not seconds > 0:
+        raise BadInput(f"--idle-umount {idle}: expected a duration > 0 (e.g. 90s, 10m)")
+    return seconds
+
+
+def _spawn_watcher(mountpoint: str, quiet: float, daemon_pid: int, idle: float | None) -> None:
+    """The watcher of --auto-checkpoint and --idle-umount (autocheckpoint.py), outside the mount
+    so it never keeps it busy."""
+    argv = [*CHILD, "-m", "cowfs.autocheckpoint", mountpoint, str(quiet), str(daemon_pid)]
+    subprocess.Popen(argv + ([str(idle)] if idle else []), cwd="/", start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _read_ready(fd: int, proc) -> str:
@@ -361,10 +387,19 @@ def wait_exit(pid: int) -> None:
 CONTAINER_FIX = "docker run --device /dev/fuse --cap-add SYS_ADMIN"
 
 
-def fuse_unavailable_reason(path: str) -> str | None:
-    """Why cowfs cannot mount over *path* on this machine, and the fix, in one line; None when
-    nothing that can be seen without mounting stands in the way. A syscall or two a check."""
+def fuse_unavailable_reason(path) -> str | None:
+    """Why cowfs cannot mount over directory *path* on this machine, and the fix, in one line;
+    None when nothing that can be seen without mounting stands in the way (or *path* is in a
+    cowfs mount already). Looks at the directory, /dev/fuse and its driver, fusermount3, root's
+    capability, the filesystem holding *path* (another FUSE filesystem cannot be stacked on) and
+    whether it can be written. A syscall or two a check."""
     import shutil
+    path = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    if not os.path.isdir(path):
+        return f"{path} is not a directory"
+    fstype = _fstype_of(path)
+    if fstype == "fuse.cowfs":
+        return None
     root = os.geteuid() == 0
     try:
         os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
@@ -382,6 +417,8 @@ def fuse_unavailable_reason(path: str) -> str | None:
         return "fusermount3 is not installed (it mounts and unmounts FUSE): install fuse3"
     if root and not _capability(21):            # CAP_SYS_ADMIN
         return f"root without CAP_SYS_ADMIN (in a container?) cannot mount FUSE: {CONTAINER_FIX}"
+    if fstype and (fstype == "fuse" or fstype.startswith(("fuse.", "fuseblk"))):
+        return f"{path} is on a {fstype} filesystem: cowfs does not mount over another FUSE filesystem"
     try:
         read_only = os.statvfs(path).f_flag & os.ST_RDONLY
     except OSError:
@@ -399,3 +436,20 @@ def _capability(bit: int) -> bool:
             if line.startswith("CapEff:"):
                 return bool(int(line.split()[1], 16) >> bit & 1)
     return False
+
+
+def _fstype_of(path: str) -> str | None:
+    """The type of the filesystem *path* is on (the deepest mount holding it), per mountinfo."""
+    best, fstype = "", None
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                point = fields[4].decode(errors="surrogateescape")
+                point = point.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, fstype = point, fields[fields.index(b"-") + 1].decode()
+    except (OSError, ValueError, IndexError):
+        return None
+    return fstype

@@ -10,8 +10,12 @@ if cowfs did something else.
     python3 examples/agent_loop.py /var/tmp/demo-ws       # as root, or as the owner of DIR
 
 DIR is made if missing; it must be on XFS, btrfs or ext4 (not tmpfs), and not mounted yet: the
-manager mounts cowfs over it at the first checkpoint. It is unmounted at the end unless
---keep-mounted (then `cowfs -C DIR log -v` shows every turn and who made each change).
+manager mounts cowfs over it at the first checkpoint, with an idle unmount (the mount ends by
+itself after 5 idle minutes, and when this harness exits; the next checkpoint mounts it again).
+Afterwards `cowfs mount DIR && cowfs -C DIR log -v` shows every turn and who made each change.
+
+Turn 2 also "installs" a dependency into .venv: the diff shows the one edited source file and
+says how many changes in ignored paths it left out (the history keeps them all).
 """
 
 import argparse
@@ -69,7 +73,7 @@ def read(path: str) -> str | None:
 
 
 def run(work: str) -> None:
-    mgr = CheckpointManager()
+    mgr = CheckpointManager(idle_umount="5m")      # ends by itself when idle, and when we exit
     at = lambda name: os.path.join(work, name)  # noqa: E731
 
     print("turn 1: scaffold a project")
@@ -80,6 +84,8 @@ def run(work: str) -> None:
         f.write('def greet(name):\n    return f"hello, {name}"\n')
     with open(at("notes.md"), "w") as f:
         f.write("# notes\n")
+    for name in ("src/greet.py", "notes.md"):
+        mgr.record_agent_write(at(name))       # what the write tool wrote: the agent's
     sh("python3 -c 'import sys; sys.path.insert(0, \"src\"); import greet; print(greet.greet(\"x\"))'"
        " > out.txt", work)
     check(read(at("out.txt")) == "hello, x\n", "the project runs")
@@ -89,11 +95,16 @@ def run(work: str) -> None:
     check(mgr.ensure_checkpoint(work, "before turn 2: say goodbye"), "checkpoint of turn 1's work")
     check(not mgr.ensure_checkpoint(work, "again"), "one checkpoint per directory per turn")
     sh("sed -i s/hello/goodbye/ src/greet.py", work)
+    sh("mkdir -p .venv/lib/site-packages/dep && for i in $(seq 1 40); do "       # a pip install
+       "echo x > .venv/lib/site-packages/dep/m$i.py; done", work)
     latest = mgr.list_checkpoints(work)[0]
     shown = mgr.diff(work, latest["short_hash"])
     print(shown["stat"] + shown["diff"], end="")
     check(shown["success"] and '+    return f"goodbye, {name}"' in shown["diff"],
           f"diff against checkpoint {latest['short_hash']} ({latest['reason']})")
+    check(shown["ignored"] == 40 and ".venv" not in shown["diff"]
+          and shown["stat"].rstrip().endswith("and 40 changes in ignored paths (all=True shows them)"),
+          "the diff shows the source, and counts the 40 files of .venv it left out")
 
     print("turn 3: a bad turn, rolled back")
     mgr.new_turn()
@@ -132,18 +143,11 @@ def run(work: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("dir", help="the workspace (made if missing; not mounted yet)")
-    parser.add_argument("--keep-mounted", action="store_true", help="leave cowfs mounted at the end")
     args = parser.parse_args(argv)
     work = os.path.abspath(args.dir)
     os.makedirs(work, exist_ok=True)
-    try:
-        run(work)
-    finally:
-        if not args.keep_mounted:
-            try:
-                cowfs.umount(work)
-            except cowfs.CowfsError as e:
-                print(f"agent_loop: {e}", file=sys.stderr)
+    run(work)
+    print(f"the mount ends as this harness exits; `cowfs mount {work}` to look at its history")
     return 0
 
 

@@ -26,7 +26,8 @@ def test_checkpoint_turns_rollback_and_snapshots(workspace):
     one = ws.checkpoint("first")
     assert (one.number, one.kind, one.message, one.name) == (1, "turn", "first", "turn-1")
     assert one.sealed is not None and one.sealed >= one.started
-    assert one.changes >= 3 and one.bytes_captured > 0
+    assert (one.changes, one.ignored) == (2, 0)        # keep, new (a directory is no change, as in git)
+    assert one.captured >= 3 and one.bytes_captured > 0
 
     turns = ws.turns()
     assert [t.number for t in turns] == [0, 1, 2]

@@ -149,7 +149,10 @@ def test_mount_refuses_what_it_cannot_mount(workspace, tmp_path):
     (tmp_path / "file").write_text("x")
     assert "is not a directory" in one_line_error(cowfs("mount", tmp_path / "file"), 2)
     assert "is not a directory" in one_line_error(cowfs("mount", tmp_path / "missing"), 2)
+    assert "not a duration: 'soon'" in one_line_error(cowfs("mount", tmp_path, "--idle-umount", "soon"), 2)
     workspace.mount()
+    around = one_line_error(cowfs("mount", workspace.path.parent), 2)      # would hide it
+    assert f"{workspace.path} is a cowfs mount inside {workspace.path.parent}" in around
     assert "already mounted" in one_line_error(cowfs("mount", workspace.path), 2)
     (workspace.path / "inner").mkdir()
     assert "inside the cowfs mount" in one_line_error(cowfs("mount", workspace.path / "inner"), 2)
@@ -237,7 +240,7 @@ def test_a_store_of_a_newer_format_is_refused_and_left_alone(workspace):
 
 def test_a_format_2_store_is_upgraded_in_place(workspace):
     """A store of the format before link counts were recorded (and before the ignore and
-    writer tables) mounts, keeps its history, and is format 3 afterwards; its old rows show
+    writer tables) mounts, keeps its history, and is of the current format afterwards; its old rows show
     the live link count, new rows the recorded one."""
     import sqlite3
     ws, p = workspace, workspace.path
@@ -247,13 +250,8 @@ def test_a_format_2_store_is_upgraded_in_place(workspace):
     (p / "f").write_text("b\n")
     ws.cli("checkpoint")
     ws.umount()
-    db = sqlite3.connect(ws.store / "catalogue.db")
-    with db:
-        db.execute("UPDATE meta SET value='2' WHERE key='format'")
-        db.execute("ALTER TABLE attrs DROP COLUMN nlink")
-        for table in ("processes", "entry_writers", "object_writers", "ignore_rules", "ignored"):
-            db.execute(f"DROP TABLE {table}")
-    db.close()
+    as_older_format(ws, "2", ("attrs", "nlink"),
+                    ("processes", "entry_writers", "object_writers", "ignore_rules", "ignored"))
     ws.mount()
     assert (ws.snapshots / "turn-0" / "f").read_text() == "a\n"
     assert (ws.snapshots / "turn-1" / "g").read_text() == "b\n"
@@ -263,8 +261,43 @@ def test_a_format_2_store_is_upgraded_in_place(workspace):
     assert os.stat(ws.snapshots / "turn-2" / "f").st_nlink == 1
     ws.umount()
     db = sqlite3.connect(ws.store / "catalogue.db")
-    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == ("3",)
+    from cowfs.catalogue import FORMAT_VERSION
+    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == (FORMAT_VERSION,)
     assert "nlink" in {row[1] for row in db.execute("PRAGMA table_info(attrs)")}
+    db.close()
+
+
+def as_older_format(ws, version: str, column: tuple[str, str], tables: tuple[str, ...]) -> None:
+    """Make the unmounted store of *ws* what format *version* wrote: without *column* (table,
+    column) and *tables*."""
+    import sqlite3
+    db = sqlite3.connect(ws.store / "catalogue.db")
+    with db:
+        db.execute("UPDATE meta SET value=? WHERE key='format'", (version,))
+        db.execute(f"ALTER TABLE {column[0]} DROP COLUMN {column[1]}")
+        for table in tables:
+            db.execute(f"DROP TABLE {table}")
+    db.close()
+
+
+def test_a_format_3_store_is_upgraded_in_place(workspace):
+    """A store from before process start times and the agent's record: its writers keep their
+    rows (start time unknown, 0) and the harness tables are made."""
+    import sqlite3
+    from cowfs.catalogue import FORMAT_VERSION
+    ws, p = workspace, workspace.path
+    ws.mount()
+    run(["sh", "-c", "echo a > f"], cwd=p)
+    ws.cli("checkpoint")
+    ws.umount()
+    as_older_format(ws, "3", ("processes", "started"), ("harness_sessions", "agent_writes"))
+    ws.mount()
+    [change] = json.loads(ws.cli("diff", "0", "1", "--json").stdout)
+    assert change["path"] == "f" and change["process"]["comm"] == "sh" and change["process"]["started"] == 0
+    ws.umount()
+    db = sqlite3.connect(ws.store / "catalogue.db")
+    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == (FORMAT_VERSION,)
+    assert db.execute("SELECT count(*) FROM harness_sessions").fetchone() == (0,)
     db.close()
 
 

@@ -7,6 +7,7 @@ double fork whose middle process exits first, as examples/agent_loop.py
 makes); the "agent" is the test process and the commands it runs.
 """
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -15,18 +16,20 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 import cowfs
-from cowfs.compat import CheckpointManager, prune, store_status
-from conftest import REPO, TEST_USER, Workspace, as_user, chown_tree, run
+from cowfs.compat import CheckpointManager, available, prune, store_status
+from conftest import REPO, TEST_USER, Workspace, as_user, chown_tree, is_fuse_mounted, run
 from treeview import tree
 
 XFS_ONLY = pytest.mark.parametrize("backing", ["xfs"], indirect=True)
-ENTRY_KEYS = {"hash", "short_hash", "timestamp", "reason", "files_changed", "insertions", "deletions"}
+ENTRY_KEYS = {"hash", "short_hash", "timestamp", "reason", "files_changed", "insertions", "deletions",
+              "ignored"}
 
 
 def _example():
@@ -114,21 +117,30 @@ def test_ensure_checkpoint_says_false_and_never_raises(workspace, monkeypatch, c
     assert mgr.ensure_checkpoint(str(tmp_path / "missing"), "missing") is False
     assert mgr.ensure_checkpoint(None, "nonsense") is False
     assert turns(p) == [0, 1]          # nothing was sealed: turn 1 is still open
-    # A directory changed behind cowfs's back while unmounted: the mount is refused, logged.
+    # A directory changed behind cowfs's back while unmounted (after an idle unmount, say): the
+    # manager mounts it again and says, as a warning, that earlier checkpoints show it as it is.
     workspace.umount()
     (p / "f").write_text("behind its back\n")
     with caplog.at_level(logging.WARNING, logger="cowfs.compat"):
-        assert CheckpointManager().ensure_checkpoint(str(p), "drifted") is False
-    assert not workspace.is_mounted()
-    assert any("changed" in r.getMessage() and "cowfs" in r.getMessage() for r in caplog.records)
+        assert CheckpointManager().ensure_checkpoint(str(p), "drifted") is False   # nothing new
+    assert workspace.is_mounted()
+    assert any(r.levelno == logging.WARNING and "changed while cowfs was not mounted" in r.getMessage()
+               and "accepted" in r.getMessage() for r in caplog.records)
 
 
 @XFS_ONLY
-def test_a_remounted_store_lists_the_first_call_as_a_new_checkpoint(workspace):
+def test_a_remounted_store_checkpoints_only_what_changed_since(workspace):
+    """After an unmount (an idle one, a restart), the history is mounted again as it was: a
+    checkpoint only if something changed since the last one, as in a running mount."""
     p = workspace.path
     start(workspace, {"f": "f\n"}, "first session")
     workspace.umount()
     mgr = CheckpointManager()
+    assert [c["reason"] for c in mgr.list_checkpoints(str(p))] == ["first session"]   # mounts again
+    assert workspace.is_mounted()
+    assert mgr.ensure_checkpoint(str(p), "second session") is False
+    (p / "f").write_text("g\n")
+    mgr.new_turn()
     assert mgr.ensure_checkpoint(str(p), "second session") is True
     assert [c["reason"] for c in mgr.list_checkpoints(str(p))] == ["second session", "first session"]
 
@@ -172,7 +184,7 @@ def test_diff_is_a_git_patch_of_the_checkpoint_against_the_live_tree(workspace, 
     (p / "old.txt").unlink()
     (p / "new.txt").write_text("new\nfile\n")
     by_short = mgr.diff(str(p), cp["short_hash"])
-    assert set(by_short) == {"success", "stat", "diff"} and by_short["success"] is True
+    assert set(by_short) == {"success", "stat", "diff", "ignored"} and by_short["success"] is True
     assert mgr.diff(str(p), cp["hash"]) == by_short == mgr.diff(str(p), cp["hash"].upper())
     assert by_short["stat"].rstrip().endswith("3 files changed, 3 insertions(+), 2 deletions(-)")
     assert "-    return 1\n+    return 2\n" in by_short["diff"]
@@ -194,15 +206,18 @@ def test_bad_ids_and_paths_fail_with_one_error_and_touch_nothing(workspace, tmp_
     while cp["hash"].startswith(unknown[:8]):
         unknown = unknown[1:] + unknown[0]
     before, sealed = tree(p), turns(p)
-    bad_ids = {"xyz1": "hex", "-abc1": "'-'", "--patch": "'-'", "ab1": "4-64", "": "empty",
-               "a" * 65: "4-64", unknown[:8]: "not found", None: "empty"}
+    # The phrases callers of the shadow-git manager look for in its errors.
+    bad_ids = {"xyz1": "expected 4-64 hex characters",
+               "-abc1": "Invalid commit hash (must not start with '-')", "--patch": "must not start with '-'", "ab1": "Invalid commit hash", "": "Empty commit hash",
+               "a" * 65: "expected 4-64 hex characters", unknown[:8]: "not found", None: "Empty"}
     for bad, says in bad_ids.items():
         for result in (mgr.diff(str(p), bad), mgr.restore(str(p), bad),
                        mgr.restore(str(p), bad, safe=True)):
             assert set(result) == {"success", "error"} and result["success"] is False
             assert says in result["error"] and "\n" not in result["error"], (bad, result)
-    bad_paths = {"/etc/passwd": "relative", str(p / "f"): "relative", "../x": "escapes",
-                 "d/../../x": "escapes", "out/passwd": "escapes", " ": "empty",
+    bad_paths = {"/etc/passwd": "got absolute path", str(p / "f"): "got absolute path",
+                 "../x": "escapes the working directory", "d/../../x": "escapes", "out/passwd": "escapes",
+                 " ": "Empty file path",
                  ".snapshots/turn-0/f": "not in the live tree", "missing": "neither",
                  "nodir/x": "neither"}
     for bad, says in bad_paths.items():
@@ -262,16 +277,24 @@ def test_restore_one_file_or_a_subdirectory(workspace):
 
 
 def test_safe_restore_reverts_the_agents_changes_and_keeps_the_users(workspace):
+    """The rule: the agent's are what the harness recorded (while nobody else changed it and it
+    holds what was recorded) and whatever its descendants did; the rest is the user's, including
+    what the harness process wrote itself without recording it."""
     p = workspace.path
-    names = ("mine", "sed", "gone", "user", "told", "retold", "moved", "both")
+    names = ("mine", "unrecorded", "redone", "sed", "gone", "user", "told", "retold", "moved", "both")
     files = {f"{n}.txt": f"{n} 0\n" for n in names} | {"lib/x.py": "x\n", "lib/y.py": "y\n"}
     mgr = start(workspace, files, "clean")
     cp = mgr.list_checkpoints(str(p))[0]
-    (p / "mine.txt").write_text("the harness wrote this\n")                # this process
+    (p / "mine.txt").write_text("the harness's write tool wrote this\n")   # this process, recorded
+    mgr.record_agent_write(str(p / "mine.txt"))
+    (p / "unrecorded.txt").write_text("the harness process, not recorded\n")   # the user's (Hermes)
+    (p / "redone.txt").write_text("the write tool\n")
+    mgr.record_agent_write(str(p / "redone.txt"))
+    (p / "redone.txt").write_text("then this process again, not recorded\n")
     run(["sed", "-i", "s/0/1/", p / "sed.txt"])                            # a child of it
     run(["sh", "-c", "rm gone.txt && echo made > made.txt && mkdir -p new/deep && echo x > new/deep/x"],
         cwd=p)
-    os.rename(p / "moved.txt", p / "renamed.txt")
+    run(["mv", p / "moved.txt", p / "renamed.txt"])
     run(["rm", "-r", p / "lib"])
     user_writes(p / "both.txt", "the user first\n")
     run(["sed", "-i", "s/first/first, then the agent/", p / "both.txt"])     # the agent's, last
@@ -286,10 +309,13 @@ def test_safe_restore_reverts_the_agents_changes_and_keeps_the_users(workspace):
     after = checkpoint(mgr, p, "after the agent's turn")     # writers are kept with the turn
     before = tree(p)
 
+    plan = mgr.safe_restore_plan(str(p), cp["hash"])
     result = mgr.restore(str(p), cp["short_hash"], safe=True)
     agents = ["both.txt", "gone.txt", "lib/x.py", "lib/y.py", "made.txt", "mine.txt", "moved.txt",
               "new/deep/x", "renamed.txt", "sed.txt", "told.txt"]
-    users = ["new/deep/user-note", "retold.txt", "user.txt", "users-own.txt"]
+    users = ["new/deep/user-note", "redone.txt", "retold.txt", "unrecorded.txt", "user.txt",
+             "users-own.txt"]
+    assert plan == {"success": True, "restore": agents, "skipped": users}
     assert result == {"success": True, "restored_to": cp["short_hash"], "reason": "clean",
                       "directory": str(p), "restored_files": agents, "skipped_user_edits": users,
                       "skipped_oversize": []}
@@ -298,6 +324,8 @@ def test_safe_restore_reverts_the_agents_changes_and_keeps_the_users(workspace):
     assert (p / "lib/x.py").read_text() == "x\n" and (p / "lib/y.py").read_text() == "y\n"
     assert not (p / "made.txt").exists() and not (p / "renamed.txt").exists()
     assert not (p / "new/deep/x").exists()
+    assert (p / "unrecorded.txt").read_text() == "the harness process, not recorded\n"
+    assert (p / "redone.txt").read_text() == "then this process again, not recorded\n"
     assert (p / "user.txt").read_text() == "the user's edit\n"
     assert (p / "users-own.txt").read_text() == "the user's new file\n"
     assert (p / "retold.txt").read_text() == "a tool server wrote this\nand then the user\n"
@@ -306,6 +334,58 @@ def test_safe_restore_reverts_the_agents_changes_and_keeps_the_users(workspace):
     assert mgr.list_checkpoints(str(p))[0] == after
     assert mgr.restore(str(p), after["hash"])["success"]
     assert tree(p) == before
+
+
+@XFS_ONLY
+def test_safe_restore_without_a_ledger_or_descendants_restores_everything(workspace):
+    """Nothing tells the agent apart (no recorded write, no command of the harness): a full
+    restore, without `skipped_user_edits`, as the shadow-git manager does."""
+    p = workspace.path
+    mgr = start(workspace, {"main.py": "print('hello')\n", "README.md": "# p\n"})
+    cp = mgr.list_checkpoints(str(p))[0]
+    (p / "main.py").write_text("changed, nothing recorded\n")
+    user_writes(p / "README.md", "the user\n")
+    assert mgr.safe_restore_plan(str(p), cp["hash"]) == {"success": True, "restore": [],
+                                                         "skipped": [], "ledger_empty": True}
+    result = mgr.restore(str(p), cp["hash"], safe=True)
+    assert result == {"success": True, "restored_to": cp["short_hash"], "reason": "start",
+                      "directory": str(p)}
+    assert (p / "main.py").read_text() == "print('hello')\n" and (p / "README.md").read_text() == "# p\n"
+
+
+@XFS_ONLY
+def test_a_new_harness_process_classifies_an_earlier_sessions_changes_the_same_way(workspace):
+    """Session 1 (a harness process the test did not start) records a write, runs a command and
+    writes a file itself; the daemon is then restarted (unmounted and mounted again) and a new
+    harness process (this one) safe-restores: the ledger and session 1's identity came from
+    the store."""
+    p = workspace.path
+    for name, text in {"src/app.py": "v0\n", "docs/guide.md": "guide\n", "notes.md": "n0\n"}.items():
+        (p / name).parent.mkdir(parents=True, exist_ok=True)
+        (p / name).write_text(text)
+    workspace.mount()
+
+    def session_1():
+        mgr = CheckpointManager()
+        mgr.new_turn()
+        mgr.ensure_checkpoint(str(p), "session 1 starts")      # nothing changed yet: turn 0 is it
+        (p / "src/app.py").write_text("v1, by the write tool\n")
+        mgr.record_agent_write(str(p / "src/app.py"))
+        subprocess.run(["rm", p / "docs/guide.md"], check=True)         # a terminal command
+        (p / "notes.md").write_text("the user's hand edit, through the harness\n")
+    as_unrelated_process(session_1)
+    user_writes(p / "todo", "the user's own file\n")
+    workspace.umount()
+    workspace.mount()
+
+    mgr = CheckpointManager()
+    cp = mgr.list_checkpoints(str(p))[-1]
+    result = mgr.restore(str(p), cp["hash"], safe=True)
+    assert (result["restored_files"], result["skipped_user_edits"]) == (
+        ["docs/guide.md", "src/app.py"], ["notes.md", "todo"])
+    assert (p / "src/app.py").read_text() == "v0\n" and (p / "docs/guide.md").read_text() == "guide\n"
+    assert (p / "notes.md").read_text() == "the user's hand edit, through the harness\n"
+    assert (p / "todo").read_text() == "the user's own file\n"
 
 
 @XFS_ONLY
@@ -322,8 +402,10 @@ def test_safe_restore_removes_the_directories_the_agent_made_once_empty(workspac
 @XFS_ONLY
 def test_safe_restore_with_only_user_edits_touches_nothing(workspace):
     p = workspace.path
-    mgr = start(workspace, {"notes": "n\n"}, "clean")
-    cp = mgr.list_checkpoints(str(p))[0]
+    mgr = start(workspace, {"notes": "n\n"})
+    (p / "tool.txt").write_text("the write tool\n")
+    mgr.record_agent_write(str(p / "tool.txt"))             # a ledger, from an earlier turn
+    cp = checkpoint(mgr, p, "clean")
     user_writes(p / "notes", "the user's notes\n")
     sealed = turns(p)
     result = mgr.restore(str(p), cp["hash"], safe=True)
@@ -339,8 +421,7 @@ def test_safe_restore_of_a_subdirectory_reports_paths_relative_to_it(workspace):
     p = workspace.path
     mgr = start(workspace, {"lib/a": "a\n", "lib/u": "u\n", "top": "t\n"})
     cp = mgr.list_checkpoints(str(p))[0]
-    (p / "lib/a").write_text("agent\n")
-    (p / "top").write_text("agent, outside lib\n")
+    run(["sh", "-c", "echo agent > lib/a && echo agent, outside lib > top"], cwd=p)
     user_writes(p / "lib/u", "user\n")
     result = mgr.restore(str(p / "lib"), cp["hash"], safe=True)
     assert (result["restored_files"], result["skipped_user_edits"]) == (["a"], ["u"])
@@ -358,13 +439,16 @@ def test_get_working_dir_for_path_and_store_status(workspace, tmp_path):
     assert mgr.get_working_dir_for_path(str(project / "pkg/mod.py")) == str(project)
     (p / "src/x.py").write_text("y\n")
     checkpoint(mgr, p, "second")
-    status = store_status(str(p / "src"))
+    status = store_status(working_dir=str(p / "src"))
     [entry] = status["projects"]
     assert status["project_count"] == 1 and status["store_size_bytes"] == entry["store_size_bytes"] > 0
     assert entry["workdir"] == str(p) and entry["turns"] == entry["commits"] == 2
     assert entry["oldest_turn"] == 0 and entry["capture_mode"] in ("reflink", "copy")
     assert entry["created_at"] <= entry["last_touch"]
-    assert store_status(str(tmp_path)) == {"store_size_bytes": 0, "project_count": 0, "projects": []}
+    assert store_status(working_dir=str(tmp_path)) == {
+        "base": None, "store_size_bytes": 0, "total_size_bytes": 0, "project_count": 0, "projects": [],
+        "legacy_size_bytes": 0, "pre_v2_projects": [], "legacy_archives": []}
+    assert entry["hash"] == hashlib.sha256(str(p).encode()).hexdigest()[:16]
 
 
 def test_prune_helper_and_the_managers_store_limit(workspace, tmp_path):
@@ -387,18 +471,22 @@ def test_prune_helper_and_the_managers_store_limit(workspace, tmp_path):
 
 def test_the_example_agent_loop_runs(workspace):
     p = workspace.path
-    cp = run([sys.executable, REPO / "examples/agent_loop.py", p, "--keep-mounted"])
-    assert "FAILED" not in cp.stdout and cp.stdout.count("  ok: ") == 9, cp.stdout
+    cp = run([sys.executable, REPO / "examples/agent_loop.py", p])
+    assert "FAILED" not in cp.stdout and cp.stdout.count("  ok: ") == 10, cp.stdout
+    assert not workspace.is_mounted()           # the harness's mount ended with it
+    workspace.mount()
     assert (p / "src/greet.py").read_text() == 'def greet(name):\n    return f"goodbye, {name}"\n'
     assert (p / "notes.md").read_text() == "# notes\n- remember to add tests\n"
-    assert sorted(os.listdir(p)) == ["notes.md", "out.txt", "src"]
+    assert sorted(os.listdir(p)) == [".venv", "notes.md", "out.txt", "src"]
     log = json.loads(workspace.cli("log", "--json").stdout)
     messages = [t["message"] for t in log if t["sealed"]]
     assert messages[:3] == ["before turn 1: scaffold", "before turn 2: say goodbye",
                             "before turn 3: clean up"]
     assert re.fullmatch(r"pre-rollback snapshot \(restoring to [0-9a-f]{8}\)", messages[3])
     assert messages[4] == "rollback to turn-2" and messages[5].startswith("pre-rollback snapshot")
-    assert len(messages) == 6           # "before turn 4" found nothing changed since the rollback
+    # "before turn 4" found nothing changed since the rollback; the unmount at the harness's
+    # exit sealed what the safe restore changed
+    assert len(messages) == 7
 
 
 @XFS_ONLY
@@ -408,8 +496,8 @@ def test_the_example_runs_without_privilege(backing, test_users):
     try:
         chown_tree(ws.path, TEST_USER)
         cp = run([*as_user(TEST_USER), sys.executable, REPO / "examples/agent_loop.py", ws.path])
-        assert "FAILED" not in cp.stdout and cp.stdout.count("  ok: ") == 9, cp.stdout
-        assert not ws.is_mounted()           # the example unmounts at the end
+        assert "FAILED" not in cp.stdout and cp.stdout.count("  ok: ") == 10, cp.stdout
+        assert not ws.is_mounted()           # the harness's mount ended with it
         assert (ws.path / "notes.md").read_text() == "# notes\n- remember to add tests\n"
         assert {f.owner() for f in ws.path.rglob("*")} == {TEST_USER}
     finally:
@@ -436,3 +524,110 @@ def test_the_claude_code_hook_recipe_of_docs_harness_md(workspace, tmp_path):
     assert [t["message"] for t in log[1:3]] == [f"before: {prompt[:200]}", "agent turn"]
     assert (workspace.snapshots / "turn-2/parser.py").read_text() == "fixed\n"
     assert not (workspace.snapshots / "turn-1/parser.py").exists()
+
+
+@XFS_ONLY
+def test_nested_directories_keep_one_history_each_and_never_fail(workspace):
+    """In a directory without project markers the first checkpoint of proj/src/app.py mounts
+    proj/src; a checkpoint of proj later must not mount around it (every file below would
+    fail with EIO, and src's checkpoints could no longer be listed): src's history is
+    checkpointed instead, mounted or not, and `cowfs mount proj` is refused in one line."""
+    p = workspace.path
+    src = p / "src"
+    src.mkdir()
+    (src / "app.py").write_text("v0\n")
+    mgr = CheckpointManager()
+    mgr.new_turn()
+    assert mgr.get_working_dir_for_path(str(src / "app.py")) == str(src)
+    assert mgr.ensure_checkpoint(mgr.get_working_dir_for_path(str(src / "app.py")), "src") is True
+    try:
+        (src / "app.py").write_text("v1\n")
+        mgr.new_turn()
+        assert mgr.ensure_checkpoint(str(p), "proj") is False      # logged: src's was taken
+        assert not workspace.is_mounted()
+        assert (src / "app.py").read_text() == "v1\n" and os.listdir(src) == ["app.py"]
+        assert [c["reason"] for c in mgr.list_checkpoints(str(src))] == ["proj", "src"]
+        result = run([sys.executable, "-m", "cowfs", "mount", p], check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1
+        assert f"{src} is a cowfs mount inside {p}" in result.stderr
+        cowfs.umount(src)                                  # as an idle unmount would
+        (src / "app.py").write_text("v2\n")
+        mgr.new_turn()
+        assert mgr.ensure_checkpoint(str(p), "proj again") is False    # src is mounted again
+        assert not workspace.is_mounted()
+        first = mgr.list_checkpoints(str(src))[-1]
+        assert first["reason"] == "src" and mgr.restore(str(src), first["hash"])["success"]
+        assert (src / "app.py").read_text() == "v0\n"
+    finally:
+        if is_fuse_mounted(src):
+            cowfs.umount(src)
+
+
+@XFS_ONLY
+def test_an_idle_mount_ends_by_itself_and_mounts_again_with_its_history(workspace):
+    p = workspace.path
+    (p / "f").write_text("v0\n")
+    mgr = CheckpointManager(idle_umount=1.5)
+    mgr.new_turn()
+    assert mgr.ensure_checkpoint(str(p), "start") is True
+    holder = subprocess.Popen(["sleep", "60"], cwd=p)       # working inside: not idle
+    try:
+        time.sleep(4)
+        assert workspace.is_mounted()
+    finally:
+        holder.kill()
+        holder.wait()
+    (p / "f").write_text("v1\n")                            # pending: sealed by the unmount
+    deadline = time.monotonic() + 30
+    while workspace.is_mounted() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not workspace.is_mounted()
+    left = lambda: [pid for pid in _pids_of("cowfs") if str(p) in _cmdline(pid)]  # noqa: E731
+    while left() and time.monotonic() < deadline:           # the daemon ends after its mount
+        time.sleep(0.2)
+    assert not left()                                       # nor daemon nor watcher
+    assert [c["reason"] for c in mgr.list_checkpoints(str(p))] == ["unmount", "start"]  # mounts again
+    assert workspace.is_mounted()
+    assert (workspace.snapshots / "turn-0/f").read_text() == "v0\n"
+    mgr.new_turn()
+    (p / "f").write_text("v2\n")
+    assert mgr.ensure_checkpoint(str(p), "after the remount") is True
+    assert mgr.restore(str(p), mgr.list_checkpoints(str(p))[-1]["hash"])["success"]
+    assert (p / "f").read_text() == "v0\n"
+
+
+def _pids_of(word: str) -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and word in _cmdline(int(d))]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@XFS_ONLY
+def test_available_says_why_cowfs_cannot_serve_a_directory(workspace, tmp_path, test_users):
+    """The fallback a harness needs: `available` is true where cowfs can mount, and names the
+    reason where it cannot; `ensure_checkpoint` logs the same reason and returns False."""
+    assert available(workspace.path) and available(workspace.path).reason is None
+    missing = available(tmp_path / "missing")
+    assert not missing and missing.reason == f"{tmp_path / 'missing'} is not a directory"
+    start(workspace, {"f": "f\n"})
+    (workspace.path / "sub").mkdir()
+    assert available(workspace.path / "sub")          # inside a cowfs mount: served already
+    # Without root, a mount needs fusermount3: an ordinary user whose PATH lacks it.
+    home = workspace.path.parent / "user-proj"
+    home.mkdir()
+    chown_tree(home, TEST_USER)
+    script = ("import logging, sys\n"
+              "from cowfs.compat import CheckpointManager, available\n"
+              "logging.basicConfig(level=logging.WARNING)\n"
+              "print(available(sys.argv[1]).reason)\n"
+              "print(CheckpointManager().ensure_checkpoint(sys.argv[1], 'first'))\n")
+    cp = run([*as_user(TEST_USER), "env", "PATH=/nonexistent", sys.executable, "-c", script, home])
+    reason = "no fusermount3 on PATH (install fuse3): a mount without root needs it"
+    assert cp.stdout.splitlines() == [reason, "False"]
+    assert f"cowfs: no checkpoint of {home}: cowfs cannot serve {home} here: {reason}" in cp.stderr

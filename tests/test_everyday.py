@@ -246,6 +246,23 @@ def test_auto_checkpoint_seals_after_quiet_seconds(workspace):
     assert len(json.loads(workspace.cli("log", "--json").stdout)) == 3
 
 
+def test_idle_umount_ends_the_mount_and_keeps_the_history(workspace):
+    p = workspace.path
+    workspace.mount("--idle-umount", "1s")
+    with open(p / "held", "w") as f:            # an open file: not idle
+        f.write("written while held\n")
+        time.sleep(3)
+        assert workspace.is_mounted()
+    deadline = time.monotonic() + 30
+    while workspace.is_mounted() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not workspace.is_mounted()
+    workspace.mount()                           # the history as it was, the pending change sealed
+    turns = json.loads(workspace.cli("log", "--json").stdout)
+    assert [(t["number"], t["changes"]) for t in turns if t["sealed"]] == [(0, 0), (1, 1)]
+    assert (workspace.snapshots / "turn-1/held").read_text() == "written while held\n"
+
+
 def test_restore_keeps_a_surviving_name_and_its_lost_hard_link_one_file(workspace):
     (workspace.path / "a").write_text("hi\n")
     os.link(workspace.path / "a", workspace.path / "b")

@@ -112,7 +112,8 @@ def pytest_configure(config):
 ROOTLESS_MODULES = {"test_scenarios", "test_model", "test_model_regressions", "test_cli", "test_api",
                     "test_rollback_stale_size", "test_parity", "test_recovery",
                     "test_checkpoint_cost", "test_everyday", "test_security",
-                    "test_history_random", "test_differential", "test_prune", "test_ignore"}
+                    "test_history_random", "test_differential", "test_prune", "test_ignore",
+                    "test_mcp"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -28,21 +28,22 @@ TOOLS = {"list_turns", "diff", "show_file", "who_changed", "checkpoint", "restor
 
 
 @asynccontextmanager
-async def session(path, errlog=None):
-    """A client session with `cowfs mcp -C PATH`, initialized."""
-    params = StdioServerParameters(command=sys.executable, args=["-m", "cowfs", "mcp", "-C", str(path)],
-                                   env={"PYTHONPATH": str(REPO)})
+async def session(workspace, errlog=None):
+    """A client session with `cowfs mcp -C PATH`, initialized, run as the mount's owner (the
+    user of a rootless mount: the daemon serves the user it was made for)."""
+    argv = [*workspace.cowfs_cmd, "mcp", "-C", str(workspace.path)]
+    params = StdioServerParameters(command=argv[0], args=argv[1:], env={"PYTHONPATH": str(REPO)})
     async with stdio_client(params, errlog=errlog or sys.stderr) as (read, write):
         async with ClientSession(read, write) as s:
             await s.initialize()
             yield s
 
 
-def drive(path, script):
-    """Run `await script(session)` against a fresh server of *path*; returns its result. The
-    server's stderr must stay free of tracebacks."""
+def drive(workspace, script):
+    """Run `await script(session)` against a fresh server of *workspace*; returns its result.
+    The server's stderr must stay free of tracebacks."""
     async def main():
-        async with session(path, errlog=log) as s:
+        async with session(workspace, errlog=log) as s:
             return await script(s)
     with tempfile.TemporaryFile("w+") as log:
         result = anyio.run(main)
@@ -51,11 +52,11 @@ def drive(path, script):
     return result
 
 
-def calls(path, *requests):
+def calls(workspace, *requests):
     """The results of tool calls [(name, arguments), ...], made in order in one session."""
     async def script(s):
         return [await s.call_tool(name, args) for name, args in requests]
-    return drive(path, script)
+    return drive(workspace, script)
 
 
 def ok(result) -> dict:
@@ -97,7 +98,7 @@ def test_tools_have_schemas_descriptions_and_annotations(workspace):
     async def script(s):
         return (await s.list_tools()).tools, await s.list_resources(), \
             await s.list_resource_templates()
-    tools, resources, templates = drive(workspace.path, script)
+    tools, resources, templates = drive(workspace, script)
     by_name = {t.name: t for t in tools}
     assert set(by_name) == TOOLS
     for t in tools:
@@ -150,7 +151,7 @@ def test_list_turns_diff_show_file_and_who_changed(workspace):
     (workspace.path / "link").symlink_to("src/app.py")
 
     checkpoint, turns, page, diff, text, binary, link, listing, who = calls(
-        workspace.path, ("checkpoint", {"message": "edit app"}), ("list_turns", {}),
+        workspace, ("checkpoint", {"message": "edit app"}), ("list_turns", {}),
         ("list_turns", {"limit": 1, "before": 2}), ("diff", {"from_turn": 0, "to_turn": 1}),
         ("show_file", {"turn": 0, "path": "src/app.py"}), ("show_file", {"turn": 1, "path": "logo.png"}),
         ("show_file", {"turn": 1, "path": "link"}), ("show_file", {"turn": 1, "path": "src"}),
@@ -193,7 +194,7 @@ def test_the_noise_filter_is_on_by_default(workspace):
         (site / f"m{i}.py").write_text(f"# {i}\n")
 
     shown, everything, turns = calls(
-        workspace.path, ("diff", {}), ("diff", {"include_ignored": True}), ("list_turns", {"limit": 1}))
+        workspace, ("diff", {}), ("diff", {"include_ignored": True}), ("list_turns", {"limit": 1}))
     s, e = ok(shown), ok(everything)
     assert [c["path"] for c in s["changes"]] == ["app.py"] and s["total_changes"] == 1
     api = cowfs.Workspace(workspace.path).shown_diff(0)
@@ -218,7 +219,7 @@ def test_errors_are_tool_errors_with_the_cli_message_and_touch_nothing(workspace
     turns_before = [t.number for t in cowfs.Workspace(workspace.path).turns()]
 
     results = calls(
-        workspace.path,
+        workspace,
         ("show_file", {"turn": 99, "path": "f"}), ("rollback", {"turn": 99}),
         ("restore", {"turn": 99, "paths": ["f"]}), ("diff", {"from_turn": 99}),
         ("restore", {"turn": 0, "paths": ["f"]}), ("rollback", {"turn": 0}),
@@ -288,7 +289,7 @@ def test_large_outputs_come_in_pages(workspace):
                 await pages(s, "show_file", {"turn": 1, "path": "many"}, "entries"), older,
                 error(await s.call_tool("show_file", {"turn": 0, "path": "big.txt",
                                                       "cursor": foreign})))
-    patch_pages, text_pages, small_pages, dir_pages, older, refused = drive(workspace.path, script)
+    patch_pages, text_pages, small_pages, dir_pages, older, refused = drive(workspace, script)
 
     assert len(patch_pages) >= 10 and all(len(p) <= mcpserver.PAGE_CHARS for p in patch_pages)
     assert "".join(patch_pages) == ws.patch(0, 1)
@@ -314,7 +315,7 @@ def test_restore_and_rollback_on_disk_and_their_undo(workspace):
     turn0 = tree(workspace.snapshots / "turn-0")
     broken = tree(workspace.backing)
 
-    restore, = calls(workspace.path, ("restore", {"turn": 0, "paths": ["src"]}))
+    restore, = calls(workspace, ("restore", {"turn": 0, "paths": ["src"]}))
     r = ok(restore)
     assert r["restored"] == [{"path": "src", "done": "restored"}]
     on_disk = tree(workspace.backing)
@@ -326,14 +327,14 @@ def test_restore_and_rollback_on_disk_and_their_undo(workspace):
     assert r["turn"] == 3 and turns[3].message == "restore src from turn-0"
     assert f"undo: rollback(turn=2)" in restore.content[0].text
 
-    undo, = calls(workspace.path, ("rollback", r["undo"]))
+    undo, = calls(workspace, ("rollback", r["undo"]))
     assert ok(undo)["target"] == 2
     assert tree(workspace.backing) == {**broken, "README": b"the user's edit\n"}
 
-    rollback, = calls(workspace.path, ("rollback", {"turn": 0}))
+    rollback, = calls(workspace, ("rollback", {"turn": 0}))
     rb = ok(rollback)
     assert tree(workspace.backing) == turn0
-    back, = calls(workspace.path, ("rollback", rb["undo"]))
+    back, = calls(workspace, ("rollback", rb["undo"]))
     assert ok(back)["target"] == rb["turn"] - 1
     assert tree(workspace.backing) == {**broken, "README": b"the user's edit\n"}
 
@@ -357,7 +358,7 @@ def test_resources_for_turns_and_old_files(workspace):
         with pytest.raises(MCPError):        # refused (by the SDK's own path checks, first)
             await s.read_resource("cowfs://turn/0/../../etc/passwd")
         return reads, str(unknown.value)
-    (old, new, blob, listing, turn, turns), unknown = drive(workspace.path, script)
+    (old, new, blob, listing, turn, turns), unknown = drive(workspace, script)
 
     assert old.contents[0].text == "old\n" and new.contents[0].text == "new\n"
     import base64

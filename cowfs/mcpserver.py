@@ -165,7 +165,7 @@ class History:
                       "next_before": page[-1]["number"] if more else None}
         lines = [f"turn-{t['number']:<4} {t['time']}  {t['changes']:>5} changed"
                  + (f" (+{t['ignored']} ignored)" if t["ignored"] else "")
-                 + f"  {t['kind']}: {t['message'] or _default_message(t)}"
+                 + f"  {t['message'] or _default_message(t)}"
                  + (" (open)" if t["open"] else "") for t in page]
         if more:
             lines.append(f"(older turns: before={structured['next_before']})")

@@ -39,8 +39,10 @@ PAGE_CHARS = 20_000         # of a patch or a file's text a page holds: about 5,
 PAGE_ENTRIES = 200          # of a directory's names, or of who_changed's entries
 MAX_TURNS = 200             # list_turns' largest page
 WHO_TURNS = 20              # the turns who_changed searches when none are named
+RESOURCE_TURNS = 50         # the turns cowfs://turns lists (each counted by a diff)
 RESOURCE_MAX = 1 << 20      # a resource larger than this is refused: show_file pages it
 DIFF_MAX_FILE = 10 << 20    # a side larger than this is named in the patch, not read (as compat)
+PATCH_BATCH = 8             # changes whose contents diff reads at once
 
 INSTRUCTIONS = (
     "cowfs keeps a checkpoint of this workspace at every turn. Turn numbers come from list_turns; "
@@ -204,21 +206,23 @@ class History:
     def _patch_page(self, ws: Workspace, a: int, b: int | None, changes: list[Change],
                     first: int, offset: int) -> tuple[str, list[Change], tuple[int, int] | None]:
         """The patch text from change *first*, character *offset* of its patch, up to a page:
-        (text, the changes it covers, where the next page starts or None). Only the changes on
-        the page are read."""
+        (text, the changes it covers, where the next page starts or None). Changes are read a
+        few at a time (PATCH_BATCH), so a page reads little more than what it shows."""
         out, covered, room = [], [], PAGE_CHARS
-        for i in range(first, len(changes)):
-            if room <= 0:
-                return "".join(out), covered, (i, 0)
-            fd = ws.file_diffs(a, b, changes=[changes[i]], max_size=DIFF_MAX_FILE)[0]
-            text = patch.file_patch(fd)
-            start = offset if i == first else 0
-            end = _cut(text, start, room)
-            out.append(text[start:end])
-            covered.append(changes[i])
-            room -= end - start
-            if end < len(text):
-                return "".join(out), covered, (i, end)
+        for batch in range(first, len(changes), PATCH_BATCH):
+            diffs = ws.file_diffs(a, b, changes=changes[batch:batch + PATCH_BATCH],
+                                  max_size=DIFF_MAX_FILE)
+            for i, fd in enumerate(diffs, batch):
+                if room <= 0:
+                    return "".join(out), covered, (i, 0)
+                text = patch.file_patch(fd)
+                start = offset if i == first else 0
+                end = _cut(text, start, room)
+                out.append(text[start:end])
+                covered.append(changes[i])
+                room -= end - start
+                if end < len(text):
+                    return "".join(out), covered, (i, end)
         return "".join(out), covered, None
 
     def show_file(self, turn: TurnArg, path: PathArg, cursor: CursorArg = None) -> CallToolResult:
@@ -356,7 +360,7 @@ class History:
 
     # -- resources ---------------------------------------------------------------------------
     def turns_resource(self) -> str:
-        return self.list_turns(MAX_TURNS).content[0].text
+        return self.list_turns(RESOURCE_TURNS).content[0].text
 
     def turn_resource(self, turn: str) -> str:
         n, ws = _number(turn), self.ws()
@@ -436,7 +440,7 @@ def server(mountpoint: str) -> MCPServer:
     for name in ("restore", "rollback"):
         app.add_tool(_tool_errors(getattr(history, name)), annotations=UNDOABLE)
     app.resource("cowfs://turns", name="turns", mime_type="text/plain",
-                 description="the turns, newest first")(_resource_errors(history.turns_resource))
+                 description=f"the newest {RESOURCE_TURNS} turns (list_turns pages further)")(_resource_errors(history.turns_resource))
     app.resource("cowfs://turn/{turn}", name="turn", mime_type="text/plain",
                  description="what a sealed turn changed")(_resource_errors(history.turn_resource))
     app.resource("cowfs://turn/{turn}/{+path}", name="file at a turn",

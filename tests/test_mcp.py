@@ -247,6 +247,22 @@ def test_errors_are_tool_errors_with_the_cli_message_and_touch_nothing(workspace
     assert [t.number for t in cowfs.Workspace(workspace.path).turns()] == turns_before
 
 
+@XFS
+def test_the_server_outlives_an_unmount_and_a_remount(workspace):
+    workspace.mount()
+
+    async def script(s):
+        before = ok(await s.call_tool("checkpoint", {"message": "one"}))["number"]
+        workspace.umount()
+        gone = error(await s.call_tool("list_turns", {}))
+        workspace.mount()
+        turns = ok(await s.call_tool("list_turns", {}))["turns"]
+        return before, gone, [t["message"] for t in turns]
+    before, gone, messages = drive(workspace, script)
+    assert before == 1 and gone == f"{workspace.path} is not inside a cowfs mount"
+    assert "one" in messages                                   # the history, intact
+
+
 # -- paging ---------------------------------------------------------------------------------
 @XFS
 def test_large_outputs_come_in_pages(workspace):

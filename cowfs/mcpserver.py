@@ -24,7 +24,7 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError
@@ -32,7 +32,7 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
 from . import noise, patch
-from .api import Change, Turn, Workspace
+from .api import Change, Turn, Workspace, _turn_number
 from .errors import BadInput, CowfsError
 
 PAGE_CHARS = 20_000         # of a patch or a file's text a page holds: about 5,000 tokens
@@ -167,8 +167,9 @@ class History:
                       "next_before": page[-1]["number"] if more else None}
         lines = [f"turn-{t['number']:<4} {t['time']}  {t['changes']:>5} changed"
                  + (f" (+{t['ignored']} ignored)" if t["ignored"] else "")
-                 + f"  {t['message'] or _default_message(t)}"
-                 + (" (open)" if t["open"] else "") for t in page]
+                 + "  " + " ".join(w for w in (t["message"] or _default_message(t),
+                                                "(open)" if t["open"] else "") if w)
+                 for t in page]
         if more:
             lines.append(f"(older turns: before={structured['next_before']})")
         return _result("\n".join(lines) + "\n", structured)
@@ -269,10 +270,10 @@ class History:
         """Where *path* of sealed turn *turn* is read, refusing what leads outside that turn (a
         symlink of the turn's tree on the way to it) and what did not exist then."""
         rel = ws.relative(path, base=str(ws.path))
-        snap = ws.snapshot_path(turn)
+        snap = ws.snapshot_path(turn)       # the mount point is a real path already (find_mount)
         full = snap / rel if rel else snap
-        inside = os.path.realpath(snap)
-        parent = os.path.realpath(full.parent) if rel else inside
+        inside = str(snap)
+        parent = os.path.realpath(full.parent) if "/" in rel else inside
         if parent != inside and not parent.startswith(inside + "/"):
             raise BadInput(f"{rel} leads outside turn-{turn} (through a symlink)")
         if not os.path.lexists(full):
@@ -281,7 +282,8 @@ class History:
 
     def who_changed(self, path: PathArg,
                     turns: Annotated[list[int] | None, Field(description=(
-                        f"the turns to search (default: the last {WHO_TURNS}, the open one included)"))] = None,
+                        f"the turns to search (default: the last {WHO_TURNS}, the open one "
+                        "included)"))] = None,
                     cursor: CursorArg = None) -> CallToolResult:
         """Which processes changed a path (or what lies below a directory), turn by turn, newest
         first: the change (A/M/D/R/T), and the process cowfs saw making it (command, command
@@ -335,7 +337,11 @@ class History:
             raise BadInput("restore needs at least one path")
         ws = self.ws()
         wanted = [self._absolute(ws, p) for p in paths]
-        ws.snapshot_path(turn)              # an unknown or pruned turn: refused before any seal
+        ws.snapshot_path(turn)              # refused before any seal: an unknown or pruned
+        for parent in {os.path.dirname(os.path.relpath(p, ws.path)) for p in wanted} - {""}:
+            old, _ = self._old_path(ws, turn, parent)       # turn, a directory not there then
+            if old.is_symlink() or not old.is_dir():
+                raise BadInput(f"{parent} was not a directory at turn-{turn}")
         before = ws.status().last_turn
         if ws.diff():
             before = ws.checkpoint(f"before restoring from turn-{turn}").number
@@ -363,7 +369,7 @@ class History:
         return self.list_turns(RESOURCE_TURNS).content[0].text
 
     def turn_resource(self, turn: str) -> str:
-        n, ws = _number(turn), self.ws()
+        n, ws = _turn_number(turn), self.ws()
         ws.snapshot_path(n)
         if n <= ws.turns()[0].number:
             return f"turn-{n}: the oldest turn kept (nothing before it to compare with)\n"
@@ -373,7 +379,7 @@ class History:
                 + (noise.left_out(shown.ignored) + "\n" if shown.ignored else ""))
 
     def file_resource(self, turn: str, path: str) -> str | bytes:
-        full, rel = self._old_path(self.ws(), _number(turn), path)
+        full, rel = self._old_path(self.ws(), _turn_number(turn), path)
         if full.is_dir() and not full.is_symlink():
             return "".join(sorted(e.name + ("/" if e.is_dir(follow_symlinks=False) else "") + "\n"
                                   for e in os.scandir(full)))
@@ -394,13 +400,6 @@ def _default_message(t: dict) -> str:
 def _by(p: dict | None) -> str:
     return "(no record of the process)" if p is None else \
         f"({p['command']}, pid {p['pid']}, uid {p['uid']}): {p['cmdline']}"
-
-
-def _number(turn: str) -> int:
-    value = turn.removeprefix("turn-")
-    if not value.isdigit():
-        raise BadInput(f"not a turn: {turn!r} (expected N or turn-N)")
-    return int(value)
 
 
 def _text_end(data: bytes, more: bool) -> int:
@@ -440,7 +439,8 @@ def server(mountpoint: str) -> MCPServer:
     for name in ("restore", "rollback"):
         app.add_tool(_tool_errors(getattr(history, name)), annotations=UNDOABLE)
     app.resource("cowfs://turns", name="turns", mime_type="text/plain",
-                 description=f"the newest {RESOURCE_TURNS} turns (list_turns pages further)")(_resource_errors(history.turns_resource))
+                 description=f"the newest {RESOURCE_TURNS} turns (list_turns pages further)")(
+        _resource_errors(history.turns_resource))
     app.resource("cowfs://turn/{turn}", name="turn", mime_type="text/plain",
                  description="what a sealed turn changed")(_resource_errors(history.turn_resource))
     app.resource("cowfs://turn/{turn}/{+path}", name="file at a turn",

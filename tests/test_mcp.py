@@ -209,6 +209,7 @@ def test_the_noise_filter_is_on_by_default(workspace):
 def test_errors_are_tool_errors_with_the_cli_message_and_touch_nothing(workspace):
     (workspace.path / "f").write_text("v0\n")
     (workspace.path / "g").write_text("g0\n")
+    (workspace.path / "out").symlink_to("/etc")
     workspace.mount()
     for i in range(3):
         (workspace.path / "f").write_text(f"v{i + 1}\n")
@@ -228,7 +229,9 @@ def test_errors_are_tool_errors_with_the_cli_message_and_touch_nothing(workspace
         ("restore", {"turn": 2, "paths": [".cowfs/catalogue.db"]}),
         ("show_file", {"turn": 2, "path": "nothing-there"}),
         ("diff", {"cursor": "diff.0123456789.0.0"}), ("rollback", {"turn": -1}),
-        ("restore", {"turn": 2, "paths": []}))
+        ("restore", {"turn": 2, "paths": []}), ("restore", {"turn": 2, "paths": ["new/f"]}),
+        ("show_file", {"turn": 2, "path": "out/passwd"}),
+        ("restore", {"turn": 2, "paths": ["out/passwd"]}))
     texts = [error(r) for r in results]
 
     assert texts[0] == "turn 99 does not exist or is not sealed (see `cowfs log`)"
@@ -243,6 +246,9 @@ def test_errors_are_tool_errors_with_the_cli_message_and_touch_nothing(workspace
     assert "is not a next_cursor of this diff call" in texts[11]
     assert texts[12] == "not a turn: -1 (expected N or turn-N)"
     assert texts[13] == "restore needs at least one path"
+    assert texts[14] == "new did not exist at turn-2"         # and the pending edit stays unsealed
+    assert texts[15] == "out/passwd leads outside turn-2 (through a symlink)"
+    assert texts[16] == "out was not a directory at turn-2"
     assert tree(workspace.backing) == before
     assert [t.number for t in cowfs.Workspace(workspace.path).turns()] == turns_before
 

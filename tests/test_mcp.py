@@ -150,9 +150,10 @@ def test_list_turns_diff_show_file_and_who_changed(workspace):
     writer.communicate(b"made by dd\n")
     (workspace.path / "link").symlink_to("src/app.py")
 
-    checkpoint, turns, page, diff, text, binary, link, listing, who = calls(
+    checkpoint, turns, page, diff, under, text, binary, link, listing, who = calls(
         workspace, ("checkpoint", {"message": "edit app"}), ("list_turns", {}),
         ("list_turns", {"limit": 1, "before": 2}), ("diff", {"from_turn": 0, "to_turn": 1}),
+        ("diff", {"from_turn": 0, "to_turn": 1, "paths": ["src"]}),
         ("show_file", {"turn": 0, "path": "src/app.py"}), ("show_file", {"turn": 1, "path": "logo.png"}),
         ("show_file", {"turn": 1, "path": "link"}), ("show_file", {"turn": 1, "path": "src"}),
         ("who_changed", {"path": "src/data.txt"}))
@@ -170,6 +171,8 @@ def test_list_turns_diff_show_file_and_who_changed(workspace):
     assert d["patch"] == ws.patch(0, 1) and d["next_cursor"] is None
     assert [(c["kind"], c["path"]) for c in d["changes"]] == [(c.kind, c.path) for c in ws.diff(0, 1)]
     assert diff.content[0].text.startswith("turn-0 -> turn-1: 3 change(s)\n")
+    assert [c["path"] for c in ok(under)["changes"]] == ["src/app.py", "src/data.txt"]
+    assert ok(under)["patch"] == ws.patch(0, 1, [str(workspace.path / "src")])
 
     assert ok(text)["content"] == "x = 1\n" and ok(text)["kind"] == "text"
     assert ok(binary)["kind"] == "binary" and ok(binary)["size"] == 262 and "content" not in ok(binary)
@@ -231,7 +234,7 @@ def test_errors_are_tool_errors_with_the_cli_message_and_touch_nothing(workspace
         ("diff", {"cursor": "diff.0123456789.0.0"}), ("rollback", {"turn": -1}),
         ("restore", {"turn": 2, "paths": []}), ("restore", {"turn": 2, "paths": ["new/f"]}),
         ("show_file", {"turn": 2, "path": "out/passwd"}),
-        ("restore", {"turn": 2, "paths": ["out/passwd"]}))
+        ("restore", {"turn": 2, "paths": ["out/passwd"]}), ("who_changed", {"path": "f", "turns": [99]}))
     texts = [error(r) for r in results]
 
     assert texts[0] == "turn 99 does not exist or is not sealed (see `cowfs log`)"
@@ -249,6 +252,7 @@ def test_errors_are_tool_errors_with_the_cli_message_and_touch_nothing(workspace
     assert texts[14] == "new did not exist at turn-2"         # and the pending edit stays unsealed
     assert texts[15] == "out/passwd leads outside turn-2 (through a symlink)"
     assert texts[16] == "out was not a directory at turn-2"
+    assert texts[17] == "turn 99 does not exist (see `cowfs log`)"
     assert tree(workspace.backing) == before
     assert [t.number for t in cowfs.Workspace(workspace.path).turns()] == turns_before
 

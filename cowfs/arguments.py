@@ -231,6 +231,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="say what would go and about how much it holds; change nothing")
 
     p = sub.add_parser(
+        "mcp", help="serve the history to an agent: an MCP server on stdin/stdout",
+        description="Run an MCP server over stdio for the mount holding PATH (default: the "
+                    "current directory): tools to list turns, diff, show old files, name the "
+                    "process behind a change, checkpoint, restore and roll back (undoably), and "
+                    "cowfs:// resources for turns and old files. Needs the extra: "
+                    "pip install 'cowfs[mcp]'. See docs/harness.md to register it with an agent.",
+        epilog="example: claude mcp add cowfs -- cowfs mcp -C ~/proj",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_c(p)
+
+    p = sub.add_parser(
         "fsck", help="check an unmounted workspace's store (and --repair it)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Check the store of an unmounted WORKSPACE: the catalogue file, turn records, "

@@ -389,6 +389,16 @@ def cmd_fsck(args) -> int:
     return 0 if report.clean else EXIT_FAILED
 
 
+def cmd_mcp(args) -> int:
+    try:
+        from . import mcpserver
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ("mcp", "mcp_types", "pydantic"):
+            raise
+        raise BadInput("cowfs mcp needs the MCP SDK: pip install 'cowfs[mcp]'") from None
+    return mcpserver.serve(args.cwd)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -400,7 +410,7 @@ def _size(n: int) -> str:
 COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "checkpoint": cmd_checkpoint,
             "rollback": cmd_rollback, "log": cmd_log, "status": cmd_status,
             "export-git": cmd_export_git, "diff": cmd_diff, "restore": cmd_restore, "run": cmd_run,
-            "prune": cmd_prune, "fsck": cmd_fsck}
+            "prune": cmd_prune, "fsck": cmd_fsck, "mcp": cmd_mcp}
 
 
 def plain_checkpoint(argv: list[str]) -> tuple[str, str] | None:

@@ -137,7 +137,7 @@ ROOTLESS_MODULES = {"test_scenarios", "test_model", "test_model_regressions", "t
                     "test_rollback_stale_size", "test_parity", "test_recovery",
                     "test_checkpoint_cost", "test_everyday", "test_security",
                     "test_history_random", "test_differential", "test_prune", "test_ignore",
-                    "test_history_ops", "test_first_hour", "test_durability"}
+                    "test_history_ops", "test_first_hour", "test_durability", "test_mcp"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -29,7 +29,7 @@ def one_line_error(result, code):
     return lines[0]
 
 
-@pytest.mark.parametrize("command", ["mount", "umount", "checkpoint", "rollback", "log", "status",
+@pytest.mark.parametrize("command", ["mount", "umount", "checkpoint", "rollback", "log", "status", "mcp",
                                      "export-git", "prune", "diff", "restore", "run", "fsck"])
 def test_every_command_answers_help(command):
     result = cowfs(command, "--help")

@@ -628,6 +628,6 @@ def test_available_says_why_cowfs_cannot_serve_a_directory(workspace, tmp_path, 
               "print(available(sys.argv[1]).reason)\n"
               "print(CheckpointManager().ensure_checkpoint(sys.argv[1], 'first'))\n")
     cp = run([*as_user(TEST_USER), "env", "PATH=/nonexistent", sys.executable, "-c", script, home])
-    reason = "no fusermount3 on PATH (install fuse3): a mount without root needs it"
-    assert cp.stdout.splitlines() == [reason, "False"]
+    reason, result = cp.stdout.splitlines()
+    assert "fusermount3" in reason and "install fuse3" in reason and result == "False", cp.stdout
     assert f"cowfs: no checkpoint of {home}: cowfs cannot serve {home} here: {reason}" in cp.stderr

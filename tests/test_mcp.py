@@ -132,7 +132,9 @@ def test_outside_a_mount_one_line_and_exit_2(tmp_path):
     result = run([sys.executable, "-m", "cowfs", "mcp", "-C", tmp_path], check=False,
                  input="")
     assert result.returncode == 2, result
-    assert result.stderr == f"cowfs: error: {tmp_path} is not inside a cowfs mount\n"
+    # One line, naming the mounts there are (the CLI's message).
+    assert result.stderr.startswith(f"cowfs: error: {tmp_path} is not inside a cowfs mount; ")
+    assert result.stderr.count("\n") == 1, result.stderr
     assert result.stdout == ""
 
 
@@ -269,7 +271,7 @@ def test_the_server_outlives_an_unmount_and_a_remount(workspace):
         turns = ok(await s.call_tool("list_turns", {}))["turns"]
         return before, gone, [t["message"] for t in turns]
     before, gone, messages = drive(workspace, script)
-    assert before == 1 and gone == f"{workspace.path} is not inside a cowfs mount"
+    assert before == 1 and gone.startswith(f"{workspace.path} is not inside a cowfs mount; ")
     assert "one" in messages                                   # the history, intact
 
 

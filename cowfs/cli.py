@@ -115,14 +115,17 @@ def cmd_log(args) -> int:
         return 0
     if oldest:
         print(f"(turns before turn-{oldest} were pruned)")
-    for t in records:
+    # The count of ignored changes gets a column of its own, as wide as the widest, so that the
+    # columns after it stay aligned.
+    ignored = [f"(+{t['ignored']:,} ignored)" if t["ignored"] else "" for t in records]
+    width = max(map(len, ignored), default=0)
+    for t, left_out in zip(records, ignored):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["sealed"] or t["started"]))
         state = "" if t["sealed"] else " (open)"
         message = t["message"]
         if t["kind"] == "rollback":
             message = message or f"rollback to turn-{t['target']}"
-        ignored = f" (+{t['ignored']:,} ignored)" if t["ignored"] else ""
-        print(f"turn-{t['number']:<5} {when}  {t['changes']:>6} changed{ignored}  "
+        print(f"turn-{t['number']:<5} {when}  {t['changes']:>6} changed {left_out:<{width}} "
               f"{_size(t['bytes']):>9} captured  {message}{state}")
         for c in t.get("changes_list", ()):
             print(f"    {_change_line(c)}{_by(c)}")

@@ -310,6 +310,12 @@ class Catalogue:
         self.db.execute("UPDATE turns SET changes=max(changes, ?) WHERE turn=?", (rows, turn))
         return self.db.execute("SELECT changes FROM turns WHERE turn=?", (turn,)).fetchone()[0]
 
+    def object_named_since(self, ino: int, turn: int) -> bool:
+        """An entry recorded in a turn >= *turn* held object *ino* at that turn's start (one of its
+        names was removed or renamed since)."""
+        return self.db.execute("SELECT 1 FROM entries WHERE ino=? AND turn>=? LIMIT 1",
+                               (ino, turn)).fetchone() is not None
+
     def entry_made_since(self, parent: int, name: bytes, ino: int, turn: int) -> bool:
         """Entry (parent, name), which holds object *ino* now, held nothing or another object at
         the start of some turn >= *turn* (what it holds was put there since)."""

@@ -543,8 +543,11 @@ class Daemon:
         self._attribute(result, tid, req.get("uid", 0))
         self.fs.epoch += 1          # what readdir knew of the live tree is history now
         self.fs.generation += 1
-        if result.detached:
-            self.fs.inodes.tree_epoch += 1      # directories the kernel holds prove they are in the tree
+        if result.entries or result.detached:
+            # Directories the kernel holds prove again that they are in the tree: anything
+            # removed, moved or detached (a restore removes what was born this turn without
+            # keeping it, and may move directories) may have taken one out.
+            self.fs.inodes.tree_epoch += 1
         self.fs.detached = result.detached      # until the kernel has dropped their dentries
         try:
             await self._invalidate(result)

@@ -62,10 +62,13 @@ class SessionRecords:
         return self.ended_ns is None or st.st_ctime_ns <= self.ended_ns
 
     def explains(self, parent: int | None, name: bytes, st: os.stat_result) -> bool:
-        """The change of entry (parent, name) holding *st* was recorded (parent None: the root)."""
+        """The change of entry (parent, name) holding *st* was recorded (parent None: the root):
+        that entry, the object's attributes, or another name of the object (a rename or unlink
+        of one of its hard links moves the ctime that all of its names show)."""
         return self.covers(st) and (
             parent is not None and self.catalogue.entry_recorded_since(parent, name, self.first)
-            or self.catalogue.attrs_recorded_since(st.st_ino, self.first))
+            or self.catalogue.attrs_recorded_since(st.st_ino, self.first)
+            or self.catalogue.object_named_since(st.st_ino, self.first))
 
     def created_in_session(self, parent: int, name: bytes, ino: int) -> bool:
         """Directory *ino* at entry (parent, name) was made there in a turn of the session (the

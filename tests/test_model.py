@@ -1037,6 +1037,37 @@ class CowfsMachine(RuleBasedStateMachine):
         finally:
             os.close(fd)
 
+    def _removed_by_a_restore(self) -> list:
+        """(turn, directory): a live directory that a restore to that sealed turn removes (it
+        did not exist then, its parent did)."""
+        return [(n, p) for p in self._holdable_dirs() for n, tree in sorted(self.model.turns.items())
+                if self.model.get(p, tree) is None and isinstance(self.model.get(p[:-1], tree), M.Dir)]
+
+    @precondition(lambda self: self._removed_by_a_restore())
+    @rule(data=st.data())
+    def restore_with_directory_held(self, data):
+        """`cowfs restore TURN DIR` removes a directory that did not exist at TURN while a process
+        holds it or a directory below it: a file made there afterwards fails with ENOENT, as in
+        a directory removed natively, instead of vanishing into the store."""
+        turn, path = data.draw(st.sampled_from(self._removed_by_a_restore()), label="turn, directory")
+        inner = self.draw_path(data, [p for p in self._holdable_dirs() if p[:len(path)] == path],
+                               "held")
+        note(f"hold directory {show(inner)} open, restore {show(path)} to turn-{turn} (removes it)")
+        fd = os.open(self.real(inner), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self.cli("restore", str(turn), "--", os.fsdecode(b"/".join(path)))
+            self.model.remove(path)
+            for attempt in (lambda: os.open(b"made", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd),
+                            lambda: os.mkdir(b"made", dir_fd=fd)):
+                with pytest.raises(OSError) as e:
+                    attempt()
+                assert e.value.errno == errno.ENOENT, e.value
+            # getdents answers ENOENT, which glibc reads as the end, as for a removed directory.
+            assert os.listdir(fd) == []
+            self.stats["creates refused in a held directory a restore removed"] += 1
+        finally:
+            os.close(fd)
+
     @precondition(lambda self: self.files())
     @rule(data=st.data())
     def write_to_a_file_another_process_unlinked(self, data):

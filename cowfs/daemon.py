@@ -55,7 +55,8 @@ class MountError(Exception):
 
 @dataclass
 class MountOptions:
-    """Every mode of one mount, decided by the CLI (cli.mount_options)."""
+    """The options of one mount, built by the client that starts the daemon (mounting.options).
+    Root mode is not one of them: it is the process's effective uid (`as_root`)."""
     workspace: str
     mountpoint: str
     snapdir_visible: bool = False

@@ -23,11 +23,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import control
+from . import control, names
 from .attribution import Process
 from .errors import BadInput, PrunedTurn, UnknownTurn
 
-SNAPDIR = ".snapshots"
+SNAPDIR = names.SNAPDIR.decode()
 
 
 @dataclass(frozen=True)
@@ -313,7 +313,7 @@ class Workspace:
             raise BadInput(f"{path} is outside the workspace {root}")
         rel = os.path.relpath(path, root)
         rel = "" if rel == "." else rel
-        if rel.split("/", 1)[0] in (SNAPDIR, ".cowfs"):
+        if rel.split("/", 1)[0] in (SNAPDIR, names.STORE_NAME.decode()):
             raise BadInput(f"{path} is not in the live tree (it is under {rel.split('/', 1)[0]})")
         return rel
 

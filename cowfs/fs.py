@@ -24,19 +24,19 @@ import trio
 from . import libc
 from .capture import Capture
 from .catalogue import disk_full
-from .control import REFRESH_PREFIX
+from .control import CONTROL_XATTR, REFRESH_PREFIX
 from .durability import HistorySync
 from .inodes import VIRTUAL_BASE, InodeTable, Node
+from .names import SNAPDIR
 from .snapshot import SnapObject, SnapshotNodes, SnapshotView
 from .store import STORE_NAME, ObjectRef, Store, tree_path
 
 log = logging.getLogger(__name__)
 
-SNAPDIR = b".snapshots"
 LATEST = b"latest"
 SNAPDIR_ID = VIRTUAL_BASE
 LATEST_ID = VIRTUAL_BASE + 1
-CONTROL_XATTR = b"user.cowfs.control"
+CONTROL_XATTR_NAME = os.fsencode(CONTROL_XATTR)     # as pyfuse3 passes names
 
 # While mounted, every change to the backing directory goes through this daemon
 # (the workspace is mounted over, the store hidden), so the kernel may keep what
@@ -1234,7 +1234,7 @@ class CowFS(pyfuse3.Operations):
     # -- extended attributes ----------------------------------------------------------------
     @fuse_op
     async def getxattr(self, nodeid, name, ctx):
-        if nodeid == pyfuse3.ROOT_INODE and name == CONTROL_XATTR:
+        if nodeid == pyfuse3.ROOT_INODE and name == CONTROL_XATTR_NAME:
             return self.control_path
         if nodeid >= VIRTUAL_BASE:
             value = self._snap_xattrs(nodeid).get(name)

@@ -1,4 +1,5 @@
-"""The Python API of a mounted workspace: what a harness calls, and what the CLI is built on.
+"""The Python API of a mounted workspace: what a harness, compat and the MCP server call, and
+what most CLI commands are built on (checkpoint, rollback, status and export-git are not yet).
 
 Owns the typed results (`Turn`, `Status`) and the operations on a mount, each
 one request (or a few) on the control channel; no process is started, so a

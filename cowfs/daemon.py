@@ -802,7 +802,8 @@ def _paths_the_daemon_needs(workspace: str) -> list[str]:
 
 
 def _raise_fd_limit() -> None:
-    """Every inode the kernel knows holds one O_PATH descriptor: allow as many as the system does."""
+    """The store holds a descriptor per recorded object in the tree, and the inode table up to
+    half the limit (InodeTable.budget): allow as many as the system lets this process."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         with open("/proc/sys/fs/nr_open") as f:

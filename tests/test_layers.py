@@ -184,3 +184,21 @@ def test_an_import_reaching_trio_through_another_module_is_caught():
     imports["api"] = imports["api"] + [("retention", True)]
     assert any("trio" in v for v in client_reach(imports, layer_of))
 
+
+
+def test_the_figure_draws_every_module_in_its_layer():
+    """The figure under the tables is a picture of them: each module appears in its layer's band
+    (the lines from the layer's name to the next layer's)."""
+    layer_of, may, _ = read_rules()
+    doc = DOC.read_text()
+    figure = doc.split("<!-- /layers -->", 1)[1].split("```\n", 2)[1]
+    bands, layer = {}, None
+    for line in figure.splitlines():
+        first = line.split()[0] if line.split() else ""
+        if first in may:
+            layer = first
+        if layer is not None:
+            bands.setdefault(layer, set()).update(re.findall(r"\w+", line))
+    missing = [f"{m} ({layer})" for m, layer in layer_of.items()
+               if not m.startswith("__") and m not in bands.get(layer, ())]
+    assert missing == []

@@ -1,4 +1,5 @@
-"""The Python API of a mounted workspace: what a harness calls, and what the CLI is built on.
+"""The Python API of a mounted workspace: what a harness, compat and the MCP server call, and
+what most CLI commands are built on (checkpoint, rollback, status and export-git are not yet).
 
 Owns the typed results (`Turn`, `Status`) and the operations on a mount, each
 one request (or a few) on the control channel; no process is started, so a
@@ -23,11 +24,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import control
+from . import control, names
 from .attribution import Process
 from .errors import BadInput, PrunedTurn, UnknownTurn
 
-SNAPDIR = ".snapshots"
+SNAPDIR = names.SNAPDIR.decode()
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ class Workspace:
             raise BadInput(f"{path} is outside the workspace {root}")
         rel = os.path.relpath(path, root)
         rel = "" if rel == "." else rel
-        if rel.split("/", 1)[0] in (SNAPDIR, ".cowfs"):
+        if rel.split("/", 1)[0] in (SNAPDIR, names.STORE_NAME.decode()):
             raise BadInput(f"{path} is not in the live tree (it is under {rel.split('/', 1)[0]})")
         return rel
 

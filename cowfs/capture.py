@@ -1,6 +1,6 @@
 """Capture: record the pre-image of a thing before its first change in a turn.
 
-Owns the open turn and the rules of brief section 2.4 (cheapest first):
+Owns the open turn and the capture rules, cheapest first:
 entries and attributes are recorded as catalogue rows; content is cloned
 (FICLONE) or copied into the store before an in-place change; an object that
 leaves the tree is moved into the store instead of being deleted. Every

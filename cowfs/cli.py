@@ -2,8 +2,10 @@
 
 Owns the commands, the one-line errors and exit codes (2: bad input, 1: the
 operation failed), and the human-readable output; the grammar is arguments.py.
-Everything but `mount` talks to the daemon through control.py; `mount` starts
-the daemon and returns once the mount is live.
+`log`, `diff`, `restore`, `run`, `prune` and `fsck` go through api.py;
+`checkpoint`, `rollback`, `status` and `export-git` send their requests through
+control.py themselves; `mount` and `umount` go through mounting.py (`mount`
+starts the daemon and returns once the mount is live).
 
 A harness runs `cowfs checkpoint` once a turn in a process of its own, so that
 command in its plain form (plain_checkpoint) takes a path that imports nothing

@@ -52,7 +52,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from . import agent, api, noise, patch
+from . import agent, api, names, noise, patch
 from .errors import BadInput, CowfsError, NotMounted, OperationFailed
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ _HASH_RE = re.compile(r"[0-9a-fA-F]{4,64}")
 # The shadow-git manager's exclude list is what its checkpoints lose; here nothing is excluded
 # from the history, and this is what the views leave out (and count): cowfs.noise.
 DEFAULT_EXCLUDES = list(noise.DEFAULT_NOISE)
-STORE_DIR = ".cowfs"
+STORE_DIR = names.STORE_NAME.decode()
 IDLE_UMOUNT = "10m"     # a mount the manager made ends once idle this long (and when we exit)
 PROJECT_MARKERS = (".git", "pyproject.toml", "package.json", "Cargo.toml", "go.mod", "Makefile",
                    "pom.xml", ".hg", "Gemfile")

@@ -40,11 +40,15 @@ from .ignore import BadRules, load_rules
 from .restore import Restore
 from .rollback import Rollback
 from .fsck import Fsck
-from .store import STORE_NAME, CatalogueLost, Store, StoreBusy
+from .store import STORE_NAME, CatalogueLost, Store, StoreBusy, tree_path
 
 log = logging.getLogger("cowfs")
 
 ALIVE_INTERVAL = 10.0
+# Request names on the wire → the handler that serves them (_op_<name>), where the two differ:
+# the wire names stay, so a client and a daemon of different versions still understand each
+# other, while the handlers say what they do.
+_HANDLER_OF = {"umount": "seal_before_unmount", "unmount": "unmount_for_owner"}
 # Scheduler rounds a rollback waits for the FORGETs of the files whose entries it dropped.
 FORGET_ROUNDS = 8
 
@@ -55,7 +59,8 @@ class MountError(Exception):
 
 @dataclass
 class MountOptions:
-    """Every mode of one mount, decided by the CLI (cli.mount_options)."""
+    """The options of one mount, built by the client that starts the daemon (mounting.options).
+    Root mode is not one of them: it is the process's effective uid (`as_root`)."""
     workspace: str
     mountpoint: str
     snapdir_visible: bool = False
@@ -232,7 +237,7 @@ class Daemon:
         mountpoint = os.fsencode(self.opts.mountpoint)
         self.fs.mount_path = (None, mountpoint)
         if self.opts.as_root:
-            # Where the mount is seen: to unmount it for its owner (_op_unmount), and the root
+            # Where the mount is seen: to unmount it for its owner (_op_unmount_for_owner), and the root
             # its own threads reach it from (CowFS.flush_open_writes).
             self.host_namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
             self.fs.mount_path = (os.open("/", os.O_PATH | os.O_CLOEXEC), mountpoint.lstrip(b"/"))
@@ -336,7 +341,8 @@ class Daemon:
 
     async def handle_request(self, req: dict) -> dict:
         op = req.get("op")
-        handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+        op = _HANDLER_OF.get(op, op) if isinstance(op, str) else None
+        handler = getattr(self, f"_op_{op}", None) if op is not None else None
         if handler is None:
             raise BadInput(f"unknown request {op!r}")
         sealed_before = self.capture.turn
@@ -589,11 +595,13 @@ class Daemon:
         await self.fs.flush_open_writes()
         return {}
 
-    async def _op_umount(self, req: dict) -> dict:
+    async def _op_seal_before_unmount(self, req: dict) -> dict:
+        """The first half of `cowfs umount` (mounting.unmount unmounts after it): pending
+        changes become a last turn while the mount is still whole."""
         await self.fs.flush_open_writes()
         return {"sealed": self._seal_pending("unmount"), "pid": os.getpid()}
 
-    async def _op_unmount(self, req: dict) -> dict:
+    async def _op_unmount_for_owner(self, req: dict) -> dict:
         """Unmount for an owner who cannot (fusermount3 unmounts only its caller's mounts)."""
         if not self.opts.as_root:
             raise BadInput("only a root daemon unmounts on request; use fusermount3 -u")
@@ -652,16 +660,14 @@ class Daemon:
     def _live_path(self, node) -> bytes | None:
         """The node's path relative to the root, if its descriptor still names it (renames
         move the name along; an unlinked name does not count)."""
-        root = os.fsencode(self.opts.workspace).rstrip(b"/") + b"/"
-        path = os.readlink(libc.proc_path(node.fd))
-        if not path.startswith(root) or path.endswith(b" (deleted)"):
-            return None
-        rel = path[len(root):]
+        rel = tree_path(node.fd, self.capture.root_prefix)
+        if not rel:
+            return None     # out of the tree, or the root (no entry to drop)
         try:
             same = os.stat(rel, dir_fd=self.root_fd, follow_symlinks=False).st_ino == node.ino
         except OSError:
             return None
-        return rel if same and not rel.startswith(STORE_NAME + b"/") else None
+        return rel if same else None
 
     async def _invalidate(self, result) -> None:
         """Make the kernel drop what the rollback changed.
@@ -799,7 +805,8 @@ def _paths_the_daemon_needs(workspace: str) -> list[str]:
 
 
 def _raise_fd_limit() -> None:
-    """Every inode the kernel knows holds one O_PATH descriptor: allow as many as the system does."""
+    """The store holds a descriptor per recorded object in the tree, and the inode table up to
+    half the limit (InodeTable.budget): allow as many as the system lets this process."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         with open("/proc/sys/fs/nr_open") as f:

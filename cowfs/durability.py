@@ -9,7 +9,8 @@ mount first make durable every pre-image recorded so far (the content files
 not yet synced, the store directories naming them and the objects moved
 into the store, and the catalogue's WAL), then sync the file or directory
 itself. Nothing to do (the usual repeat fsync) costs three comparisons; the
-syncs run in a worker thread (brief 5: an fsync must not stall the mount).
+syncs run in a worker thread (the request thread serves every request: an
+fsync there would stall the whole mount).
 
 Owns only the ordering; capture.py lists the content files written since the
 last sync (`Capture.unsynced`). See docs/architecture.md, "Durability".

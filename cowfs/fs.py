@@ -1,7 +1,7 @@
 """The FUSE operations: thin handlers over the live tree, capture and snapshots.
 
-Live requests pass through to the backing directory by descriptor (brief
-2.1); each mutating handler first awaits any content capture it needs, then,
+Live requests pass through to the backing directory by descriptor (so the
+backing filesystem, not cowfs, decides POSIX behaviour); each mutating handler first awaits any content capture it needs, then,
 with no await in between, records entry/attribute pre-images and performs
 the change, so a checkpoint can never fall between the record and the
 mutation. Requests under `.snapshots` are answered from snapshot.py and
@@ -24,22 +24,23 @@ import trio
 from . import libc
 from .capture import Capture
 from .catalogue import disk_full
-from .control import REFRESH_PREFIX
+from .control import CONTROL_XATTR, REFRESH_PREFIX
 from .durability import HistorySync
 from .inodes import VIRTUAL_BASE, InodeTable, Node
+from .names import SNAPDIR
 from .snapshot import SnapObject, SnapshotNodes, SnapshotView
 from .store import STORE_NAME, ObjectRef, Store, tree_path
 
 log = logging.getLogger(__name__)
 
-SNAPDIR = b".snapshots"
 LATEST = b"latest"
 SNAPDIR_ID = VIRTUAL_BASE
 LATEST_ID = VIRTUAL_BASE + 1
-CONTROL_XATTR = b"user.cowfs.control"
+CONTROL_XATTR_NAME = os.fsencode(CONTROL_XATTR)     # as pyfuse3 passes names
 
-# cowfs is the only writer of the backing directory (brief 2.9), so the kernel
-# may keep what it learnt for long; rollback invalidates what it changes.
+# While mounted, every change to the backing directory goes through this daemon
+# (the workspace is mounted over, the store hidden), so the kernel may keep what
+# it learnt for long; rollback invalidates what it changes itself.
 LIVE_TIMEOUT = 3600.0
 SNAPSHOT_TIMEOUT = 365 * 86400.0
 # How long a lookup of a file whose write failed waits for its pending release (fs.write).
@@ -416,7 +417,8 @@ class CowFS(pyfuse3.Operations):
         return node
 
     def internal_fault(self, why: str) -> None:
-        """A fault the errno mapping hides: the next mount checks the store first (STYLE 4)."""
+        """A fault the errno mapping hides: the next mount checks the store first, since the caller
+        saw only EIO and the store may now disagree with the tree."""
         try:
             self.store.mark_needs_check(why)
         except OSError:
@@ -970,7 +972,7 @@ class CowFS(pyfuse3.Operations):
 
         The kernel drops them before it sends an O_DIRECT write, and again after a synchronous
         one, but not after an asynchronous one (io_submit): a buffered read of the range that
-        reached the daemon meanwhile cached the old bytes, and they stayed (issue 20). pyfuse3
+        reached the daemon meanwhile cached the old bytes, and they stayed. pyfuse3
         does not say whether a write is direct or a write-back of cached pages, so a write on
         a handle opened with O_DIRECT is taken for direct. Dropping pages waits for those
         under write-back, and the write-back of a page may be this very request when another,
@@ -1232,7 +1234,7 @@ class CowFS(pyfuse3.Operations):
     # -- extended attributes ----------------------------------------------------------------
     @fuse_op
     async def getxattr(self, nodeid, name, ctx):
-        if nodeid == pyfuse3.ROOT_INODE and name == CONTROL_XATTR:
+        if nodeid == pyfuse3.ROOT_INODE and name == CONTROL_XATTR_NAME:
             return self.control_path
         if nodeid >= VIRTUAL_BASE:
             value = self._snap_xattrs(nodeid).get(name)

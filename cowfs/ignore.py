@@ -29,6 +29,7 @@ import stat
 import pathspec
 
 from . import libc
+from .store import tree_path
 
 RULES_FILE = b".cowfsignore"
 MAX_RULES_BYTES = 1 << 20
@@ -187,17 +188,9 @@ class Ignore:
     def path_of(self, fd: int) -> bytes | None:
         """Where the object open as *fd* is now, relative to the root; None if not in the tree."""
         try:
-            path = os.readlink(libc.proc_path(fd))
+            return tree_path(fd, self.root_prefix)
         except OSError:
             return None
-        if path.endswith(b" (deleted)"):
-            return None
-        if path + b"/" == self.root_prefix:
-            return b""
-        if not path.startswith(self.root_prefix):
-            return None
-        rel = path[len(self.root_prefix):]
-        return None if rel == b".cowfs" or rel.startswith(b".cowfs/") else rel
 
     def _ino_at(self, path: bytes) -> int | None:
         try:

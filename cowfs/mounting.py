@@ -299,7 +299,7 @@ def unmount(path: str, lazy: bool = False) -> Unmounted:
     if is_dead(mount.mountpoint):
         clear_dead_mount(mount.mountpoint)
         return Unmounted(mount.mountpoint, cleared_dead=True)
-    reply = control.request(mount, "umount")
+    reply = control.request(mount, "umount")      # served by Daemon._op_seal_before_unmount
     argv = ["fusermount3", "-u", *(["-z"] if lazy else []), mount.mountpoint]
     result = subprocess.run(argv, capture_output=True, text=True)
     if result.returncode != 0:
@@ -314,7 +314,7 @@ def _unmount_by_daemon(mount: control.Mount, lazy: bool) -> bool:
     """The owner of a root mount: fusermount3 refuses them, their root daemon may not.
     True if the mount is gone (or detached) afterwards."""
     try:
-        control.request(mount, "unmount", lazy=lazy, timeout=EXIT_TIMEOUT)
+        control.request(mount, "unmount", lazy=lazy, timeout=EXIT_TIMEOUT)    # _op_unmount_for_owner
     except CowfsError:
         pass    # refused (busy, say), or the daemon ended with its mount before it answered
     return not any(m.mountpoint == mount.mountpoint for m in control.cowfs_mounts())

@@ -30,7 +30,7 @@ from . import libc
 from .capture import Capture, read_xattrs
 from .catalogue import AttrRecord
 from .errors import OperationFailed
-from .store import STORE_NAME, Store
+from .store import STORE_NAME, Store, tree_path
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +187,7 @@ class Rollback:
 
     def _in_tree(self, dir_ino: int) -> bool:
         """Directory *dir_ino* is in the live tree (a directory's descriptor knows its path)."""
-        return self._relative(os.readlink(libc.proc_path(self._fd(dir_ino))) + b"/") is not None
-
-    def _relative(self, path: bytes) -> bytes | None:
-        if not path.startswith(self.root_prefix) or path.endswith(b" (deleted)"):
-            return None
-        rel = path[len(self.root_prefix):]
-        return None if rel.split(b"/", 1)[0] == STORE_NAME else rel
+        return tree_path(self._fd(dir_ino), self.root_prefix) is not None
 
     # -- the three phases ----------------------------------------------------------------
     def _detach(self, parent: int, name: bytes, target: int | None) -> None:

@@ -27,10 +27,10 @@ import time
 
 from . import libc
 from .catalogue import Catalogue, ObjectRef
+from .names import STORE_NAME
 
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
-STORE_NAME = b".cowfs"
 OBJECTS = b"objects"
 CONTENT = b"content"
 CATALOGUE = b"catalogue.db"

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from cowfs.catalogue import FORMAT_VERSION
 from conftest import OTHER_USER, TEST_USER, Workspace, as_user, chown_tree, run
 
 COWFS = f"{sys.executable} -m cowfs"
@@ -169,5 +170,5 @@ def test_a_format_1_store_is_read_without_its_file_handles(workspace):
     assert (p / "e" / "f").read_text() == "v1\n"
     ws.umount()
     db = sqlite3.connect(ws.store / "catalogue.db")
-    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == ("3",)
+    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == (FORMAT_VERSION,)
     db.close()

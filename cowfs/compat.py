@@ -316,6 +316,16 @@ class CheckpointManager:
                     f"; its tree is checkpoint {_short(ws.turns()[0])}" if fresh else "")
         return ws, fresh
 
+    def _checkpoint_of(self, working_dir: str, commit_hash: str
+                       ) -> tuple[api.Workspace, api.Turn, str]:
+        """The history of *working_dir*, the turn *commit_hash* names in it, and the directory
+        relative to the history's root. The id is checked first: its error is the one callers
+        look for, whatever the directory."""
+        check_hash(commit_hash)
+        abs_dir = _normalize(working_dir)
+        ws = self._open(abs_dir)
+        return ws, find_turn(ws, commit_hash), ws.relative(abs_dir)
+
     def _open(self, abs_dir: Path) -> api.Workspace:
         """The mounted history *abs_dir* belongs to, mounted again if it ended (idle)."""
         ws = _workspace(abs_dir)
@@ -373,11 +383,7 @@ class CheckpointManager:
         ignored paths (see `list_checkpoints`) are left out, the stat's last line says how many
         (`ignored`); *all* shows them."""
         try:
-            check_hash(commit_hash)
-            abs_dir = _normalize(working_dir)
-            ws = self._open(abs_dir)
-            turn = find_turn(ws, commit_hash)
-            rel = ws.relative(abs_dir)
+            ws, turn, rel = self._checkpoint_of(working_dir, commit_hash)
             shown = ws.shown_diff(turn.number, None, _only(ws, rel), include_ignored=all)
             diffs = _rebase(ws.file_diffs(turn.number, None, changes=shown.changes), rel)
             stat = patch.diffstat(diffs)
@@ -491,11 +497,7 @@ class CheckpointManager:
         `"ledger_empty": True` (and both empty) when nothing tells the agent apart and a safe
         restore restores everything; `{"success": False, "error": ...}` for a bad id."""
         try:
-            check_hash(commit_hash)
-            abs_dir = _normalize(working_dir)
-            ws = self._open(abs_dir)
-            turn = find_turn(ws, commit_hash)
-            rel = ws.relative(abs_dir)
+            ws, turn, rel = self._checkpoint_of(working_dir, commit_hash)
             plan = ws.safe_restore_plan(turn.number, _only(ws, rel))
         except (CowfsError, OSError) as e:
             return _failure(e)

@@ -480,10 +480,17 @@ def main(argv: list[str] | None = None) -> int:
         if plain is not None:
             print(f"turn-{control.checkpoint_in_one_shot(*plain)}")
             return 0
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()      # here, where a closed pipe is handled, not at the interpreter's exit
+        return code
     except CowfsError as e:
         print(f"cowfs: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        # The reader went away (`cowfs log | head`): the rest is not wanted, as for git. Python
+        # would try to flush stdout again at exit and complain: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141      # what a shell reports for SIGPIPE
     except OSError as e:
         print(f"cowfs: error: {e}", file=sys.stderr)
         return EXIT_FAILED

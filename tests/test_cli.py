@@ -343,3 +343,19 @@ def test_mount_t_fuse_cowfs(workspace, tmp_path):
     (workspace.path / "f").read_text()
     assert os.stat(workspace.path / "f").st_atime_ns == past
     workspace.umount()
+
+
+@pytest.mark.parametrize("backing", ["xfs"], indirect=True)
+def test_output_into_a_pipe_closed_early_is_no_error(workspace):
+    """`cowfs log -v | head -1`: the reader leaves early; cowfs stops quietly, as git does,
+    instead of printing a BrokenPipeError."""
+    workspace.mount()
+    for i in range(5000):
+        (workspace.path / f"file-with-a-long-enough-name-{i:05}").write_text("x")
+    workspace.cli("checkpoint")
+    argv = " ".join([*workspace.cowfs_cmd, "log", "-v", "-C", str(workspace.path)])
+    cp = subprocess.run(["bash", "-c", f"set -o pipefail; {argv} | head -1"], capture_output=True,
+                        text=True, timeout=120)
+    assert cp.stdout.startswith("turn-0 ")
+    assert cp.stderr == "", cp.stderr
+    assert cp.returncode == 141     # SIGPIPE's, as the shell reports for any writer
